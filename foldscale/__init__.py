@@ -1,0 +1,1 @@
+"""foldscale: pretrain folded context condensation transformers with DeepSpeed."""
