@@ -1,0 +1,195 @@
+"""Configuration dataclasses, one per concern, each checked on construction.
+
+The DeepSpeed JSON owns batch size, ZeRO, precision, clipping and offload; these classes own the
+model, the data and the recurrence, and the run's bookkeeping (logging, checkpoints).
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    """Tokenizer vocabulary size; must match the token store's tokenizer."""
+    d_model: int = 256
+    """Width of every residual stream (d_E in the paper)."""
+    n_head: int = 4
+    """Attention heads per block; d_model must divide by it."""
+    n_local: int = 2
+    """Local blocks: causal attention inside the segment (window l)."""
+    n_global: int = 2
+    """Global blocks over [carried state ; segment] (window 2l). 0 gives a plain causal GPT."""
+    segment_len: int = 128
+    """Tokens per segment (l), also the number of carried state vectors."""
+    ffn_mult: float = 8 / 3
+    """SwiGLU hidden width as a multiple of d_model (8/3 keeps a block at 12 d^2 parameters)."""
+    dropout: float = 0.0
+    bptt_segments: int = 1
+    """Segments a gradient may flow back through the carried state (1 = detach every segment)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    use_state: bool = True
+    """False runs the local-only ablation: every segment starts from the learned S0."""
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        checks = [
+            (self.vocab_size > 0, "vocab_size must be positive"),
+            (self.d_model > 0 and self.n_head > 0, "d_model and n_head must be positive"),
+            (self.d_model % self.n_head == 0,
+             f"d_model={self.d_model} must be divisible by n_head={self.n_head}: "
+             f"change n_head to a divisor such as {_divisor_near(self.d_model, self.n_head)}"),
+            ((self.d_model // max(self.n_head, 1)) % 2 == 0,
+             f"head size d_model/n_head={self.d_model // max(self.n_head, 1)} must be even for "
+             "rotary embeddings: change d_model or n_head"),
+            (self.n_local >= 0 and self.n_global >= 0 and self.n_local + self.n_global > 0,
+             "n_local and n_global must be >= 0 and not both 0"),
+            (self.segment_len >= 1, "segment_len must be >= 1"),
+            (self.ffn_mult > 0, "ffn_mult must be positive"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.bptt_segments >= 1, "bptt_segments must be >= 1 (1 detaches the state)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"ModelConfig: {message}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(round(self.ffn_mult * self.d_model / 64)) * 64 or 64
+
+    @property
+    def recurrent(self) -> bool:
+        return self.n_global > 0
+
+    def block_params(self) -> int:
+        """Parameters of one transformer block (attention, MLP, two RMSNorms)."""
+        d = self.d_model
+        return 4 * d * d + 3 * d * self.ffn_dim + 2 * d
+
+    def param_counts(self) -> dict:
+        """Analytic parameter counts, split as the MFU formula needs them."""
+        d, V = self.d_model, self.vocab_size
+        embed = V * d
+        head = 0 if self.tie_embeddings else V * d
+        return {
+            "embedding": embed,
+            "local": self.n_local * self.block_params(),
+            "global": self.n_global * self.block_params() + (self.segment_len * d if self.recurrent else 0),
+            "head": head + d,  # LM head (if untied) + final norm
+        }
+
+    def num_params(self) -> int:
+        return sum(self.param_counts().values())
+
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token, forward + backward (DESIGN.md §1).
+
+        Matrix products: 6 * (P_loc + 2 * P_glob + P_head), the global stack running 2l rows per
+        l trained tokens, P_head being the V x d LM head whether tied or not. Attention:
+        12 * d * (N_loc * l/2 + N_glob * 5l/2), causal halves counted as halves.
+        """
+        d, l = self.d_model, self.segment_len
+        matmul = 6 * (self.n_local * self.block_params() + 2 * self.n_global * self.block_params()
+                      + self.vocab_size * d)
+        attention = 12 * d * (self.n_local * l / 2 + self.n_global * 5 * l / 2)
+        return matmul + attention
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such model config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, name_or_path: str, **overrides) -> "ModelConfig":
+        """A preset name (see PRESETS) or a path to a JSON file, with field overrides."""
+        if name_or_path in PRESETS:
+            base = dict(PRESETS[name_or_path])
+        elif Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
+            base = cls.from_json(name_or_path).to_dict()
+        else:
+            raise ConfigError(f"unknown model '{name_or_path}': give a preset "
+                              f"({', '.join(PRESETS)}) or a path to a model .json")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(base)
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((h for h in range(1, n + 1) if n % h == 0), key=lambda h: abs(h - k))
+
+
+PRESETS = {
+    "tiny": dict(vocab_size=512, d_model=64, n_head=4, n_local=1, n_global=1, segment_len=16),
+    "paper": dict(d_model=256, n_head=4, n_local=3, n_global=3, segment_len=12),
+    "small": dict(d_model=384, n_head=6, n_local=3, n_global=3, segment_len=128),
+    "125m": dict(vocab_size=32000, d_model=768, n_head=12, n_local=6, n_global=6, segment_len=512),
+    "350m": dict(vocab_size=32000, d_model=1024, n_head=16, n_local=12, n_global=12, segment_len=512),
+    "1b": dict(vocab_size=32000, d_model=2048, n_head=16, n_local=10, n_global=10, segment_len=1024),
+    "3b": dict(vocab_size=32000, d_model=2560, n_head=20, n_local=20, n_global=20, segment_len=1024),
+}
+
+
+@dataclass
+class DataConfig:
+    store: str | None = None
+    """Token store directory (foldscale prepare); None builds and uses the built-in corpus."""
+    streams_per_rank: int | None = None
+    """Streams per rank; None takes DeepSpeed's train_micro_batch_size_per_gpu."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.streams_per_rank is not None and self.streams_per_rank < 1:
+            raise ConfigError("DataConfig: streams_per_rank must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    """Run directory: checkpoints, TensorBoard events, resolved configs."""
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    log_every: int = 10
+    eval_every: int = 200
+    eval_segments: int = 32
+    """Validation segments per stream at each evaluation."""
+    save_every: int = 500
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses tolerated (each skips its update) before the run stops."""
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig: {name} must be >= 1")
