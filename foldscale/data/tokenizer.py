@@ -1,0 +1,129 @@
+"""Sentencepiece tokenizer that reproduces source code exactly: `decode(encode(text)) == text`.
+
+Sentencepiece normally rewrites whitespace (collapses runs, adds a leading space, drops "\\n",
+which its trainer treats as a line separator). Code needs every space, tab and newline, so the
+trainer runs with identity normalisation, no dummy prefix, whitespace-only pieces allowed, and
+"\\n" as a user-defined symbol; byte fallback makes any other character representable.
+One known exception: the character U+2581 ("▁") is sentencepiece's own space marker and decodes
+as " ".
+"""
+import hashlib
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or unreadable, or training input that cannot be used."""
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _training_lines(texts: Iterable[str], max_len: int):
+    """Sentencepiece trains on lines; newlines are a user symbol, so lines lose nothing."""
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip() and len(line) <= max_len:
+                yield line
+
+
+def _read_files(paths):
+    for p in paths:
+        yield Path(p).read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_000_000) -> "Tokenizer":
+    """Train a BPE tokenizer on INPUTS, a list of text file paths or an iterator of documents.
+
+    At most `input_sentence_size` lines (sampled at random) are used, which keeps training on
+    large corpora to seconds. The model file is written atomically (temp file + rename).
+    """
+    if isinstance(inputs, (list, tuple)):
+        missing = [str(p) for p in inputs if not Path(p).is_file()]
+        if missing:
+            raise TokenizerError(f"tokenizer input file not found: {missing[0]}")
+        texts = _read_files(inputs)
+    else:
+        texts = inputs
+    max_sentence_length = 16384
+    lines = _training_lines(texts, max_sentence_length)
+    try:
+        first = next(lines)
+    except StopIteration:
+        raise TokenizerError("no text to train the tokenizer on (all inputs are empty)") from None
+
+    def all_lines():
+        yield first
+        yield from lines
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=all_lines(), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            eos_id=EOS_ID, num_threads=available_cores(), input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, max_sentence_length=max_sentence_length,
+            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+            allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+            user_defined_symbols=["\n"], minloglevel=2)
+    except RuntimeError as e:
+        raise TokenizerError(f"sentencepiece training failed: {e}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out)
+    return Tokenizer(out)
+
+
+class Tokenizer:
+    """A trained sentencepiece model plus its identity (`hash`), which token stores record."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise TokenizerError(f"tokenizer file not found: {self.path} "
+                                 "(train one with `foldscale tokenizer train`)") from None
+        self._load(data)
+
+    def _load(self, data: bytes):
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except (RuntimeError, TypeError):
+            raise TokenizerError(f"tokenizer file is not a sentencepiece model (corrupt?): "
+                                 f"{self.path}") from None
+        self._data = data
+        self.hash = hashlib.sha256(data).hexdigest()
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    def __getstate__(self):
+        # datasets.map with num_proc pickles the tokenizer into worker processes.
+        return {"path": str(self.path), "data": self._data}
+
+    def __setstate__(self, state):
+        self.path = Path(state["path"])
+        self._load(state["data"])
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def __repr__(self):
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

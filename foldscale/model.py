@@ -1,0 +1,275 @@
+"""FoldedLM: a folded context condensation transformer (DESIGN.md §1).
+
+A document is read segment by segment. Each segment of l tokens goes through a local stack
+(causal attention inside the segment) and a global stack over [carried state ; segment]
+(2l rows), and the global stack's output on the segment becomes the state carried to the next
+segment. No DeepSpeed import here: parallelism is applied from outside.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from foldscale.config import ConfigError, ModelConfig
+
+
+class ModelFileError(ValueError):
+    """A saved model that cannot be loaded; the message names the file and the problem."""
+
+
+def rope_tables(n: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built in fp32 on every call site's device, never stored as a buffer, so that casting the
+    # module to bf16 cannot round the angles (bf16 inv_freq is off by radians at position 1000).
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # (n, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, n_mem: int):
+        """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
+
+        The t current rows see every memory key and the current keys causally, which is a
+        causal mask aligned to the lower-right corner of the (t, n_mem + t) score matrix.
+        """
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if n_mem == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            t = T - n_mem
+            y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
+            y_cur = F.scaled_dot_product_attention(q[:, :, n_mem:], k, v, dropout_p=p,
+                                                   attn_mask=causal_lower_right(t, T))
+            y = torch.cat([y_mem, y_cur], dim=2)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, n_mem: int = 0):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None  # (B, T, V)
+    loss: torch.Tensor | None  # mean cross-entropy over counted targets
+    state: torch.Tensor | None  # (B, l, d), the state to carry into the next segment
+    n_tokens: int = 0  # counted targets
+
+
+class FoldedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.local_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_local))
+        self.global_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_global))
+        # S0: the state every document starts from, learned.
+        self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.drop = nn.Dropout(cfg.dropout)
+        self.checkpoint_fn = None
+        self.apply(self._init_weights)
+        depth_scale = cfg.init_std / math.sqrt(2 * (cfg.n_local + cfg.n_global))
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=depth_scale)
+        if self.s0 is not None:
+            nn.init.normal_(self.s0, std=cfg.init_std)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    def set_activation_checkpointing(self, checkpoint_fn=None):
+        """Recompute each block in the backward pass through `checkpoint_fn(block, *args)`.
+
+        Pass e.g. `functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)`
+        or DeepSpeed's `deepspeed.checkpointing.checkpoint`; None turns it off.
+        """
+        self.checkpoint_fn = checkpoint_fn
+
+    def _run(self, block, x, cos, sin, n_mem):
+        if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
+            return self.checkpoint_fn(block, x, cos, sin, n_mem)
+        return block(x, cos, sin, n_mem)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return self.s0.unsqueeze(0).expand(batch_size, -1, -1)  # (B, l, d)
+
+    def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
+        """One segment. ids (B, t) with t <= l; state (B, l, d) or None (all streams start a
+        document); reset (B,) bool swaps S0 in for those streams; targets (B, t), -100 ignored.
+        """
+        B, t = ids.shape
+        l = self.cfg.segment_len
+        if t > l:
+            raise ValueError(f"segment of {t} tokens is longer than segment_len={l}; use forward_stream")
+        x = self.drop(self.tok_emb(ids))  # (B, t, d)
+        cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        for block in self.local_blocks:
+            x = self._run(block, x, cos, sin, 0)
+        new_state = None
+        if self.cfg.recurrent:
+            s0 = self.initial_state(B).to(x.dtype)
+            if state is None or not self.cfg.use_state:
+                state = s0
+            elif reset is not None:
+                state = torch.where(reset.view(B, 1, 1), s0, state.to(x.dtype))
+            z = torch.cat([state, x], dim=1)  # (B, l + t, d): [memory ; current]
+            cos, sin = rope_tables(l + t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+            for block in self.global_blocks:
+                z = self._run(block, z, cos, sin, l)
+            x = z[:, l:]  # (B, t, d)
+            new_state = x
+        logits = self.lm_head(self.norm(x))  # (B, t, V)
+        loss, n = None, 0
+        if targets is not None:
+            counted = targets != -100
+            n = int(counted.sum())
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            loss = total / max(n, 1)
+        return LMOutput(logits, loss, new_state, n)
+
+    def forward_stream(self, ids, targets=None, state=None, keep_logits=True) -> LMOutput:
+        """Any length T, segment by segment with the carried state; the last segment may be short.
+
+        Gradients flow through the state for `bptt_segments` segments, then it is detached. The
+        returned state is that after the last *complete* segment (a state has l rows); under
+        torch.no_grad() with keep_logits=False memory does not grow with T.
+        """
+        l = self.cfg.segment_len
+        all_logits, total, count = [], 0.0, 0
+        for i, start in enumerate(range(0, ids.shape[1], l)):
+            seg_targets = None if targets is None else targets[:, start:start + l]
+            out = self(ids[:, start:start + l], state=state, targets=seg_targets)
+            if keep_logits:
+                all_logits.append(out.logits)
+            if out.loss is not None:
+                total, count = total + out.loss * out.n_tokens, count + out.n_tokens
+            if out.state is not None and out.state.shape[1] == l:
+                state = out.state.detach() if (i + 1) % self.cfg.bptt_segments == 0 else out.state
+        loss = total / max(count, 1) if targets is not None else None
+        logits = torch.cat(all_logits, dim=1) if keep_logits else None
+        return LMOutput(logits, loss, state, count)
+
+    @torch.no_grad()
+    def stream_generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Yield (B,) token ids one at a time. Memory is constant however long the prompt:
+        whole segments of the prompt only update the state, and only the current, partial
+        segment is kept as tokens."""
+        l = self.cfg.segment_len
+        n_whole = (ids.shape[1] - 1) // l * l  # keep >= 1 prompt token for the next-token logits
+        state = self.forward_stream(ids[:, :n_whole], keep_logits=False).state if n_whole else None
+        pending = ids[:, n_whole:]
+        for _ in range(max_new_tokens):
+            out = self(pending, state=state)
+            if pending.shape[1] == l:
+                state = out.state
+                pending = pending[:, :0]
+            logits = out.logits[:, -1].float()
+            if temperature <= 0:
+                token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            yield token
+            pending = torch.cat([pending, token[:, None]], dim=1)
+            if not self.cfg.recurrent:
+                pending = pending[:, -l:]  # a plain GPT keeps a sliding window of l tokens
+
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """ids (B, T) -> (B, T + max_new_tokens)."""
+        new = list(self.stream_generate(ids, max_new_tokens, temperature, top_k, generator))
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+
+    def save_pretrained(self, directory) -> None:
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cfg.to_json(directory / "config.json")
+        save_file(self.export_state_dict(), str(directory / "model.safetensors"))
+
+    def export_state_dict(self) -> dict:
+        """The weights to save: contiguous, the tied LM head stored once (as tok_emb.weight)."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+        return state
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu") -> "FoldedLM":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelFileError(f"{directory}: no such model directory")
+        try:
+            cfg = ModelConfig.from_json(directory / "config.json")
+        except (ConfigError, TypeError) as e:
+            raise ModelFileError(f"{directory / 'config.json'}: {e}") from None
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise ModelFileError(f"{weights}: missing; export a checkpoint with `foldscale export`")
+        try:
+            tensors = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{weights}: unreadable or truncated ({e})") from None
+        model = cls(cfg)
+        expected = model.export_state_dict()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise ModelFileError(f"{weights}: does not match {directory / 'config.json'}: "
+                                 f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+        model.load_state_dict(tensors, strict=not cfg.tie_embeddings)
+        return model

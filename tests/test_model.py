@@ -1,0 +1,247 @@
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from foldscale.config import ModelConfig
+from foldscale.model import Attention, FoldedLM, ModelFileError, rope_tables
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=97, d_model=32, n_head=4, n_local=1, n_global=2,
+                                segment_len=8, dropout=0.0), **kw})
+    return FoldedLM(cfg).eval()
+
+
+def randint(*shape, seed=1, high=97):
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n_global", [0, 1, 2])
+def test_causal_across_segments(n_global):
+    model = make(n_global=n_global)
+    ids = randint(2, 37)  # 4 whole segments and a short one
+    base = model.forward_stream(ids).logits
+    for t in (3, 8, 19, 36):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        logits = model.forward_stream(changed).logits
+        torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+def test_memory_rows_never_see_current_rows():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=10, d_model=32, n_head=4, segment_len=8)
+    attn = Attention(cfg)
+    x = torch.randn(2, 16, 32)
+    cos, sin = rope_tables(16, cfg.head_dim, cfg.rope_theta, "cpu")
+    y = attn(x, cos, sin, n_mem=8)
+    x2 = x.clone()
+    x2[:, 12:] += torch.randn(2, 4, 32)  # perturb the later current rows
+    y2 = attn(x2, cos, sin, n_mem=8)
+    torch.testing.assert_close(y2[:, :12], y[:, :12], rtol=0, atol=1e-6)  # memory + earlier current rows
+    assert not torch.allclose(y2[:, 12:], y[:, 12:])
+    x3 = x.clone()
+    x3[:, :8] += 1.0  # current rows do see every memory row
+    assert not torch.allclose(attn(x3, cos, sin, n_mem=8)[:, 15], y[:, 15])
+
+
+def test_state_is_a_recurrence_not_a_cache():
+    # The influence of segment 0 fades at initialisation, so look in float64, where a cache
+    # (no path from segment 0 to segment 8) would leave the logits bit-identical.
+    model = make(n_global=1).double()
+    ids = randint(1, 8 * 12)
+    changed = ids.clone()
+    changed[0, 2] = (changed[0, 2] + 5) % 97  # a token of segment 0
+    a, b = model.forward_stream(ids).logits, model.forward_stream(changed).logits
+    for seg in range(8, 12):
+        assert (a[:, seg * 8:(seg + 1) * 8] - b[:, seg * 8:(seg + 1) * 8]).abs().max() > 1e-12, seg
+
+
+def test_local_only_ablation_forgets_previous_segments():
+    model = make(use_state=False)
+    ids = randint(1, 24)
+    changed = ids.clone()
+    changed[0, 2] += 1
+    a, b = model.forward_stream(ids).logits, model.forward_stream(changed).logits
+    torch.testing.assert_close(a[:, 8:], b[:, 8:], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 2:8], b[:, 2:8])
+
+
+def test_reset_gives_a_fresh_document():
+    model = make()
+    ids = randint(2, 8, seed=3)
+    state = torch.randn(2, 8, 32)
+    out = model(ids, state=state, reset=torch.tensor([True, False]))
+    fresh = model(ids[:1])
+    kept = model(ids[1:], state=state[1:])
+    torch.testing.assert_close(out.logits[:1], fresh.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.logits[1:], kept.logits, rtol=0, atol=1e-6)
+    assert not torch.allclose(kept.logits, model(ids[1:]).logits)
+
+
+def test_forward_stream_equals_segment_loop():
+    model = make()
+    ids, targets = randint(3, 29, seed=4), randint(3, 29, seed=5)
+    targets[0, 10:] = -100
+    stream = model.forward_stream(ids, targets=targets)
+    state, logits, total, n = None, [], 0.0, 0
+    for s in range(0, 29, 8):
+        out = model(ids[:, s:s + 8], state=state, targets=targets[:, s:s + 8])
+        logits.append(out.logits)
+        total, n = total + out.loss * out.n_tokens, n + out.n_tokens
+        state = out.state if out.state.shape[1] == 8 else state
+    torch.testing.assert_close(stream.logits, torch.cat(logits, 1))
+    torch.testing.assert_close(stream.loss, total / n)
+    torch.testing.assert_close(stream.state, state)
+    assert stream.n_tokens == n == 3 * 29 - 19
+
+
+def test_loss_ignores_padding_and_matches_cross_entropy():
+    model = make()
+    ids, targets = randint(2, 8), randint(2, 8, seed=9)
+    targets[1, 3:] = -100
+    out = model(ids, targets=targets)
+    expected = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    assert model(ids, targets=torch.full_like(targets, -100)).loss.item() == 0.0
+
+
+@pytest.mark.parametrize("bptt,reaches", [(1, False), (2, True)])
+def test_bptt_through_the_state(bptt, reaches):
+    model = make(bptt_segments=bptt).train()
+    ids, targets = randint(2, 16), randint(2, 16, seed=2)
+    targets[:, :8] = -100  # only segment 1 is scored
+    model.forward_stream(ids, targets=targets).loss.backward()
+    # S0 enters segment 0 only; segment 1 sees it only through the carried state.
+    grad = model.s0.grad
+    assert (grad is not None and grad.abs().sum() > 0) == reaches
+
+
+def reference_gpt(model, ids):
+    """A plain causal transformer written out by hand with the model's weights."""
+    cfg = model.cfg
+    B, T = ids.shape
+    nh, hs = cfg.n_head, cfg.head_dim
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    pos = torch.arange(T, dtype=torch.float64)[:, None]
+    freq = cfg.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    ang = (pos * freq).float()
+
+    def rope(x):
+        a, b = x[..., : hs // 2], x[..., hs // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+
+    mask = torch.ones(T, T).tril().bool()
+    x = model.tok_emb.weight[ids]
+    for blk in model.local_blocks:
+        h = rms(x, blk.norm1.weight)
+        q, k, v = (h @ blk.attn.qkv.weight.T).split(cfg.d_model, -1)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))
+        q, k = rope(q), rope(k)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(hs)).masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(B, T, -1) @ blk.attn.proj.weight.T
+        h = rms(x, blk.norm2.weight)
+        g, u = (h @ blk.mlp.gate_up.weight.T).chunk(2, -1)
+        x = x + (F.silu(g) * u) @ blk.mlp.down.weight.T
+    return rms(x, model.norm.weight) @ model.tok_emb.weight.T
+
+
+def test_no_global_layers_is_a_plain_gpt():
+    model = make(n_global=0, n_local=2, segment_len=24)
+    for p in model.parameters():  # make the norms non-trivial too
+        p.data.add_(0.01 * torch.randn_like(p))
+    ids = randint(2, 24)
+    out = model(ids)
+    assert out.state is None and model.s0 is None
+    torch.testing.assert_close(out.logits, reference_gpt(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (None, functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)):
+        model = make().train()
+        model.set_activation_checkpointing(ckpt)
+        ids, targets = randint(2, 16), randint(2, 16, seed=2)
+        model.forward_stream(ids, targets=targets).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_greedy_generate_matches_forward_stream():
+    model = make()
+    ids = randint(2, 13)
+    out = model.generate(ids, max_new_tokens=12, temperature=0)
+    seq = ids
+    for _ in range(12):
+        nxt = model.forward_stream(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_is_deterministic_under_a_seed():
+    model = make()
+    ids = randint(1, 20)
+    a = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    c = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and a.shape == (1, 30)
+    assert not torch.equal(a, c)
+
+
+def test_save_load_round_trip(tmp_path):
+    for kw in (dict(), dict(tie_embeddings=False, n_global=0)):
+        model = make(**kw)
+        model.save_pretrained(tmp_path / "m")
+        loaded = FoldedLM.from_pretrained(tmp_path / "m").eval()
+        assert loaded.cfg == model.cfg
+        for (n, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(p, q), n
+        ids = randint(1, 20)
+        assert torch.equal(model.forward_stream(ids).logits, loaded.forward_stream(ids).logits)
+
+
+def test_tampered_files_are_refused(tmp_path):
+    make().save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    with pytest.raises(ModelFileError, match="no such model directory"):
+        FoldedLM.from_pretrained(tmp_path / "nothing")
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="model.safetensors: unreadable or truncated"):
+        FoldedLM.from_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(ModelFileError, match="model.safetensors: missing"):
+        FoldedLM.from_pretrained(tmp_path / "m")
+    weights.write_bytes(data)
+    cfg = make().cfg
+    cfg.d_model = 64
+    cfg.to_json(tmp_path / "m" / "config.json")
+    with pytest.raises(ModelFileError, match="does not match.*wrong shapes"):
+        FoldedLM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="config.json.*not valid JSON"):
+        FoldedLM.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0)])
+def test_parameter_count_matches_formula(kw):
+    model = make(**kw)
+    assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
+    counts = model.cfg.param_counts()
+    assert counts["local"] == sum(p.numel() for p in model.local_blocks.parameters())
+    glob = sum(p.numel() for p in model.global_blocks.parameters()) + (model.s0.numel() if model.s0 is not None else 0)
+    assert counts["global"] == glob
+
+
+def test_segment_longer_than_l_is_refused():
+    with pytest.raises(ValueError, match="longer than segment_len"):
+        make()(randint(1, 9))
