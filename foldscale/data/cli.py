@@ -1,0 +1,102 @@
+"""`foldscale tokenizer train` and `foldscale prepare`."""
+import tempfile
+
+import click
+
+from foldscale.data.store import StoreError
+from foldscale.data.tokenizer import TokenizerError
+
+
+def _user_error(e: Exception) -> click.ClickException:
+    from foldscale.cli import UserError  # lazily: foldscale.cli imports this module
+
+    return UserError(str(e))
+
+
+@click.group()
+def tokenizer():
+    """Train a sentencepiece tokenizer.
+
+    \b
+    Example:
+      foldscale tokenizer train --input 'data/*.jsonl' --vocab-size 8192 --out tok.model
+    """
+
+
+@tokenizer.command()
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="File, glob or directory (repeat for more); text files are one document each.")
+@click.option("--vocab-size", type=int, default=8192, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Model file to write.")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in json/jsonl/parquet/csv inputs.")
+def train(inputs, vocab_size, out, text_field):
+    """Train a BPE tokenizer that reproduces text exactly (code whitespace included).
+
+    \b
+    Example:
+      foldscale tokenizer train --input corpus.txt --input 'more/*.py' --vocab-size 8192 --out tok.model
+    """
+    from foldscale.data.store import load_documents
+    from foldscale.data.tokenizer import train_tokenizer
+
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            docs = load_documents(inputs, text_field, cache_dir=cache)
+            tok = train_tokenizer((row["text"] or "" for row in docs), vocab_size, out)
+    except (StoreError, TokenizerError) as e:
+        raise _user_error(e) from None
+    click.echo(f"wrote {tok.path}: {tok.vocab_size} tokens, sha256 {tok.hash[:12]}")
+
+
+@click.command()
+@click.option("--input", "inputs", multiple=True,
+              help="File, glob, directory or Hugging Face dataset name (repeat for more).")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in json/jsonl/parquet/csv/hub inputs.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False),
+              help="Tokenizer model (foldscale tokenizer train).")
+@click.option("--out", type=click.Path(file_okay=False), help="Token store directory to create.")
+@click.option("--val-fraction", type=float, default=0.01, show_default=True,
+              help="Fraction of documents held out for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--num-proc", type=int, default=None, help="Tokenising processes [default: all cores].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--default", "use_default", is_flag=True,
+              help="Build (or find) the built-in corpus: the Python standard library source.")
+@click.option("--vocab-size", type=int, default=8192, show_default=True,
+              help="With --default: tokenizer size of the built-in corpus.")
+def prepare(inputs, text_field, tokenizer_path, out, val_fraction, seed, num_proc, overwrite,
+            use_default, vocab_size):
+    """Tokenise documents into a token store for training.
+
+    \b
+    Examples:
+      foldscale prepare --input 'data/*.jsonl' --tokenizer tok.model --out data/store
+      foldscale prepare --default
+    """
+    from foldscale.data import store as store_mod
+
+    if use_default:
+        if inputs or tokenizer_path or out:
+            raise _user_error(ValueError("--default builds the built-in corpus; it takes no "
+                                         "--input, --tokenizer or --out"))
+        from foldscale.data.corpus import default_store
+
+        click.echo(f"default corpus store: {default_store(vocab_size=vocab_size, num_proc=num_proc)}")
+        return
+    missing = [name for name, value in (("--input", inputs), ("--tokenizer", tokenizer_path),
+                                        ("--out", out)) if not value]
+    if missing:
+        raise _user_error(ValueError(f"missing {', '.join(missing)} (or use --default for the "
+                                     "built-in corpus)"))
+    try:
+        store = store_mod.prepare(list(inputs), tokenizer_path, out, text_field=text_field,
+                                  val_fraction=val_fraction, seed=seed, num_proc=num_proc,
+                                  overwrite=overwrite)
+    except (StoreError, TokenizerError) as e:
+        raise _user_error(e) from None
+    splits = store.meta["splits"]
+    click.echo(f"wrote {store.path}: {store.n_docs} documents (train {splits['train']['docs']}, "
+               f"val {splits['val']['docs']}), {store.n_tokens:,} tokens; dropped "
+               f"{store.meta['dropped_empty_docs']} empty documents")

@@ -1,0 +1,97 @@
+import hashlib
+import pickle
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from data_helpers import CODE_SAMPLE, train_small_tokenizer
+from foldscale.cli import main
+from foldscale.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok") / "tok.model")
+
+
+def test_code_round_trips_exactly(tok):
+    ids = tok.encode(CODE_SAMPLE)
+    assert tok.decode(ids) == CODE_SAMPLE
+    assert tok.unk_id not in ids
+
+
+# U+2581 is sentencepiece's space marker and decodes as " " (documented); surrogates are not text.
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581")))
+def test_any_text_round_trips(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_newline_is_one_token_and_special_ids_are_fixed(tok):
+    assert len(tok.encode("\n")) == 1
+    assert len(tok.encode("\n\n")) == 2
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 512
+
+
+def test_encode_batch_matches_encode(tok):
+    texts = [CODE_SAMPLE, "", "x = 1\n"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode("") == []
+
+
+def test_hash_is_sha256_of_file_and_no_temp_files_left(tok):
+    assert tok.hash == hashlib.sha256(tok.path.read_bytes()).hexdigest()
+    assert [p.name for p in tok.path.parent.iterdir()] == ["tok.model"]
+
+
+def test_pickle_round_trip(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode(CODE_SAMPLE) == tok.encode(CODE_SAMPLE)
+    assert clone.hash == tok.hash
+
+
+def test_train_from_iterator_of_texts(tmp_path):
+    texts = (f"def func_{i}(a, b):\n    return a * {i} + b\n" for i in range(300))
+    tok = train_tokenizer(texts, 300, tmp_path / "it.model")
+    assert tok.vocab_size == 300
+    assert tok.decode(tok.encode("def func_7(a, b):\n")) == "def func_7(a, b):\n"
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(TokenizerError, match="missing.model"):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "bad.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(TokenizerError, match="bad.model"):
+        Tokenizer(tmp_path / "bad.model")
+    with pytest.raises(TokenizerError, match="no text"):
+        train_tokenizer(iter(["", "\n\n"]), 300, tmp_path / "empty.model")
+    with pytest.raises(TokenizerError, match="nope.txt"):
+        train_tokenizer([tmp_path / "nope.txt"], 300, tmp_path / "x.model")
+
+
+def test_cli_train(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"for i in range({n}):\n\tprint(i, {n})\n" for n in range(400)))
+    out = tmp_path / "cli.model"
+    result = CliRunner().invoke(main, ["tokenizer", "train", "--input", str(src),
+                                       "--vocab-size", "300", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Tokenizer(out).vocab_size == 300
+
+
+def test_cli_train_refuses_missing_input(tmp_path):
+    result = CliRunner().invoke(main, ["tokenizer", "train", "--input", str(tmp_path / "*.txt"),
+                                       "--out", str(tmp_path / "t.model")])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: no input files matched")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "t.model").exists()
+
+
+def test_help_has_examples():
+    for args in (["tokenizer", "--help"], ["tokenizer", "train", "--help"], ["prepare", "--help"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "Example" in result.output
