@@ -1,0 +1,187 @@
+import json
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from data_helpers import CODE_SAMPLE, random_docs, train_small_tokenizer
+from foldscale.cli import main
+from foldscale.data import store as store_mod
+from foldscale.data.store import StoreError, TokenStore, prepare, write_store
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok") / "tok.model")
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    docs = random_docs(np.random.default_rng(0), 50, 40)
+    return write_store(docs, tmp_path / "store", vocab_size=1000), docs
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A jsonl (with an empty and a null document), two text files and a parquet file."""
+    d = tmp_path_factory.mktemp("inputs")
+    rows = [{"text": CODE_SAMPLE, "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3},
+            {"text": "print('hi')\n", "id": 4}]
+    (d / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "b.txt").write_text("line one\nline two\n\n\tindented\n")
+    (d / "c.txt").write_text("x = 1\n")
+    datasets.Dataset.from_dict({"text": ["import os\n", "def g():\n    pass\n"]}).to_parquet(d / "e.parquet")
+    return d
+
+
+def test_write_store_round_trip_drops_empties(small_store, tmp_path):
+    store, docs = small_store
+    st = write_store([[5, 6, 7], [], [8], []], tmp_path / "s2", vocab_size=100, val_fraction=0)
+    assert [st.doc(i).tolist() for i in range(st.n_docs)] == [[5, 6, 7], [8]]
+    assert st.meta["dropped_empty_docs"] == 2
+    assert st.tokens.dtype == np.uint16
+    assert st.doc_lengths.tolist() == [3, 1]
+    assert all(np.array_equal(store.doc(i), d) for i, d in enumerate(docs))
+    assert store.n_tokens == sum(len(d) for d in docs)
+
+
+def test_large_vocab_uses_uint32(tmp_path):
+    st = write_store([[70000, 1]], tmp_path / "s", vocab_size=70001)
+    assert st.tokens.dtype == np.uint32 and st.doc(0).tolist() == [70000, 1]
+
+
+def test_split_by_whole_documents_deterministic(tmp_path):
+    docs = [[i + 4] for i in range(200)]
+    a = write_store(docs, tmp_path / "a", 1000, val_fraction=0.2, seed=1)
+    b = write_store(docs, tmp_path / "b", 1000, val_fraction=0.2, seed=1)
+    c = write_store(docs, tmp_path / "c", 1000, val_fraction=0.2, seed=2)
+    assert np.array_equal(a.docs("val"), b.docs("val"))
+    assert not np.array_equal(a.docs("val"), c.docs("val"))
+    assert sorted(a.docs("val").tolist() + a.docs("train").tolist()) == list(range(200))
+    assert 20 <= len(a.docs("val")) <= 60
+    assert a.meta["splits"]["val"]["docs"] == len(a.docs("val"))
+    tiny = write_store([[4], [5]], tmp_path / "t", 10, val_fraction=0.001)
+    assert (len(tiny.docs("train")), len(tiny.docs("val"))) == (1, 1)
+
+
+def test_refuses_overwrite_and_bad_tokens(small_store, tmp_path):
+    store, docs = small_store
+    with pytest.raises(StoreError, match="already exists.*--overwrite"):
+        write_store([[4]], store.path, vocab_size=1000)
+    assert TokenStore.open(store.path).n_docs == 50
+    write_store([[4]], store.path, vocab_size=1000, overwrite=True)
+    assert TokenStore.open(store.path).n_docs == 1
+    with pytest.raises(StoreError, match="out of range"):
+        write_store([[5, 1000]], tmp_path / "oor", vocab_size=1000)
+    with pytest.raises(StoreError, match="no documents"):
+        write_store([[], []], tmp_path / "empty", vocab_size=1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_open_refuses_truncated_tokens(small_store):
+    store, _ = small_store
+    data = (store.path / "tokens.bin").read_bytes()
+    (store.path / "tokens.bin").write_bytes(data[:-2])
+    with pytest.raises(StoreError, match="tokens.bin.*truncated.*foldscale prepare"):
+        TokenStore.open(store.path)
+
+
+def test_open_refuses_missing_meta_and_bad_offsets(small_store, tmp_path):
+    store, _ = small_store
+    offsets = np.load(store.path / "offsets.npy")
+    offsets[3] = offsets[2]
+    np.save(store.path / "offsets.npy", offsets)
+    with pytest.raises(StoreError, match="offsets.npy"):
+        TokenStore.open(store.path)
+    (store.path / "meta.json").unlink()
+    with pytest.raises(StoreError, match="meta.json is missing.*foldscale prepare"):
+        TokenStore.open(store.path)
+    with pytest.raises(StoreError, match="not found"):
+        TokenStore.open(tmp_path / "nowhere")
+
+
+def test_check_compatible(small_store):
+    store, _ = small_store
+    store.check_compatible(1000, "none")
+    with pytest.raises(StoreError, match="model vocab_size 512 .*vocab_size 1000"):
+        store.check_compatible(512)
+    with pytest.raises(StoreError, match="tokenizer mismatch"):
+        store.check_compatible(1000, "abc")
+
+
+def test_prepare_mixed_inputs(tok, inputs, tmp_path):
+    st = prepare([inputs / "a.jsonl", str(inputs / "*.txt"), inputs / "e.parquet"], tok,
+                 tmp_path / "store", val_fraction=0, num_proc=2)
+    texts = [CODE_SAMPLE, "print('hi')\n", "line one\nline two\n\n\tindented\n", "x = 1\n",
+             "import os\n", "def g():\n    pass\n"]
+    assert st.n_docs == len(texts)  # text files are one document each, not one per line
+    assert st.meta["dropped_empty_docs"] == 2
+    for i, text in enumerate(texts):
+        doc = st.doc(i)
+        assert doc[-1] == tok.eos_id and tok.decode(doc[:-1]) == text
+    assert st.tokenizer_hash == tok.hash
+    assert st.tokenizer_path.read_bytes() == tok.path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no temp dirs left
+
+
+def test_prepare_single_process_matches_parallel(tok, inputs, tmp_path):
+    one = prepare(str(inputs / "*.txt"), tok.path, tmp_path / "one", num_proc=1)
+    two = prepare(str(inputs / "*.txt"), tok.path, tmp_path / "two", num_proc=2)
+    assert np.array_equal(one.tokens, two.tokens) and np.array_equal(one.offsets, two.offsets)
+
+
+def test_prepare_refusals(tok, inputs, tmp_path):
+    with pytest.raises(StoreError, match="no input files matched"):
+        prepare(str(tmp_path / "*.jsonl"), tok, tmp_path / "s")
+    with pytest.raises(StoreError, match="input file not found"):
+        prepare(str(tmp_path / "missing.jsonl"), tok, tmp_path / "s")
+    with pytest.raises(StoreError, match="'body' not found.*fields there: text, id"):
+        prepare(inputs / "a.jsonl", tok, tmp_path / "s", text_field="body")
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(StoreError, match="no documents.*2 empty"):
+        prepare(tmp_path / "empty.jsonl", tok, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    assert not list(tmp_path.glob("s.tmp-*"))
+
+
+def test_interrupted_prepare_leaves_no_store(tok, inputs, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod._Writer, "finish", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(inputs / "b.txt", tok, tmp_path / "s", num_proc=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_needs_no_datasets(small_store):
+    store, _ = small_store
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "from foldscale.data import TokenStore, SegmentStreamSampler\n"
+            f"s = SegmentStreamSampler(TokenStore.open({str(store.path)!r}), 'train', 0, 1, 2, 8)\n"
+            "print(next(s).n_tokens)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
+
+
+def test_cli_prepare(tok, inputs, tmp_path):
+    out = tmp_path / "store"
+    args = ["prepare", "--input", str(inputs / "*.txt"), "--tokenizer", str(tok.path),
+            "--out", str(out), "--num-proc", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert TokenStore.open(out).n_docs == 2
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert "Traceback" not in again.output
+    assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
+    missing = CliRunner().invoke(main, ["prepare", "--out", str(out)])
+    assert missing.exit_code == 1 and "missing --input, --tokenizer" in missing.output
+    bad_tok = tmp_path / "bad.model"
+    bad_tok.write_text("garbage")
+    corrupt = CliRunner().invoke(main, args[:3] + ["--tokenizer", str(bad_tok), "--out", str(tmp_path / "x")])
+    assert corrupt.exit_code == 1 and "bad.model" in corrupt.output
