@@ -150,6 +150,7 @@ def _divisor_near(n: int, k: int) -> int:
 
 
 PRESETS = {
+    "default": {},
     "tiny": dict(vocab_size=512, d_model=64, n_head=4, n_local=1, n_global=1, segment_len=16),
     "paper": dict(d_model=256, n_head=4, n_local=3, n_global=3, segment_len=12),
     "small": dict(d_model=384, n_head=6, n_local=3, n_global=3, segment_len=128),

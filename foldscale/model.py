@@ -96,7 +96,8 @@ class LMOutput:
     logits: torch.Tensor | None  # (B, T, V)
     loss: torch.Tensor | None  # mean cross-entropy over counted targets
     state: torch.Tensor | None  # (B, l, d), the state to carry into the next segment
-    n_tokens: int = 0  # counted targets
+    n_tokens: torch.Tensor | None = None  # counted targets, a 0-d tensor
+    token_loss: torch.Tensor | None = None  # (B, T) per-token cross-entropy, 0 where ignored
 
 
 class FoldedLM(nn.Module):
@@ -168,13 +169,13 @@ class FoldedLM(nn.Module):
             x = z[:, l:]  # (B, t, d)
             new_state = x
         logits = self.lm_head(self.norm(x))  # (B, t, V)
-        loss, n = None, 0
+        loss = n = token_loss = None
         if targets is not None:
-            counted = targets != -100
-            n = int(counted.sum())
-            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-            loss = total / max(n, 1)
-        return LMOutput(logits, loss, new_state, n)
+            n = (targets != -100).sum()  # a tensor: no host sync in the training step
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                         reduction="none").view(B, t)  # 0 where ignored
+            loss = token_loss.sum() / n.clamp(min=1)
+        return LMOutput(logits, loss, new_state, n, token_loss)
 
     def forward_stream(self, ids, targets=None, state=None, keep_logits=True) -> LMOutput:
         """Any length T, segment by segment with the carried state; the last segment may be short.
@@ -184,19 +185,21 @@ class FoldedLM(nn.Module):
         torch.no_grad() with keep_logits=False memory does not grow with T.
         """
         l = self.cfg.segment_len
-        all_logits, total, count = [], 0.0, 0
+        all_logits, token_losses, total, count = [], [], 0.0, 0
         for i, start in enumerate(range(0, ids.shape[1], l)):
             seg_targets = None if targets is None else targets[:, start:start + l]
             out = self(ids[:, start:start + l], state=state, targets=seg_targets)
             if keep_logits:
                 all_logits.append(out.logits)
-            if out.loss is not None:
+            if targets is not None:
+                token_losses.append(out.token_loss)
                 total, count = total + out.loss * out.n_tokens, count + out.n_tokens
             if out.state is not None and out.state.shape[1] == l:
                 state = out.state.detach() if (i + 1) % self.cfg.bptt_segments == 0 else out.state
-        loss = total / max(count, 1) if targets is not None else None
-        logits = torch.cat(all_logits, dim=1) if keep_logits else None
-        return LMOutput(logits, loss, state, count)
+        if targets is None:
+            return LMOutput(torch.cat(all_logits, dim=1) if keep_logits else None, None, state)
+        return LMOutput(torch.cat(all_logits, dim=1) if keep_logits else None, total / count.clamp(min=1),
+                        state, count, torch.cat(token_losses, dim=1))
 
     @torch.no_grad()
     def stream_generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):

@@ -1,0 +1,119 @@
+"""The one place that talks to DeepSpeed's set-up: process group, config checks, engine.
+
+DeepSpeed's JSON owns batch size, ZeRO, precision, clipping, offload, optimizer and schedule;
+foldscale's configs own the model, data and recurrence. Contradictions are refused here.
+"""
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: it picks its accelerator once
+
+import deepspeed  # noqa: E402
+
+from foldscale.config import ConfigError  # noqa: E402
+
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+_SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def on_gpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" and torch.cuda.is_available()
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group: under the deepspeed launcher, torchrun, mpirun, or alone.
+
+    A rank that dies makes the others fail a collective after `timeout_s` instead of hanging.
+    Returns (rank, world_size).
+    """
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not launched and not any(v in os.environ for v in _MPI_ENV):
+        with socket.socket() as s:  # a lone process: a process group of one on a free port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=True,
+                               distributed_port=int(os.environ.get("FOLDSCALE_MPI_PORT", 29500)),
+                               timeout=timedelta(seconds=timeout_s), verbose=False)
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+
+
+def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | None = None) -> dict:
+    """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such DeepSpeed config; see ds_configs/ for examples") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+    def refuse(message):
+        raise ConfigError(f"{path}: {message}")
+
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        refuse("set train_micro_batch_size_per_gpu (the number of streams per rank)")
+    gas = cfg.setdefault("gradient_accumulation_steps", 1)
+    total = cfg.get("train_batch_size")
+    if total is not None and total != micro * gas * world_size:
+        refuse(f"train_batch_size={total} but train_micro_batch_size_per_gpu={micro} x "
+               f"gradient_accumulation_steps={gas} x {world_size} ranks = {micro * gas * world_size}: "
+               "fix one, or drop train_batch_size and let it be derived")
+    if streams_per_rank is not None and streams_per_rank != micro:
+        refuse(f"streams per rank is set twice: --streams-per-rank {streams_per_rank} and "
+               f"train_micro_batch_size_per_gpu={micro}; keep only the DeepSpeed key")
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        refuse(f"zero_optimization.offload_param needs zero_optimization.stage 3 (it is {stage})")
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none" and stage == 0:
+        refuse("zero_optimization.offload_optimizer needs zero_optimization.stage 1, 2 or 3")
+    if cfg.get("fp16", {}).get("enabled") and not on_gpu():
+        refuse("fp16.enabled is true but there is no GPU: use ds_configs/cpu.json or set fp16.enabled false")
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        refuse("fp16.enabled and bf16.enabled are both true: pick one")
+    if "optimizer" not in cfg:
+        refuse("add an \"optimizer\" section (e.g. AdamW with lr and weight_decay): DeepSpeed owns it")
+    sched = cfg.get("scheduler", {})
+    if sched.get("type") in _SCHEDULERS_WITH_TOTAL:
+        params = sched.setdefault("params", {})
+        if params.get("total_num_steps", "auto") == "auto":
+            params["total_num_steps"] = steps
+        if params.get("warmup_num_steps", 0) >= params["total_num_steps"]:
+            params["warmup_num_steps"] = max(1, params["total_num_steps"] // 10)
+    return cfg
+
+
+def activation_checkpointing_fn(ds_config: dict):
+    """DeepSpeed's activation checkpointing when the JSON has the section, else None."""
+    if "activation_checkpointing" not in ds_config:
+        return None
+    deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+    return deepspeed.checkpointing.checkpoint
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Matrices decay; norms, the learned initial state and the embedding do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 2 and name not in ("s0", "tok_emb.weight") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model, ds_config: dict):
+    """deepspeed.initialize with foldscale's parameter groups and checkpointing choice."""
+    model.set_activation_checkpointing(activation_checkpointing_fn(ds_config))
+    wd = ds_config["optimizer"].get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd),
+                                           config=ds_config)
+    return engine

@@ -1,0 +1,225 @@
+"""The training loop: segments in, carried state across steps, logs, checkpoints, resume."""
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from foldscale import checkpoint as ckpt
+from foldscale.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from foldscale.data import SegmentStreamSampler
+from foldscale.engine import build_engine, on_gpu
+from foldscale.metrics import PositionLoss, Throughput, Writer, format_eta, peak_memory_gib, plot_position_loss
+from foldscale.model import FoldedLM
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. non-finite losses); the last good checkpoint is intact."""
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
+                 ds_config: dict, store, rank: int, world_size: int):
+        self.model_cfg, self.data_cfg, self.cfg, self.ds_config = model_cfg, data_cfg, train_cfg, ds_config
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.out = Path(train_cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        torch.manual_seed(train_cfg.seed)
+        self.engine = build_engine(FoldedLM(model_cfg), ds_config)
+        self.device = self.engine.device
+        self.streams = ds_config["train_micro_batch_size_per_gpu"]
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.sampler = SegmentStreamSampler(store, "train", rank, world_size, self.streams,
+                                            model_cfg.segment_len, data_cfg.seed)
+        self.state = None  # (B, l, d) carried state of this rank's streams, on the device
+        self.step, self.tokens_seen, self.bad_in_a_row = 0, 0, 0
+        self.stop_requested = False
+        self.position_loss = PositionLoss(self.device)
+        self.writer = Writer(self.out / "tensorboard", rank)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size}
+
+    def log(self, message: str):
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def train(self):
+        """Train until cfg.steps, saving every save_every steps, at the end and on SIGTERM/SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request_stop)
+        self.engine.train()
+        speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step)
+        loss_window = PositionLoss(self.device)
+        self.log(f"training from step {self.step} to {self.cfg.steps}: {self.world_size} rank(s) x "
+                 f"{self.streams} streams x {self.model_cfg.segment_len} tokens, "
+                 f"{self.grad_accum} accumulation step(s), bptt {self.model_cfg.bptt_segments}")
+        while self.step < self.cfg.steps and not self.stop_requested:
+            for _ in range(self.grad_accum):
+                self.micro_step(loss_window)
+            self.step += 1
+            speed.add(self.world_size * self.grad_accum * self.model_cfg.bptt_segments
+                      * self.streams * self.model_cfg.segment_len)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                self.log_metrics(loss_window, speed.rate(self.step, self.world_size))
+                loss_window = PositionLoss(self.device)
+            if self.step % self.cfg.eval_every == 0 and len(self.store.docs("val")):
+                self.evaluate()
+                speed.restart(self.step)
+            if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+                self.save()
+                speed.restart(self.step)
+        self.save()
+        if self.stop_requested:
+            self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
+
+    def micro_step(self, loss_window: PositionLoss):
+        """bptt_segments consecutive segments of every stream, one backward, then detach."""
+        total = count = 0
+        for _ in range(self.model_cfg.bptt_segments):
+            batch = next(self.sampler).to(self.device)
+            out = self.engine(batch.ids, state=self.state, reset=batch.reset, targets=batch.targets)
+            total, count = total + out.loss * out.n_tokens, count + out.n_tokens
+            self.state = out.state
+            loss_window.add(out.token_loss, batch.targets, batch.seg_index)
+            self.position_loss.add(out.token_loss, batch.targets, batch.seg_index)
+            self.tokens_seen += batch.n_tokens
+        loss = total / count.clamp(min=1)
+        # One small all-reduce per micro-step: every rank must take the same branch below.
+        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop_requested), device=self.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        if bad:
+            self.bad_in_a_row += 1
+            self.log(f"warning: non-finite loss at step {self.step + 1}: this micro-batch's update is skipped "
+                     f"({self.bad_in_a_row}/{self.cfg.max_bad_steps} in a row)")
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step + 1}; "
+                                    f"the last good checkpoint is in {self.ckpt_root}. Lower the learning rate "
+                                    "or check the data, then resume with --resume auto")
+            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
+        else:
+            self.bad_in_a_row = 0
+            self.engine.backward(loss)
+        self.engine.step()
+        self.stop_requested = self.stop_requested or bool(stop)
+        if self.state is not None:
+            self.state = self.state.detach()
+
+    def log_metrics(self, window: PositionLoss, rate: dict):
+        loss_sum, n = window.total(all_reduce_sum)
+        loss = loss_sum / max(n, 1)
+        values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
+                  "train/lr": self.engine.get_lr()[0], "train/tokens_per_s": rate["tokens_per_s"],
+                  "train/tflops_per_gpu": rate["tflops_per_gpu"], "train/padding_fraction": self.sampler.pad_fraction,
+                  "train/tokens_seen": self.tokens_seen}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        if self.state is not None:
+            values["train/state_norm"] = self.state.float().norm(dim=-1).mean().item()
+        if "mfu" in rate:
+            values["train/mfu"] = rate["mfu"]
+        values.update({f"memory/peak_{k}_gib": v for k, v in peak_memory_gib().items()})
+        table = window.table(all_reduce_sum)
+        values.update({f"train_by_segment/{k}": v for k, v in table.items()})
+        self.writer.scalars(values, self.step)
+        mfu = f" | {rate['mfu']:.1%} MFU" if "mfu" in rate else ""
+        self.log(f"step {self.step}/{self.cfg.steps} | loss {loss:.4f} | {rate['tokens_per_s']:,.0f} tok/s"
+                 f" | {rate['tflops_per_gpu']:.2f} TFLOP/s/gpu{mfu} | eta {format_eta(rate['eta_s'])}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and loss by segment index on the held-out split, from its start."""
+        self.engine.eval()
+        sampler = SegmentStreamSampler(self.store, "val", self.rank, self.world_size, self.streams,
+                                       self.model_cfg.segment_len, self.data_cfg.seed)
+        acc, state = PositionLoss(self.device), None
+        for _ in range(self.cfg.eval_segments):
+            batch = next(sampler).to(self.device)
+            out = self.engine(batch.ids, state=state, reset=batch.reset, targets=batch.targets)
+            state = out.state
+            acc.add(out.token_loss, batch.targets, batch.seg_index)
+        self.engine.train()
+        loss_sum, n = acc.total(all_reduce_sum)
+        table = acc.table(all_reduce_sum)
+        train_table = self.position_loss.table(all_reduce_sum)
+        self.writer.scalars({"val/loss": loss_sum / max(n, 1), "val/perplexity": math.exp(min(loss_sum / max(n, 1), 50)),
+                             **{f"val_by_segment/{k}": v for k, v in table.items()}}, self.step)
+        if self.rank == 0:
+            self.writer.figure("loss_by_segment", plot_position_loss({"train (since start)": train_table, "val": table}),
+                               self.step)
+        self.log(f"step {self.step} | val loss {loss_sum / max(n, 1):.4f} | by segment: "
+                 + ", ".join(f"{k}: {v:.3f}" for k, v in table.items()))
+        return table
+
+    def _request_stop(self, signum, frame):
+        self.stop_requested = True
+        self.log(f"signal {signum}: saving a checkpoint at the end of this step")
+
+    def save(self):
+        """Every rank writes its part; rank 0 marks the checkpoint COMPLETE last, then prunes."""
+        tag = ckpt.tag_for(self.step)
+        path = self.ckpt_root / tag
+        if self.rank == 0 and path.exists():
+            (path / "COMPLETE").unlink(missing_ok=True)  # re-saving a step: not complete until done
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"trainer": self.state_dict()},
+                                    save_latest=False)
+        ckpt.atomic_torch_save({"sampler": self.sampler.state_dict(),
+                                "state": None if self.state is None else self.state.cpu(),
+                                "rng": ckpt.rng_state()}, path / f"foldscale_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            for name, obj in (("model.json", self.model_cfg), ("train.json", self.cfg), ("data.json", self.data_cfg)):
+                ckpt.atomic_write_text(path / name, json.dumps(dataclasses.asdict(obj), indent=2))
+            ckpt.atomic_write_text(path / "ds_config.json", json.dumps(self.ds_config, indent=2))
+            tok = getattr(self.store, "tokenizer_path", None)
+            if tok and Path(tok).is_file():
+                shutil.copyfile(tok, path / "tokenizer.model")
+            ckpt.atomic_write_text(path / "COMPLETE", json.dumps({**self.state_dict(), "tag": tag}))
+            ckpt.prune(self.ckpt_root, self.cfg.keep_last)
+            self.log(f"saved checkpoint {path}")
+        dist.barrier()
+
+    def resume(self, resume: str) -> bool:
+        """Load `auto` (newest complete, if any) or a given checkpoint directory."""
+        path = ckpt.resolve(resume, self.ckpt_root)
+        if path is None:
+            self.log(f"no complete checkpoint in {self.ckpt_root}: starting fresh")
+            return False
+        meta = ckpt.read_meta(path)
+        if meta["world_size"] != self.world_size:
+            raise ConfigError(f"{path} was written by {meta['world_size']} rank(s) but this run has "
+                              f"{self.world_size}: resume with {meta['world_size']} ranks (each rank's "
+                              "streams and carried state live in its own file)")
+        saved_model = ModelConfig.from_json(path / "model.json")
+        if saved_model != self.model_cfg:
+            raise ConfigError(f"{path / 'model.json'} differs from this run's model config: resume with "
+                              f"--model {path / 'model.json'}")
+        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None:
+            raise ConfigError(f"{path}: DeepSpeed could not load this checkpoint")
+        self.step, self.tokens_seen = client["trainer"]["step"], client["trainer"]["tokens_seen"]
+        mine = torch.load(path / f"foldscale_rank{self.rank}.pt", weights_only=False)
+        self.sampler.load_state_dict(mine["sampler"])
+        self.state = None if mine["state"] is None else mine["state"].to(self.device)
+        ckpt.set_rng_state(mine["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def close(self):
+        self.writer.close()
+        if hasattr(deepspeed.comm, "destroy_process_group") and dist.is_initialized():
+            dist.barrier()
