@@ -44,6 +44,7 @@ class Trainer:
                                             model_cfg.segment_len, data_cfg.seed)
         self.state = None  # (B, l, d) carried state of this rank's streams, on the device
         self.step, self.tokens_seen, self.bad_in_a_row = 0, 0, 0
+        self.grad_norm = None  # of the last logged step
         self.stop_requested = False
         self.position_loss = PositionLoss(self.device)
         self.writer = Writer(self.out / "tensorboard", rank)
@@ -55,10 +56,16 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
+    def record(self, values: dict):
+        """Append one line to RUN/metrics.jsonl (rank 0): the numbers of the console, unrounded."""
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(values) + "\n")
+
     def train(self):
         """Train until cfg.steps, saving every save_every steps, at the end and on SIGTERM/SIGINT."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request_stop)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.out.mkdir(parents=True, exist_ok=True)
         self.engine.train()
         speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step)
         loss_window = PositionLoss(self.device)
@@ -66,8 +73,7 @@ class Trainer:
                  f"{self.streams} streams x {self.model_cfg.segment_len} tokens, "
                  f"{self.grad_accum} accumulation step(s), bptt {self.model_cfg.bptt_segments}")
         while self.step < self.cfg.steps and not self.stop_requested:
-            for _ in range(self.grad_accum):
-                self.micro_step(loss_window)
+            self.train_step(loss_window)
             self.step += 1
             speed.add(self.world_size * self.grad_accum * self.model_cfg.bptt_segments
                       * self.streams * self.model_cfg.segment_len)
@@ -81,11 +87,23 @@ class Trainer:
                 self.save()
                 speed.restart(self.step)
         self.save()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if self.stop_requested:
             self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
 
-    def micro_step(self, loss_window: PositionLoss):
-        """bptt_segments consecutive segments of every stream, one backward, then detach."""
+    def train_step(self, loss_window: PositionLoss):
+        """Micro-steps until DeepSpeed takes the optimizer step (gradient_accumulation_steps of
+        them, plus one for each micro-batch skipped for a non-finite loss)."""
+        while True:
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if self.micro_step(loss_window) and boundary:
+                return
+
+    def micro_step(self, loss_window: PositionLoss) -> bool:
+        """bptt_segments consecutive segments of every stream, one backward, then detach.
+        Returns False when the micro-batch was skipped: no backward, no engine.step(), so
+        DeepSpeed's counters and the schedule do not move."""
         total = count = 0
         for _ in range(self.model_cfg.bptt_segments):
             batch = next(self.sampler).to(self.device)
@@ -100,6 +118,7 @@ class Trainer:
         flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop_requested), device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, stop = flags.tolist()
+        self.stop_requested = self.stop_requested or bool(stop)
         if bad:
             self.bad_in_a_row += 1
             self.log(f"warning: non-finite loss at step {self.step + 1}: this micro-batch's update is skipped "
@@ -108,25 +127,36 @@ class Trainer:
                 raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step + 1}; "
                                     f"the last good checkpoint is in {self.ckpt_root}. Lower the learning rate "
                                     "or check the data, then resume with --resume auto")
-            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
-        else:
-            self.bad_in_a_row = 0
-            self.engine.backward(loss)
+            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0).detach()
+            return False
+        self.bad_in_a_row = 0
+        self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary() and (self.step + 1) % self.cfg.log_every == 0:
+            self.grad_norm = self._grad_norm()
         self.engine.step()
-        self.stop_requested = self.stop_requested or bool(stop)
         if self.state is not None:
             self.state = self.state.detach()
+        return True
+
+    def _grad_norm(self) -> float | None:
+        """Before clipping. ZeRO stages 1-3 hand it over after the step; stage 0 keeps the
+        gradients on the parameters, so it is measured here."""
+        if self.engine.zero_optimization_stage() > 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item() if grads else None
 
     def log_metrics(self, window: PositionLoss, rate: dict):
         loss_sum, n = window.total(all_reduce_sum)
         loss = loss_sum / max(n, 1)
+        if self.grad_norm is None and self.engine.get_global_grad_norm() is not None:
+            self.grad_norm = float(self.engine.get_global_grad_norm())
         values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
                   "train/lr": self.engine.get_lr()[0], "train/tokens_per_s": rate["tokens_per_s"],
                   "train/tflops_per_gpu": rate["tflops_per_gpu"], "train/padding_fraction": self.sampler.pad_fraction,
                   "train/tokens_seen": self.tokens_seen}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            values["train/grad_norm"] = float(grad_norm)
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = self.grad_norm
         if self.state is not None:
             values["train/state_norm"] = self.state.float().norm(dim=-1).mean().item()
         if "mfu" in rate:
@@ -135,6 +165,7 @@ class Trainer:
         table = window.table(all_reduce_sum)
         values.update({f"train_by_segment/{k}": v for k, v in table.items()})
         self.writer.scalars(values, self.step)
+        self.record({"step": self.step, **values})
         mfu = f" | {rate['mfu']:.1%} MFU" if "mfu" in rate else ""
         self.log(f"step {self.step}/{self.cfg.steps} | loss {loss:.4f} | {rate['tokens_per_s']:,.0f} tok/s"
                  f" | {rate['tflops_per_gpu']:.2f} TFLOP/s/gpu{mfu} | eta {format_eta(rate['eta_s'])}")
@@ -155,8 +186,10 @@ class Trainer:
         loss_sum, n = acc.total(all_reduce_sum)
         table = acc.table(all_reduce_sum)
         train_table = self.position_loss.table(all_reduce_sum)
-        self.writer.scalars({"val/loss": loss_sum / max(n, 1), "val/perplexity": math.exp(min(loss_sum / max(n, 1), 50)),
-                             **{f"val_by_segment/{k}": v for k, v in table.items()}}, self.step)
+        values = {"val/loss": loss_sum / max(n, 1), "val/perplexity": math.exp(min(loss_sum / max(n, 1), 50)),
+                  **{f"val_by_segment/{k}": v for k, v in table.items()}}
+        self.writer.scalars(values, self.step)
+        self.record({"step": self.step, **values})
         if self.rank == 0:
             self.writer.figure("loss_by_segment", plot_position_loss({"train (since start)": train_table, "val": table}),
                                self.step)
