@@ -96,6 +96,11 @@ def test_open_refuses_missing_meta_and_bad_offsets(small_store, tmp_path):
     np.save(store.path / "offsets.npy", offsets)
     with pytest.raises(StoreError, match="offsets.npy"):
         TokenStore.open(store.path)
+    meta = json.loads((store.path / "meta.json").read_text())
+    del meta["fingerprint"]
+    (store.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="meta.json lacks fingerprint"):
+        TokenStore.open(store.path)
     (store.path / "meta.json").unlink()
     with pytest.raises(StoreError, match="meta.json is missing.*foldscale prepare"):
         TokenStore.open(store.path)
@@ -185,3 +190,15 @@ def test_cli_prepare(tok, inputs, tmp_path):
     bad_tok.write_text("garbage")
     corrupt = CliRunner().invoke(main, args[:3] + ["--tokenizer", str(bad_tok), "--out", str(tmp_path / "x")])
     assert corrupt.exit_code == 1 and "bad.model" in corrupt.output
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tok, tmp_path, monkeypatch):
+    # Offline, datasets retries for ~30 s before failing; the wrapping is what is tested here.
+    def offline(name, **kwargs):
+        assert name == "someone/corpus"
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(StoreError, match="could not load dataset 'someone/corpus'.*pass its files"):
+        prepare("someone/corpus", tok, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

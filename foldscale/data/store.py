@@ -21,6 +21,8 @@ import numpy as np
 FORMAT_VERSION = 1
 SPLITS = {"train": 0, "val": 1}
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_META_KEYS = ("vocab_size", "dtype", "tokenizer_hash", "tokenizer_file", "n_docs", "n_tokens",
+              "fingerprint")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -182,6 +184,9 @@ class TokenStore:
         def bad(file, what):
             return StoreError(f"{path / file} {what}; {_rebuild_hint(path)}")
 
+        missing = [k for k in _META_KEYS if k not in meta]
+        if missing:
+            raise bad("meta.json", f"lacks {', '.join(missing)}")
         dtype = np.dtype(meta["dtype"])
         n_docs, n_tokens = int(meta["n_docs"]), int(meta["n_tokens"])
         tokens_file = path / "tokens.bin"
@@ -324,9 +329,9 @@ def prepare(inputs, tokenizer, out, text_field: str = "text", val_fraction: floa
         docs = load_documents(inputs, text_field, cache_dir=str(cache))
         num_proc = max(1, min(num_proc, len(docs)))
         features = datasets.Features({"ids": datasets.Sequence(datasets.Value(writer.dtype.name))})
-        ids = docs.map(_tokenize, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
-                       remove_columns=["text"], fn_kwargs={"tokenizer": tok}, features=features,
-                       desc=f"tokenizing ({num_proc} proc)", cache_file_name=str(cache / "ids.arrow"))
+        ids = docs.map(_tokenize, batched=True, batch_size=64, remove_columns=["text"],
+                       num_proc=num_proc if num_proc > 1 else None, fn_kwargs={"tokenizer": tok},
+                       features=features, desc="tokenizing", cache_file_name=str(cache / "ids.arrow"))
         with tqdm(total=len(ids), desc="writing", unit="doc") as bar:
             for table in ids.with_format("arrow").iter(batch_size=4096):
                 column = table.column("ids").combine_chunks()
