@@ -9,6 +9,7 @@ as " ".
 """
 import hashlib
 import io
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,19 +55,13 @@ def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_0
         texts = inputs
     max_sentence_length = 16384
     lines = _training_lines(texts, max_sentence_length)
-    try:
-        first = next(lines)
-    except StopIteration:
-        raise TokenizerError("no text to train the tokenizer on (all inputs are empty)") from None
-
-    def all_lines():
-        yield first
-        yield from lines
-
+    first = next(lines, None)
+    if first is None:
+        raise TokenizerError("no text to train the tokenizer on (all inputs are empty)")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=all_lines(), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=itertools.chain([first], lines), model_writer=model, vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             eos_id=EOS_ID, num_threads=available_cores(), input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True, max_sentence_length=max_sentence_length,
