@@ -7,7 +7,7 @@ segment. No DeepSpeed import here: parallelism is applied from outside.
 """
 import json
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -91,8 +91,7 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-@dataclass
-class LMOutput:
+class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
     logits: torch.Tensor | None  # (B, T, V)
     loss: torch.Tensor | None  # mean cross-entropy over counted targets
     state: torch.Tensor | None  # (B, l, d), the state to carry into the next segment
