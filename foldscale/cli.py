@@ -19,6 +19,9 @@ def main():
     Example:
       foldscale prepare --default          # tokenizer + token store of the built-in corpus
       foldscale info 125m                  # parameter counts and FLOPs of a preset
+      foldscale export runs/x --out models/x
+      foldscale generate models/x --prompt "def main("
+      foldscale eval models/x --data store --plot loss.png
     """
 
 
@@ -51,6 +54,202 @@ def info(model, as_json):
     for k, v in result["params"].items():
         click.echo(f"  {k:16s} {v:>15,d}  ({v / 1e6:.2f}M)")
     click.echo(f"model FLOPs per trained token (fwd+bwd): {cfg.flops_per_token() / 1e9:.3f} GFLOP")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--tag", help="Checkpoint to export, e.g. step00000100 (default: the newest complete one).")
+@click.option("--out", type=click.Path(), required=True,
+              help="Directory to write (safetensors), or the .pt file to write (torch).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torch"]), default="safetensors",
+              show_default=True, help="safetensors: config.json + model.safetensors (+ tokenizer.model); "
+                                      "torch: one .pt file {'config', 'state_dict'}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(run_dir, tag, out, dtype, fmt, as_json):
+    """Turn a DeepSpeed checkpoint of RUN_DIR (any ZeRO stage) into a plain model.
+
+    The export loads with FoldedLM.from_pretrained without DeepSpeed. It checks itself: its
+    loss on a fixed batch (the run's validation data, or random ids when the store is gone)
+    must equal the DeepSpeed checkpoint's.
+
+    \b
+    Example:
+      foldscale export runs/small --out models/small
+      foldscale export runs/small --tag step00001000 --dtype bf16 --format torch --out small.pt
+    """
+    from foldscale.export import ExportError, export as run_export
+    try:
+        result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"exported {result['checkpoint']} (step {result['step']}) to {out} as {fmt} {dtype}"
+               + (" with tokenizer.model" if result["tokenizer"] else ""))
+    click.echo(f"self-check on {result['check_batch']}: loss {result['loss_deepspeed']:.6f} (DeepSpeed "
+               f"checkpoint) vs {result['loss_exported']:.6f} (export): match")
+
+
+def _device(name):
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is available here; use --device cpu")
+    return torch.device(name)
+
+
+def _load_model(path, device, need_tokenizer=False):
+    """An exported model directory -> (model in eval mode on DEVICE, Tokenizer or None)."""
+    from pathlib import Path
+
+    from foldscale.data import Tokenizer, TokenizerError
+    from foldscale.model import FoldedLM, ModelFileError
+    try:
+        model = FoldedLM.from_pretrained(path).to(device).eval()
+    except ModelFileError as e:
+        raise UserError(str(e)) from None
+    tok_file = Path(path) / "tokenizer.model"
+    if not tok_file.is_file():
+        if need_tokenizer:
+            raise UserError(f"{tok_file}: missing; this command needs the tokenizer next to the model "
+                            "(export a run whose token store has one, or copy it there)")
+        return model, None
+    try:
+        tok = Tokenizer(tok_file)
+    except TokenizerError as e:
+        raise UserError(str(e)) from None
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise UserError(f"{tok_file} has {tok.vocab_size} tokens but the model's vocab_size is "
+                        f"{model.cfg.vocab_size}: this tokenizer does not belong to this model")
+    return model, tok
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt", help="Text to continue.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a file (any length).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0 picks the most likely token (greedy).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the K most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"prompt_tokens", "new_tokens", "text", "tokens_per_s"} at the end instead.')
+def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, seed, device, as_json):
+    """Continue a prompt with MODEL (an exported directory with tokenizer.model), printing
+    text as it comes. The prompt may be far longer than the segment length: whole segments
+    only update the carried state, so memory does not grow with it. Stops at end of document.
+
+    \b
+    Example:
+      foldscale generate models/small --prompt "import os" --max-new-tokens 100 --top-k 50
+      foldscale generate models/small --prompt-file big.py --temperature 0 --json
+    """
+    import time
+
+    import torch
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give exactly one of --prompt and --prompt-file")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file: {e}") from None
+    dev = _device(device)
+    lm, tok = _load_model(model, dev, need_tokenizer=True)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty: give at least one character")
+    generator = torch.Generator(dev).manual_seed(seed)
+    new, printed = [], ""
+    start = time.perf_counter()
+    for token in lm.stream_generate(torch.tensor([ids], device=dev), max_new_tokens, temperature,
+                                    top_k, generator):
+        if token.item() == tok.eos_id:
+            break
+        new.append(token.item())
+        text = tok.decode(new)
+        # Hold back a trailing partial UTF-8 character (byte tokens decode to U+FFFD until complete).
+        if not as_json and not text.endswith("\ufffd"):
+            click.echo(text[len(printed):], nl=False)
+            printed = text
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    text = tok.decode(new)
+    if as_json:
+        click.echo(json.dumps({"prompt_tokens": len(ids), "new_tokens": len(new), "text": text,
+                               "tokens_per_s": len(new) / max(elapsed, 1e-9)}))
+    else:
+        click.echo(text[len(printed):])
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", "data", type=click.Path(), required=True, help="Token store (foldscale prepare).")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Stop after this many predicted tokens (default: the whole split).")
+@click.option("--streams", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Documents evaluated side by side.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write loss by position as a PNG.")
+@click.option("--compare", "compare", type=click.Path(), help="A second model, run on exactly the same text.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_json):
+    """Loss and perplexity of MODEL on whole documents of a token store, overall and by
+    position in the document.
+
+    Documents are read from their start, in index order, each model with its own segment length
+    and carried state. Position convention: a token at position p of its document counts in
+    segment-index bucket p // l, l being MODEL's segment length (also for --compare MODEL2),
+    with training's buckets 0, 1, 2-3, 4-7, ...
+
+    \b
+    Example:
+      foldscale eval models/folded --data store --max-tokens 1000000 --plot loss.png
+      foldscale eval models/folded --data store --compare models/baseline --json
+    """
+    from foldscale.data import StoreError, TokenStore
+    from foldscale.evaluate import evaluate
+    dev = _device(device)
+    try:
+        store = TokenStore.open(data)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    models = {}
+    for path in [model] + ([compare] if compare else []):
+        lm, tok = _load_model(path, dev)
+        try:
+            store.check_compatible(lm.cfg.vocab_size, tok.hash if tok else None)
+        except StoreError as e:
+            raise UserError(f"{path}: {e}") from None
+        models[path if path not in models else f"{path} (2)"] = lm
+    if not len(store.docs(split)):
+        raise UserError(f"{data}: the {split} split has no documents")
+    result = evaluate(models, store, split, max_tokens, streams, dev)
+    if plot:
+        from foldscale.metrics import plot_position_loss
+        fig = plot_position_loss({r["model"]: r["by_position"] for r in result["models"]},
+                                 title=f"loss by position ({result['position_unit']}-token segments)")
+        fig.savefig(plot, dpi=120)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = result["models"]
+    click.echo(f"{result['tokens']:,} tokens of {result['documents']} {split} documents; position in "
+               f"segments of {result['position_unit']} tokens")
+    click.echo(f"{'segment':>10s}" + "".join(f"  {r['model'][-24:]:>24s}" for r in rows))
+    labels = list(dict.fromkeys(k for r in rows for k in r["by_position"]))
+    for label in labels:
+        cells = [f"{r['by_position'][label]:.4f}" if label in r["by_position"] else "-" for r in rows]
+        click.echo(f"{label:>10s}" + "".join(f"  {c:>24s}" for c in cells))
+    click.echo(f"{'loss':>10s}" + "".join(f"  {r['loss']:>24.4f}" for r in rows))
+    click.echo(f"{'ppl':>10s}" + "".join(f"  {r['perplexity']:>24.2f}" for r in rows))
+    if plot:
+        click.echo(f"wrote {plot}")
 
 
 def _register(module, *names):

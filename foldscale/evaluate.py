@@ -1,0 +1,80 @@
+"""Loss and perplexity over whole documents, overall and by position in the document.
+
+Each model reads every document from its start with its own segment length and carried state
+(`forward_stream`). To compare models whose segment lengths differ on the same footing, a token
+at position p of its document is counted in the bucket of segment index p // l_ref, l_ref being
+the first model's segment length; the buckets (0, 1, 2-3, 4-7, ...) are training's.
+"""
+import math
+
+import numpy as np
+import torch
+
+from foldscale.data import TokenStore
+from foldscale.metrics import PositionLoss
+from foldscale.model import FoldedLM
+
+
+def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> list[np.ndarray]:
+    """Documents of SPLIT in index order until MAX_TOKENS predicted tokens; the last one is cut
+    so the count is exact. A document of n tokens gives n - 1 predictions."""
+    docs, budget = [], math.inf if max_tokens is None else max_tokens
+    for i in store.docs(split):
+        doc = store.doc(int(i))
+        if budget <= 0:
+            break
+        if len(doc) < 2:
+            continue
+        doc = doc[:int(min(len(doc), budget + 1))]
+        docs.append(doc)
+        budget -= len(doc) - 1
+    return docs
+
+
+@torch.no_grad()
+def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams: int, device,
+                    progress=None) -> PositionLoss:
+    """Per-token losses of MODEL on DOCS, summed into segment-index buckets of l_ref tokens.
+
+    Documents go `streams` at a time, shortest first, each padded at its end; padding is never
+    a target and, attention being causal, never changes the loss of an earlier token.
+    """
+    model.eval().to(device)
+    acc = PositionLoss("cpu")
+    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+    for start in range(0, len(order), streams):
+        chunk = [docs[i] for i in order[start:start + streams]]
+        T = max(len(d) for d in chunk) - 1
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        targets = torch.full((len(chunk), T), -100, dtype=torch.long)
+        for b, d in enumerate(chunk):
+            d = torch.from_numpy(d.astype(np.int64))
+            ids[b, :len(d) - 1], targets[b, :len(d) - 1] = d[:-1], d[1:]
+        out = model.forward_stream(ids.to(device), targets=targets.to(device), keep_logits=False)
+        token_loss = out.token_loss.cpu()
+        for b, d in enumerate(chunk):
+            n = len(d) - 1  # one row per token: bucket by the token's own position
+            acc.add(token_loss[b, :n, None], targets[b, :n, None], torch.arange(n) // l_ref)
+            if progress is not None:
+                progress.update(n)
+    return acc
+
+
+def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
+             max_tokens: int | None = None, streams: int = 4, device="cpu", progress_bar=True) -> dict:
+    """Every model on exactly the same documents; by-position tables in units of the first
+    model's segment length."""
+    from tqdm import tqdm
+    docs = select_documents(store, split, max_tokens)
+    n_tokens = sum(len(d) - 1 for d in docs)
+    l_ref = next(iter(models.values())).cfg.segment_len
+    results = []
+    for name, model in models.items():
+        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, disable=not progress_bar) as bar:
+            acc = position_losses(model, docs, l_ref, streams, device, bar)
+        loss_sum, count = acc.total()
+        loss = loss_sum / max(count, 1)
+        results.append({"model": name, "segment_len": model.cfg.segment_len, "loss": loss,
+                        "perplexity": math.exp(min(loss, 50)), "by_position": acc.table()})
+    return {"split": split, "documents": len(docs), "tokens": n_tokens, "position_unit": l_ref,
+            "models": results}
