@@ -3,6 +3,7 @@
 DeepSpeed's JSON owns batch size, ZeRO, precision, clipping, offload, optimizer and schedule;
 foldscale's configs own the model, data and recurrence. Contradictions are refused here.
 """
+import functools
 import json
 import os
 import socket
@@ -82,6 +83,10 @@ def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | No
         refuse("fp16.enabled is true but there is no GPU: use ds_configs/cpu.json or set fp16.enabled false")
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
         refuse("fp16.enabled and bf16.enabled are both true: pick one")
+    for key in ("partition_activations", "cpu_checkpointing"):
+        if cfg.get("activation_checkpointing", {}).get(key):
+            refuse(f"activation_checkpointing.{key} is not supported (foldscale checkpoints each block with "
+                   "PyTorch's non-reentrant checkpoint): set it to false")
     if "optimizer" not in cfg:
         refuse("add an \"optimizer\" section (e.g. AdamW with lr and weight_decay): DeepSpeed owns it")
     sched = cfg.get("scheduler", {})
@@ -95,11 +100,15 @@ def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | No
 
 
 def activation_checkpointing_fn(ds_config: dict):
-    """DeepSpeed's activation checkpointing when the JSON has the section, else None."""
+    """Per-block activation checkpointing when the JSON has an "activation_checkpointing" section.
+
+    PyTorch's non-reentrant checkpoint, not DeepSpeed's reentrant one: with bptt_segments > 1 a
+    block runs once per segment, and each reentrant recomputation would run its own backward,
+    handing ZeRO-2 a second gradient for the same parameter, which it refuses.
+    """
     if "activation_checkpointing" not in ds_config:
         return None
-    deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-    return deepspeed.checkpointing.checkpoint
+    return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
