@@ -1,0 +1,183 @@
+"""`foldscale export`: tiny CPU runs under ZeRO 0, 2 and 3 -> plain checkpoints."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from foldscale.cli import main
+from foldscale.data import SegmentStreamSampler, TokenStore, write_store
+from foldscale.export import load_torch_export
+from foldscale.metrics import PositionLoss
+from foldscale.model import FoldedLM
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
+STAGES = (0, 2, 3)
+STEPS, STREAMS, EVAL_SEGMENTS = 4, 2, 6
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 4-step run per ZeRO stage (checkpoints at steps 2 and 4, validation at step 4),
+    trained side by side to keep the module fast."""
+    tmp = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(0)
+    docs = [np.append((rng.integers(0, 60) + np.arange(int(rng.integers(10, 100)))) % 60 + 4, 3)
+            for _ in range(40)]
+    write_store(docs, tmp / "store", vocab_size=64, val_fraction=0.25)
+    (tmp / "model.json").write_text(json.dumps(MODEL))
+    base = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    base["scheduler"]["params"]["warmup_num_steps"] = 1
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for stage in STAGES:
+        cfg = {**base, "train_micro_batch_size_per_gpu": STREAMS, "zero_optimization": {"stage": stage}}
+        (tmp / f"z{stage}.json").write_text(json.dumps(cfg))
+        procs[stage] = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(tmp / f"z{stage}.json"),
+             "--model", str(tmp / "model.json"), "--data", str(tmp / "store"), "--out", str(tmp / f"run{stage}"),
+             "--steps", str(STEPS), "--save_every", "2", "--eval_every", str(STEPS),
+             "--eval_segments", str(EVAL_SEGMENTS)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for stage, p in procs.items():
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    return tmp
+
+
+def export(*args):
+    result = CliRunner().invoke(main, ["export", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def engine_val_loss(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/loss"] for r in lines if "val/loss" in r][-1]
+
+
+@torch.no_grad()
+def val_loss(model, store):
+    """The trainer's own validation, replayed on a plain FoldedLM."""
+    sampler = SegmentStreamSampler(store, "val", 0, 1, STREAMS, MODEL["segment_len"], 0)
+    acc, state = PositionLoss("cpu"), None
+    for _ in range(EVAL_SEGMENTS):
+        batch = next(sampler)
+        out = model(batch.ids, state=state, reset=batch.reset, targets=batch.targets)
+        state = out.state
+        acc.add(out.token_loss, batch.targets, batch.seg_index)
+    loss_sum, n = acc.total()
+    return loss_sum / n
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_export_reproduces_the_engines_validation_loss(runs, tmp_path, stage):
+    """The exported model gives the loss the DeepSpeed engine itself measured at that step."""
+    result = export(runs / f"run{stage}", "--out", tmp_path / "m")
+    assert result["step"] == STEPS and result["check_batch"].startswith(str(runs / "store"))
+    assert result["loss_exported"] == pytest.approx(result["loss_deepspeed"], rel=1e-6)
+    model = FoldedLM.from_pretrained(tmp_path / "m").eval()
+    assert val_loss(model, TokenStore.open(runs / "store")) == pytest.approx(engine_val_loss(runs / f"run{stage}"), rel=1e-5)
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert "lm_head.weight" not in tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_zero0_export_holds_the_module_weights(runs, tmp_path):
+    export(runs / "run0", "--out", tmp_path / "m")
+    module = torch.load(runs / "run0" / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert set(tensors) == set(module) - {"lm_head.weight"}
+    for k, v in tensors.items():
+        assert torch.equal(v, module[k]), k
+
+
+def test_loads_in_a_process_without_deepspeed(runs, tmp_path):
+    export(runs / "run3", "--out", tmp_path / "m")
+    code = ("import sys, torch; from foldscale.model import FoldedLM; import foldscale.export, foldscale.evaluate; "
+            f"m = FoldedLM.from_pretrained({str(tmp_path / 'm')!r}); "
+            "m(torch.zeros(1, 4, dtype=torch.long)); assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+
+
+def test_tag_bf16_torch_format_and_tokenizer(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "run2", run)
+    older = export(run, "--tag", "step00000002", "--out", tmp_path / "old")
+    newest = export(run, "--out", tmp_path / "new")
+    assert older["step"] == 2 and older["loss_deepspeed"] != newest["loss_deepspeed"]
+    assert not (tmp_path / "new" / "tokenizer.model").exists()
+
+    half = export(run, "--dtype", "bf16", "--out", tmp_path / "half")
+    assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "half" / "model.safetensors")).values())
+    assert half["loss_exported"] == pytest.approx(newest["loss_deepspeed"], rel=3e-2)
+    assert half["loss_exported"] != newest["loss_exported"]  # rounded, yet within the tolerance
+
+    export(run, "--format", "torch", "--out", tmp_path / "m.pt")
+    as_torch = load_torch_export(tmp_path / "m.pt").state_dict()
+    for k, v in FoldedLM.from_pretrained(tmp_path / "new").state_dict().items():
+        assert torch.equal(v, as_torch[k]), k
+
+    (run / "checkpoints" / "step00000004" / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    assert export(run, "--out", tmp_path / "tok")["tokenizer"]
+    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+
+
+def test_random_check_batch_when_the_store_is_gone(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "run0", run)
+    data = run / "checkpoints" / "step00000004" / "data.json"
+    data.write_text(json.dumps({**json.loads(data.read_text()), "store": str(tmp_path / "gone")}))
+    result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "self-check on random ids" in result.output and "match" in result.output
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing run", "no such run directory"),
+    ("unknown tag", "step00000099 in"),
+    ("incomplete", "no COMPLETE marker"),
+    ("truncated zero0", "unreadable or truncated"),
+    ("truncated zero3", "could not consolidate"),
+    ("tampered model.json", "weights do not match model.json"),
+    ("out is a file", "is a file"),
+])
+def test_refusals(runs, tmp_path, damage, message):
+    stage = 3 if "zero3" in damage else 0
+    run = tmp_path / "run"
+    shutil.copytree(runs / f"run{stage}", run)
+    ckpt = run / "checkpoints" / "step00000004"
+    args = ["export", str(run), "--out", str(tmp_path / "m")]
+    if damage == "missing run":
+        args[1] = str(tmp_path / "nope")
+    elif damage == "unknown tag":
+        args += ["--tag", "step00000099"]
+    elif damage == "incomplete":
+        (ckpt / "COMPLETE").unlink()
+        args += ["--tag", "step00000004"]
+    elif damage == "truncated zero0":
+        _truncate(ckpt / "mp_rank_00_model_states.pt")
+    elif damage == "truncated zero3":
+        _truncate(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    elif damage == "tampered model.json":
+        (ckpt / "model.json").write_text(json.dumps({**MODEL, "d_model": 64}))
+    elif damage == "out is a file":
+        (tmp_path / "m").write_text("x")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
