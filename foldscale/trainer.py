@@ -168,7 +168,7 @@ class Trainer:
         self.record({"step": self.step, **values})
         mfu = f" | {rate['mfu']:.1%} MFU" if "mfu" in rate else ""
         self.log(f"step {self.step}/{self.cfg.steps} | loss {loss:.4f} | {rate['tokens_per_s']:,.0f} tok/s"
-                 f" | {rate['tflops_per_gpu']:.2f} TFLOP/s/gpu{mfu} | eta {format_eta(rate['eta_s'])}")
+                 f" | {rate['tflops_per_gpu']:.2f} TFLOP/s per rank{mfu} | eta {format_eta(rate['eta_s'])}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
