@@ -136,7 +136,8 @@ def _load_model(path, device, need_tokenizer=False):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"prompt_tokens", "new_tokens", "text", "tokens_per_s"} at the end instead.')
+              help='Print {"prompt_tokens", "new_tokens", "text", "tokens_per_s"} at the end instead '
+                   '(tokens_per_s after the first new token, so reading the prompt is left out).')
 def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, seed, device, as_json):
     """Continue a prompt with MODEL (an exported directory with tokenizer.model), printing
     text as it comes. The prompt may be far longer than the segment length: whole segments
@@ -164,10 +165,10 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
     if not ids:
         raise UserError("the prompt is empty: give at least one character")
     generator = torch.Generator(dev).manual_seed(seed)
-    new, printed = [], ""
-    start = time.perf_counter()
+    new, times, printed = [], [], ""
     for token in lm.stream_generate(torch.tensor([ids], device=dev), max_new_tokens, temperature,
                                     top_k, generator):
+        times.append(time.perf_counter())
         if token.item() == tok.eos_id:
             break
         new.append(token.item())
@@ -177,11 +178,11 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
             click.echo(text[len(printed):], nl=False)
             printed = text
             sys.stdout.flush()
-    elapsed = time.perf_counter() - start
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
     text = tok.decode(new)
     if as_json:
         click.echo(json.dumps({"prompt_tokens": len(ids), "new_tokens": len(new), "text": text,
-                               "tokens_per_s": len(new) / max(elapsed, 1e-9)}))
+                               "tokens_per_s": rate}))
     else:
         click.echo(text[len(printed):])
 
