@@ -45,7 +45,16 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
                                timeout=timedelta(seconds=timeout_s), verbose=False)
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        cap_memory(os.environ.get("FOLDSCALE_GPU_MEM_GIB"))
     return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+
+
+def cap_memory(gib):
+    """Emulate a smaller card (e.g. FOLDSCALE_GPU_MEM_GIB=24): allocations past the cap raise
+    torch.OutOfMemoryError as they would on that card."""
+    if gib:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total))
 
 
 def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | None = None) -> dict:

@@ -1,0 +1,60 @@
+"""Streaming generation: prompt tokens/s, new tokens/s and peak memory against prompt length,
+through FoldedLM.stream_generate (the path `foldscale generate` takes). Random weights: speed and
+memory do not depend on them.
+
+    python tools/bench_generate.py --model 350m --prompts 10000,100000 --json tools/results/generate.json
+    python tools/bench_generate.py --quick
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from benchlib import cuda_sync, device_name, print_table, write_json  # noqa: E402
+from foldscale.config import ModelConfig  # noqa: E402
+from foldscale.model import FoldedLM  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="350m")
+    p.add_argument("--prompts", default="10000,100000")
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--json")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.prompts, args.new_tokens = "tiny", "100,1000", 8
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = ModelConfig.load(args.model)
+    model = FoldedLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
+    rows = []
+    for n in map(int, args.prompts.split(",")):
+        ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        gen = model.stream_generate(ids, args.new_tokens, top_k=50, generator=torch.Generator(device).manual_seed(0))
+        t0 = time.perf_counter()
+        next(gen)  # reads the whole prompt, then samples the first token
+        cuda_sync()
+        t1 = time.perf_counter()
+        for _ in gen:
+            pass
+        cuda_sync()
+        t2 = time.perf_counter()
+        rows.append({"prompt_tokens": n, "prompt_tok_s": n / (t1 - t0),
+                     "new_tok_s": (args.new_tokens - 1) / max(t2 - t1, 1e-9),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")})
+        print(rows[-1], flush=True)
+    print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
+          f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, top-k 50")
+    print_table(rows, ["prompt_tokens", "prompt_tok_s", "new_tok_s", "peak_gib"])
+    write_json(args.json, rows, model=args.model, command=" ".join(["python"] + sys.argv))
+
+
+if __name__ == "__main__":
+    main()

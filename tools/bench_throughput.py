@@ -1,0 +1,113 @@
+"""Training throughput, model TFLOP/s and MFU through the real DeepSpeed engine and trainer loop:
+each folded preset side by side with its full-attention baseline (n_global = 0, the same blocks
+as local blocks, window 2l), in one run.
+
+    python tools/bench_throughput.py --presets 125m,350m,1b --json tools/results/throughput.json
+    python tools/bench_throughput.py --quick          # CPU smoke test at toy size
+
+MFU = model FLOPs (ModelConfig.flops_per_token, DESIGN.md §1: 6 x matmul parameters with the
+global stack counted twice, plus causal attention) x trained tokens/s / 800 TFLOP/s (bf16
+ceiling measured on the H100). Tokens counted are all positions of every segment.
+"""
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from benchlib import cuda_sync, device_name, print_table, synthetic_store, write_json  # noqa: E402
+from foldscale.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from foldscale.engine import init_distributed, load_ds_config  # noqa: E402
+from foldscale.metrics import PEAK_TFLOPS, PositionLoss  # noqa: E402
+from foldscale.trainer import Trainer  # noqa: E402
+
+
+def baseline_of(cfg: ModelConfig) -> ModelConfig:
+    """The full-attention GPT of the same parameter count (up to S0) and window 2l."""
+    return dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0, segment_len=2 * cfg.segment_len)
+
+
+def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, world, compile_):
+    ds = load_ds_config(ds_path, world, steps + warmup)
+    ds["train_micro_batch_size_per_gpu"] = max(1, tokens_per_rank // cfg.segment_len)
+    ds.pop("train_batch_size", None)
+    store = synthetic_store(work / f"store-v{cfg.vocab_size}", cfg.vocab_size, 512, 16 * 1024)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    train_cfg = TrainConfig(out=str(work / name), steps=steps + warmup, log_every=10**9, eval_every=10**9,
+                            save_every=10**9)
+    trainer = Trainer(cfg, DataConfig(), train_cfg, ds, store, rank, world)
+    if compile_:
+        trainer.engine.compile()
+    window = PositionLoss(trainer.device)
+    for _ in range(warmup):
+        trainer.train_step(window)
+    cuda_sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(window)
+    cuda_sync()
+    dt = time.perf_counter() - t0
+    B = ds["train_micro_batch_size_per_gpu"]
+    tokens = steps * world * ds["gradient_accumulation_steps"] * cfg.bptt_segments * B * cfg.segment_len
+    tok_s = tokens / dt
+    tflops = tok_s * cfg.flops_per_token() / 1e12 / world
+    row = {"model": name, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len, "streams": B,
+           "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * dt / steps,
+           "loss": trainer.position_loss.total()[0] / max(trainer.position_loss.total()[1], 1)}
+    if torch.cuda.is_available():
+        row["mfu"] = tflops / PEAK_TFLOPS
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del trainer, window
+    gc.collect()
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="125m,350m,1b")
+    p.add_argument("--ds_config", default="ds_configs/dp-zero2.json")
+    p.add_argument("--tokens_per_rank", type=int, default=16384, help="tokens per micro-step per rank")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) each model")
+    p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
+    p.add_argument("--json", help="also write the table here")
+    args = p.parse_args()
+    if args.quick:
+        args.presets, args.ds_config, args.tokens_per_rank, args.steps, args.warmup = "tiny", "ds_configs/cpu.json", 64, 2, 1
+    rank, world = init_distributed()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            folded = ModelConfig.load(preset)
+            pairs = [(f"{preset} folded", folded)]
+            if not args.no_baseline:
+                pairs.append((f"{preset} baseline (n_global=0, window 2l)", baseline_of(folded)))
+            for name, cfg in pairs:
+                row = measure(name, cfg, args.ds_config, args.tokens_per_rank, args.steps, args.warmup,
+                              Path(tmp), rank, world, args.compile)
+                rows.append(row)
+                if rank == 0:
+                    print(f"{name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops_per_gpu']:.1f} TFLOP/s"
+                          + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
+    if rank == 0:
+        print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
+              f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s")
+        print_table(rows, ["model", "params_M", "l", "streams", "tokens_per_s", "tflops_per_gpu", "mfu",
+                           "step_ms", "peak_mem_gib", "loss"])
+        write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
+                   command=" ".join(["python"] + sys.argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
