@@ -20,14 +20,15 @@ from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
-STAGES = (0, 2, 3)
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+ZERO = {"0": {"stage": 0}, "2": {"stage": 2}, "3": {"stage": 3}, "3off": {"stage": 3, **OFFLOAD}}
 STEPS, STREAMS, EVAL_SEGMENTS = 4, 2, 6
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 4-step run per ZeRO stage (checkpoints at steps 2 and 4, validation at step 4),
-    trained side by side to keep the module fast."""
+    """One 4-step run per ZeRO stage, and ZeRO 3 with offload (checkpoints at steps 2 and 4,
+    validation at step 4), trained side by side to keep the module fast."""
     tmp = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     docs = [np.append((rng.integers(0, 60) + np.arange(int(rng.integers(10, 100)))) % 60 + 4, 3)
@@ -38,8 +39,8 @@ def runs(tmp_path_factory):
     base["scheduler"]["params"]["warmup_num_steps"] = 1
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = {}
-    for stage in STAGES:
-        cfg = {**base, "train_micro_batch_size_per_gpu": STREAMS, "zero_optimization": {"stage": stage}}
+    for stage, zero in ZERO.items():
+        cfg = {**base, "train_micro_batch_size_per_gpu": STREAMS, "zero_optimization": zero}
         (tmp / f"z{stage}.json").write_text(json.dumps(cfg))
         procs[stage] = subprocess.Popen(
             [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(tmp / f"z{stage}.json"),
@@ -78,7 +79,7 @@ def val_loss(model, store):
     return loss_sum / n
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", ZERO)
 def test_export_reproduces_the_engines_validation_loss(runs, tmp_path, stage):
     """The exported model gives the loss the DeepSpeed engine itself measured at that step."""
     result = export(runs / f"run{stage}", "--out", tmp_path / "m")
