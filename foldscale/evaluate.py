@@ -20,9 +20,9 @@ def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> l
     so the count is exact. A document of n tokens gives n - 1 predictions."""
     docs, budget = [], math.inf if max_tokens is None else max_tokens
     for i in store.docs(split):
-        doc = store.doc(int(i))
         if budget <= 0:
             break
+        doc = store.doc(int(i))
         if len(doc) < 2:
             continue
         doc = doc[:int(min(len(doc), budget + 1))]
@@ -61,7 +61,7 @@ def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams
 
 
 def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
-             max_tokens: int | None = None, streams: int = 4, device="cpu", progress_bar=True) -> dict:
+             max_tokens: int | None = None, streams: int = 4, device="cpu") -> dict:
     """Every model on exactly the same documents; by-position tables in units of the first
     model's segment length."""
     from tqdm import tqdm
@@ -70,7 +70,7 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
     l_ref = next(iter(models.values())).cfg.segment_len
     results = []
     for name, model in models.items():
-        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, disable=not progress_bar) as bar:
+        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True) as bar:
             acc = position_losses(model, docs, l_ref, streams, device, bar)
         loss_sum, count = acc.total()
         loss = loss_sum / max(count, 1)
