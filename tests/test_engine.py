@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ TINY = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_
 
 @pytest.fixture(scope="module")
 def dist():
-    return init_distributed()
+    """A process group of one in this process. init_distributed writes RANK, MASTER_PORT, ...
+    into the environment; put it back, or every later subprocess would think it was launched
+    into this process's group and try to bind its port."""
+    saved = dict(os.environ)
+    group = init_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
+    return group
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

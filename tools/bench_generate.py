@@ -23,6 +23,7 @@ def main():
     p.add_argument("--model", default="350m")
     p.add_argument("--prompts", default="10000,100000")
     p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
@@ -50,6 +51,14 @@ def main():
                      "new_tok_s": (args.new_tokens - 1) / max(t2 - t1, 1e-9),
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")})
         print(rows[-1], flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        ids = torch.randint(0, cfg.vocab_size, (1, 3 * cfg.segment_len + 5), device=device)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in model.stream_generate(ids, 16):
+                pass
+            cuda_sync()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
           f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, top-k 50")
     print_table(rows, ["prompt_tokens", "prompt_tok_s", "new_tok_s", "peak_gib"])

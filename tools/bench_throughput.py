@@ -10,6 +10,7 @@ global stack counted twice, plus causal attention) x trained tokens/s / 800 TFLO
 ceiling measured on the H100). Tokens counted are all positions of every segment.
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -33,7 +34,14 @@ def baseline_of(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0, segment_len=2 * cfg.segment_len)
 
 
-def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, world, compile_):
+def profiler(enabled):
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+
+
+def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, world, compile_, profile=False):
     ds = load_ds_config(ds_path, world, steps + warmup)
     ds["train_micro_batch_size_per_gpu"] = max(1, tokens_per_rank // cfg.segment_len)
     ds.pop("train_batch_size", None)
@@ -51,10 +59,14 @@ def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, worl
         trainer.train_step(window)
     cuda_sync()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(window)
-    cuda_sync()
+    with profiler(profile) as prof:
+        for _ in range(steps):
+            trainer.train_step(window)
+        cuda_sync()
     dt = time.perf_counter() - t0
+    if profile and rank == 0:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
+                                        else "self_cpu_time_total", row_limit=25))
     B = ds["train_micro_batch_size_per_gpu"]
     tokens = steps * world * ds["gradient_accumulation_steps"] * cfg.bptt_segments * B * cfg.segment_len
     tok_s = tokens / dt
@@ -65,6 +77,7 @@ def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, worl
     if torch.cuda.is_available():
         row["mfu"] = tflops / PEAK_TFLOPS
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    trainer.engine.destroy()
     del trainer, window
     gc.collect()
     return row
@@ -74,11 +87,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="125m,350m,1b")
     p.add_argument("--ds_config", default="ds_configs/dp-zero2.json")
-    p.add_argument("--tokens_per_rank", type=int, default=16384, help="tokens per micro-step per rank")
+    p.add_argument("--tokens_per_rank", type=int, default=8192, help="tokens per micro-step per rank")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) each model")
     p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of the timed steps")
     p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
@@ -94,7 +108,7 @@ def main():
                 pairs.append((f"{preset} baseline (n_global=0, window 2l)", baseline_of(folded)))
             for name, cfg in pairs:
                 row = measure(name, cfg, args.ds_config, args.tokens_per_rank, args.steps, args.warmup,
-                              Path(tmp), rank, world, args.compile)
+                              Path(tmp), rank, world, args.compile, args.profile)
                 rows.append(row)
                 if rank == 0:
                     print(f"{name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops_per_gpu']:.1f} TFLOP/s"
