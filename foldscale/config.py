@@ -186,6 +186,8 @@ class TrainConfig:
     """Validation segments per stream at each evaluation."""
     save_every: int = 500
     keep_last: int = 3
+    compile: bool = False
+    """torch.compile the model through DeepSpeed's engine.compile() (GPU; first steps are slow)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated (each skips its update) before the run stops."""
     seed: int = 0

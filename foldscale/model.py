@@ -23,16 +23,18 @@ class ModelFileError(ValueError):
 
 
 def rope_tables(n: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built in fp32 on every call site's device, never stored as a buffer, so that casting the
-    # module to bf16 cannot round the angles (bf16 inv_freq is off by radians at position 1000).
+    # The angles are computed in fp32 on every forward, never stored as a buffer, so that casting
+    # the module to bf16 cannot round them (a bf16 inv_freq is off by radians at position 1000).
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # (n, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (n, hs)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    """Rotate the pairs (x[i], x[i + hs/2]) in x's own dtype: four kernels, not ten."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -51,6 +53,7 @@ class Attention(nn.Module):
         """
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
         if n_mem == 0:

@@ -37,6 +37,8 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         torch.manual_seed(train_cfg.seed)
         self.engine = build_engine(FoldedLM(model_cfg), ds_config)
+        if train_cfg.compile:
+            self.engine.compile()
         self.device = self.engine.device
         self.streams = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = ds_config["gradient_accumulation_steps"]

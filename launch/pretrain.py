@@ -28,6 +28,7 @@ def parse_args(argv=None):
                    help="seconds before a collective fails (so a dead rank stops the others)")
     for f in ("steps", "log_every", "eval_every", "eval_segments", "save_every", "keep_last", "max_bad_steps", "seed"):
         p.add_argument(f"--{f}", type=int, default=getattr(TrainConfig, f))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--bptt_segments", type=int, help="override the model's bptt_segments")
     p.add_argument("--streams_per_rank", type=int,
                    help="must equal the DeepSpeed JSON's train_micro_batch_size_per_gpu if given")
@@ -42,7 +43,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train_cfg = TrainConfig(**{f: getattr(args, f) for f in ("out", "steps", "log_every", "eval_every",
-                                   "eval_segments", "save_every", "keep_last", "max_bad_steps", "seed")})
+                                   "eval_segments", "save_every", "keep_last", "max_bad_steps", "seed", "compile")})
         data_cfg = DataConfig(store=args.data, streams_per_rank=args.streams_per_rank, seed=args.seed)
         model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments)
         rank, world_size = init_distributed(args.collective_timeout)

@@ -50,10 +50,8 @@ def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, worl
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     train_cfg = TrainConfig(out=str(work / name), steps=steps + warmup, log_every=10**9, eval_every=10**9,
-                            save_every=10**9)
+                            save_every=10**9, compile=compile_)
     trainer = Trainer(cfg, DataConfig(), train_cfg, ds, store, rank, world)
-    if compile_:
-        trainer.engine.compile()
     window = PositionLoss(trainer.device)
     for _ in range(warmup):
         trainer.train_step(window)
