@@ -67,6 +67,15 @@ def torch_trial(model_path, streams, steps):
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
 
+def failure(p) -> dict:
+    if "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr:
+        return {"status": "GPU OOM"}
+    if p.returncode < 0:  # killed by a signal: the kernel's OOM killer, when host memory runs out
+        return {"status": f"killed by signal {-p.returncode} (host memory?)"}
+    lines = p.stderr.strip().splitlines()
+    return {"status": "failed: " + (lines[-1][:200] if lines else f"exit {p.returncode}")}
+
+
 def run_ds(model_path, store, work, steps, quick):
     out = work / ("run-" + model_path.stem)
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config",
@@ -75,8 +84,7 @@ def run_ds(model_path, store, work, steps, quick):
            "--save_every", str(10**9), "--eval_every", str(10**9)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0 or not (out / "metrics.jsonl").is_file():
-        oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
-        return {"status": "OOM" if oom else "failed: " + p.stderr.strip().splitlines()[-1][:200]}
+        return failure(p)
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     return {"status": "ok", "tokens_per_s": last["train/tokens_per_s"], "tflops": last["train/tflops_per_gpu"],
             "peak_gib": last.get("memory/peak_allocated_gib")}
@@ -86,8 +94,7 @@ def run_torch(model_path, streams, steps):
     p = subprocess.run([sys.executable, __file__, "--trial", str(model_path), "--streams", str(streams),
                         "--steps", str(steps)], capture_output=True, text=True)
     if p.returncode != 0:
-        oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
-        return {"status": "OOM" if oom else "failed: " + p.stderr.strip().splitlines()[-1][:200]}
+        return failure(p)
     return {"status": "ok", **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
@@ -96,6 +103,7 @@ def main():
     p.add_argument("--cap_gib", type=float, default=24.0)
     p.add_argument("--steps", type=int, default=4, help="DeepSpeed optimizer steps (each 8 x 2 x 1024 tokens)")
     p.add_argument("--streams", type=int, default=2)
+    p.add_argument("--systems", default="deepspeed,plain", help="which ladders to climb")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--trial", help=argparse.SUPPRESS)
@@ -109,8 +117,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         store = synthetic_store(work / "store", 512 if args.quick else 32000, 64, 8192).path
-        ladders = [("deepspeed 24gb.json", DS_LADDER[:1] if args.quick else DS_LADDER),
-                   ("plain PyTorch AdamW", TORCH_LADDER[:1] if args.quick else TORCH_LADDER)]
+        ladders = [(system, ladder[:1] if args.quick else ladder) for system, ladder in
+                   (("deepspeed 24gb.json", DS_LADDER), ("plain PyTorch AdamW", TORCH_LADDER))
+                   if system.split()[0].lower() in args.systems]
         for system, ladder in ladders:
             for name, d, heads, blocks in ladder:
                 path = model_json(work, name, d, heads, blocks, args.quick)
