@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 # (name, d_model, n_head, blocks per stack); segment_len 1024, vocab 32000.
-DS_LADDER = [("3.2B", 2560, 20, 20), ("4.6B", 3072, 24, 24), ("6.2B", 3584, 28, 24)]
-TORCH_LADDER = [("0.55B", 1536, 12, 12), ("0.87B", 2048, 16, 10), ("1.07B", 2048, 16, 12), ("1.37B", 2048, 16, 16)]
+DS_LADDER = [("3b preset", 2560, 20, 20), ("d3072x48", 3072, 24, 24), ("d3584x48", 3584, 28, 24)]
+TORCH_LADDER = [("d1536x24", 1536, 12, 12), ("d2048x20", 2048, 16, 10), ("d2048x24", 2048, 16, 12), ("d2048x32", 2048, 16, 16)]
 
 
 def model_json(work, name, d, heads, blocks, quick):
