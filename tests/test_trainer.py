@@ -162,3 +162,25 @@ def test_two_ranks_match_one_rank(setup, tmp_path, launcher, stage):
     a, b = np.array(losses(one)), np.array(losses(two))
     assert a[0] == pytest.approx(b[0], rel=1e-5)  # same data, same initial weights
     np.testing.assert_allclose(a, b, rtol=2e-2)
+
+
+def test_a_dead_rank_stops_the_other_instead_of_hanging(setup, tmp_path):
+    """Two ranks started by hand (no launcher to clean up after them): kill one mid-run, and
+    the survivor must fail its next collective and exit, well within the collective timeout."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29547"}
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(setup / "z1_b2.json"),
+           "--model", str(setup / "model.json"), "--data", str(setup / "store"), "--out", str(tmp_path / "run"),
+           "--steps", "100000", "--log_every", "1", "--collective_timeout", "60"]
+    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for r in (0, 1)]
+    for line in ranks[0].stdout:
+        if line.startswith("step 3/"):
+            break
+    ranks[1].kill()
+    t0 = time.time()
+    try:
+        code = ranks[0].wait(timeout=120)
+    finally:
+        ranks[0].kill()
+    assert code != 0 and time.time() - t0 < 60
