@@ -1,0 +1,104 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import passkey  # noqa: E402
+from foldscale.config import ModelConfig  # noqa: E402
+from foldscale.model import FoldedLM  # noqa: E402
+
+VOCAB = passkey.Vocab(32)
+L = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy tensors: threads only spin on a shared CPU (and --quick sets one thread itself)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batch(distance, seed=0, n=4):
+    return passkey.make_batch(n, distance, VOCAB, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("distance", [1, 8, 37])
+def test_generator_layout(distance):
+    ids, targets = batch(distance)
+    T = passkey.sequence_len(distance)
+    assert ids.shape == targets.shape == (4, T) == (4, distance + 12)
+    key = ids[:, 1:6]
+    assert ((key >= 1) & (key <= 10)).all()
+    assert (ids[:, 0] == VOCAB.key).all() and (ids[:, T - 6] == VOCAB.query).all()
+    assert (ids[:, 6:T - 6] >= passkey.FIRST_FILLER).all() and (ids[:, 6:T - 6] < VOCAB.key).all()
+    assert (ids == VOCAB.key).sum(1).eq(1).all() and (ids == VOCAB.query).sum(1).eq(1).all()
+    assert torch.equal(ids[:, T - 5:], key)  # the answer repeats the key
+    assert torch.equal(targets[:, T - 6:T - 1], key)  # QUERY predicts d1, ..., d4 predicts d5
+    mask = torch.ones_like(targets, dtype=torch.bool)
+    mask[:, T - 6:T - 1] = False
+    assert (targets[mask] == -100).all()
+
+
+def test_generator_filler_is_varied_and_seeds_differ():
+    ids, _ = batch(64)
+    assert ids[:, 6:-6].unique().numel() > 5
+    assert not torch.equal(batch(8, seed=0)[0][:, 1:6], batch(8, seed=1)[0][:, 1:6])
+
+
+def model(use_state, dtype=torch.float64):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB.size, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L,
+                      use_state=use_state)
+    return FoldedLM(cfg).to(dtype).eval()
+
+
+def logits_with_other_key(m, distance):
+    ids, _ = batch(distance, n=2)
+    changed = ids.clone()
+    changed[:, 1:6] = changed[:, 1:6] % 10 + 1  # every key digit replaced by another digit
+    changed[:, -5:] = ids[:, -5:]  # the answer tokens stay, so only the key upstream differs
+    with torch.no_grad():
+        return passkey.answer_logits(m, ids), passkey.answer_logits(m, changed)
+
+
+@pytest.mark.parametrize("multiple", [2, 3, 8])
+def test_local_only_never_sees_the_key(multiple):
+    before, after = logits_with_other_key(model(use_state=False), multiple * L)
+    assert before.shape == (2, 5, VOCAB.size)
+    assert torch.equal(before, after)
+
+
+def test_carried_state_reaches_the_key():
+    before, after = logits_with_other_key(model(use_state=True), 8 * L)
+    assert (before - after).abs().max() > 1e-9
+
+
+def test_answer_logits_match_forward_stream():
+    m = model(use_state=True)
+    ids, _ = batch(3 * L + 1)  # the answer straddles a segment boundary
+    with torch.no_grad():
+        full = m.forward_stream(ids).logits
+        assert torch.allclose(passkey.answer_logits(m, ids), full[:, -6:-1], atol=1e-12)
+
+
+def test_quick_end_to_end(tmp_path):
+    out = tmp_path / "passkey.json"
+    passkey.main(["--quick", "--baseline", "--json", str(out)])
+    record = json.loads(out.read_text())
+    multiples = [1, 2, 4, 8]
+    assert [r["multiple"] for r in record["rows"]] == multiples
+    window = record["baseline_model"]["segment_len"]
+    for r in record["rows"]:
+        assert r["distance"] == r["multiple"] * record["model"]["segment_len"]
+        for name in ("folded", "local_only"):
+            assert 0.0 <= r[name] <= 1.0
+        if passkey.sequence_len(r["distance"]) <= window:
+            assert 0.0 <= r["full_attention"] <= 1.0
+        else:
+            assert r["full_attention"] is None
+    assert record["train"]["folded"]["steps"] == 30 and record["seed"] == 0
