@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -47,6 +46,7 @@ class Trainer:
         self.state = None  # (B, l, d) carried state of this rank's streams, on the device
         self.step, self.tokens_seen, self.bad_in_a_row = 0, 0, 0
         self.grad_norm = None  # of the last logged step
+        self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
         self.stop_requested = False
         self.position_loss = PositionLoss(self.device)
         self.writer = Writer(self.out / "tensorboard", rank)
@@ -67,6 +67,13 @@ class Trainer:
     def train(self):
         """Train until cfg.steps, saving every save_every steps, at the end and on SIGTERM/SIGINT."""
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._train()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train(self):
         self.out.mkdir(parents=True, exist_ok=True)
         self.engine.train()
         speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step)
@@ -85,12 +92,11 @@ class Trainer:
             if self.step % self.cfg.eval_every == 0 and len(self.store.docs("val")):
                 self.evaluate()
                 speed.restart(self.step)
-            if self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
+            if self.step % self.cfg.save_every == 0:
                 self.save()
                 speed.restart(self.step)
-        self.save()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if self.step != self.saved_step:
+            self.save()
         if self.stop_requested:
             self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
 
@@ -207,9 +213,6 @@ class Trainer:
         """Every rank writes its part; rank 0 marks the checkpoint COMPLETE last, then prunes."""
         tag = ckpt.tag_for(self.step)
         path = self.ckpt_root / tag
-        if self.rank == 0 and path.exists():
-            (path / "COMPLETE").unlink(missing_ok=True)  # re-saving a step: not complete until done
-        dist.barrier()
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"trainer": self.state_dict()},
                                     save_latest=False)
         ckpt.atomic_torch_save({"sampler": self.sampler.state_dict(),
@@ -227,6 +230,7 @@ class Trainer:
             ckpt.prune(self.ckpt_root, self.cfg.keep_last)
             self.log(f"saved checkpoint {path}")
         dist.barrier()
+        self.saved_step = self.step
 
     def resume(self, resume: str) -> bool:
         """Load `auto` (newest complete, if any) or a given checkpoint directory."""
@@ -251,10 +255,11 @@ class Trainer:
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)
         ckpt.set_rng_state(mine["rng"])
+        self.saved_step = self.step
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
     def close(self):
         self.writer.close()
-        if hasattr(deepspeed.comm, "destroy_process_group") and dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
+        dist.destroy_process_group()

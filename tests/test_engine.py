@@ -16,13 +16,13 @@ TINY = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_
 @pytest.fixture(scope="module")
 def dist():
     """A process group of one in this process. init_distributed writes RANK, MASTER_PORT, ...
-    into the environment; put it back, or every later subprocess would think it was launched
-    into this process's group and try to bind its port."""
+    into the environment, which DeepSpeed reads again while building engines; put it back after
+    this module, or every later subprocess would think it was launched into this process's group
+    and try to bind its port."""
     saved = dict(os.environ)
-    group = init_distributed()
+    yield init_distributed()
     os.environ.clear()
     os.environ.update(saved)
-    return group
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
