@@ -38,6 +38,9 @@ class ModelConfig:
     """Share the token embedding with the LM head."""
     use_state: bool = True
     """False runs the local-only ablation: every segment starts from the learned S0."""
+    state_norm: bool = False
+    """RMS-normalise the state before carrying it, so its norm cannot grow segment after segment
+    (the carried rows are a residual stream that every global layer adds to)."""
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -86,7 +89,8 @@ class ModelConfig:
         return {
             "embedding": embed,
             "local": self.n_local * self.block_params(),
-            "global": self.n_global * self.block_params() + (self.segment_len * d if self.recurrent else 0),
+            "global": self.n_global * self.block_params()
+            + (self.segment_len * d + d * self.state_norm if self.recurrent else 0),
             "head": head + d,  # LM head (if untied) + final norm
         }
 

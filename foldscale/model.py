@@ -111,6 +111,7 @@ class FoldedLM(nn.Module):
         self.global_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_global))
         # S0: the state every document starts from, learned.
         self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
+        self.state_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.recurrent and cfg.state_norm else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -169,7 +170,7 @@ class FoldedLM(nn.Module):
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
-            new_state = x
+            new_state = x if self.state_norm is None else self.state_norm(x)
         logits = self.lm_head(self.norm(x))  # (B, t, V)
         loss = n = token_loss = None
         if targets is not None:

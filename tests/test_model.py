@@ -232,16 +232,33 @@ def test_tampered_files_are_refused(tmp_path):
         FoldedLM.from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0)])
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0),
+                                dict(state_norm=True)])
 def test_parameter_count_matches_formula(kw):
     model = make(**kw)
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
     counts = model.cfg.param_counts()
     assert counts["local"] == sum(p.numel() for p in model.local_blocks.parameters())
-    glob = sum(p.numel() for p in model.global_blocks.parameters()) + (model.s0.numel() if model.s0 is not None else 0)
+    glob = sum(p.numel() for m in (model.global_blocks, model.state_norm) if m is not None for p in m.parameters())
+    glob += model.s0.numel() if model.s0 is not None else 0
     assert counts["global"] == glob
 
 
 def test_segment_longer_than_l_is_refused():
     with pytest.raises(ValueError, match="longer than segment_len"):
         make()(randint(1, 9))
+
+
+def test_state_norm_bounds_the_carried_state():
+    """The carried rows are a residual stream; with state_norm each carried vector has unit RMS
+    (at initialisation) however large the stream grows."""
+    rms = {}
+    for state_norm in (False, True):
+        model = make(n_global=2, state_norm=state_norm)
+        model.tok_emb.weight.data.mul_(100.0)  # a large residual stream
+        state = None
+        for s in range(0, 8 * 6, 8):
+            state = model(randint(1, 8, seed=s), state=state).state
+        rms[state_norm] = state.pow(2).mean(-1).sqrt()
+    assert rms[False].min() > 1.5
+    torch.testing.assert_close(rms[True], torch.ones_like(rms[True]), rtol=1e-3, atol=1e-3)

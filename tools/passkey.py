@@ -199,6 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--n_local", type=int, default=2)
     p.add_argument("--n_global", type=int, default=2)
     p.add_argument("--segment_len", type=int, default=64)
+    p.add_argument("--state_norm", action="store_true", help="RMS-normalise the carried state (ModelConfig.state_norm)")
     for f in dataclasses.fields(TrainArgs):
         kind = int if f.name == "steps" else type(f.default)
         p.add_argument(f"--{f.name}", type=kind, default=f.default)
@@ -228,7 +229,7 @@ def main(argv=None):
     train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
     l = args.segment_len
     cfg = ModelConfig(vocab_size=vocab.size, d_model=args.d_model, n_head=args.n_head, n_local=args.n_local,
-                      n_global=args.n_global, segment_len=l)
+                      n_global=args.n_global, segment_len=l, state_norm=args.state_norm)
     print(f"passkey on {device_name() if device.type == 'cuda' else 'CPU'}: {cfg.num_params():,} parameters, "
           f"l={l}, training up to {args.max_train_segments} segments for {args.minutes} min", flush=True)
 
