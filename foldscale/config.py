@@ -13,6 +13,17 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
 
 
+def read_json(path, missing: str) -> dict:
+    """A JSON config file; a missing or malformed one is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -126,14 +137,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such model config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "no such model config file"))
 
     @classmethod
     def load(cls, name_or_path: str, **overrides) -> "ModelConfig":

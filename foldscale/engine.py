@@ -4,7 +4,6 @@ DeepSpeed's JSON owns batch size, ZeRO, precision, clipping, offload, optimizer 
 foldscale's configs own the model, data and recurrence. Contradictions are refused here.
 """
 import functools
-import json
 import os
 import socket
 from datetime import timedelta
@@ -17,7 +16,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-from foldscale.config import ConfigError  # noqa: E402
+from foldscale.config import ConfigError, read_json  # noqa: E402
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 _SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
@@ -60,12 +59,7 @@ def cap_memory(gib):
 def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | None = None) -> dict:
     """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key."""
     path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such DeepSpeed config; see ds_configs/ for examples") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, "no such DeepSpeed config; see ds_configs/ for examples")
 
     def refuse(message):
         raise ConfigError(f"{path}: {message}")

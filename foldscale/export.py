@@ -89,18 +89,10 @@ def deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> FoldedLM:
     """A FoldedLM holding STATE; a tied LM head may be present in STATE (it is the embedding)."""
-    model = FoldedLM(cfg)
-    expected = model.export_state_dict()
-    if cfg.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ExportError(f"{where}: weights do not match model.json: missing {missing}, "
-                          f"unexpected {unexpected}, wrong shapes {wrong}")
-    model.load_state_dict(state, strict=not cfg.tie_embeddings)
-    return model.eval()
+    try:
+        return FoldedLM.from_state_dict(cfg, state, f"{where}: weights do not match model.json").eval()
+    except ModelFileError as e:
+        raise ExportError(str(e)) from None
 
 
 def check_batch(path: Path, cfg: ModelConfig, n_segments: int = 4) -> tuple[torch.Tensor, str]:

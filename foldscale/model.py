@@ -269,13 +269,20 @@ class FoldedLM(nn.Module):
             tensors = load_file(str(weights), device=str(map_location))
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{weights}: unreadable or truncated ({e})") from None
+        return cls.from_state_dict(cfg, tensors, f"{weights}: does not match {directory / 'config.json'}")
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict, mismatch: str) -> "FoldedLM":
+        """A model holding `state` (a tied LM head may be in it or not). Missing, unexpected or
+        mis-shaped weights raise ModelFileError, its message starting with `mismatch`."""
         model = cls(cfg)
         expected = model.export_state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if k in tensors and tensors[k].shape != v.shape]
+        if cfg.tie_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
         if missing or unexpected or wrong:
-            raise ModelFileError(f"{weights}: does not match {directory / 'config.json'}: "
-                                 f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
-        model.load_state_dict(tensors, strict=not cfg.tie_embeddings)
+            raise ModelFileError(f"{mismatch}: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
+        model.load_state_dict(state, strict=not cfg.tie_embeddings)
         return model
