@@ -5,7 +5,7 @@ model, the data and the recurrence, and the run's bookkeeping (logging, checkpoi
 """
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 

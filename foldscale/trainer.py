@@ -4,7 +4,6 @@ import json
 import math
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from foldscale import checkpoint as ckpt
 from foldscale.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from foldscale.data import SegmentStreamSampler
-from foldscale.engine import build_engine, on_gpu
+from foldscale.engine import build_engine
 from foldscale.metrics import PositionLoss, Throughput, Writer, format_eta, peak_memory_gib, plot_position_loss
 from foldscale.model import FoldedLM
 

@@ -1,6 +1,4 @@
 """Shared helpers of the data tests (tests/test_data_*.py)."""
-import numpy as np
-
 from foldscale.data.corpus import stdlib_files
 from foldscale.data.tokenizer import train_tokenizer
 

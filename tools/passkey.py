@@ -15,7 +15,6 @@ Plain PyTorch (AdamW, bf16 autocast on GPU), one process.
 """
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
