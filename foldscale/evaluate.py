@@ -72,9 +72,8 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
     for name, model in models.items():
         with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True) as bar:
             acc = position_losses(model, docs, l_ref, streams, device, bar)
-        loss_sum, count = acc.total()
-        loss = loss_sum / max(count, 1)
+        loss, table = acc.summary()
         results.append({"model": name, "segment_len": model.cfg.segment_len, "loss": loss,
-                        "perplexity": math.exp(min(loss, 50)), "by_position": acc.table()})
+                        "perplexity": math.exp(min(loss, 50)), "by_position": table})
     return {"split": split, "documents": len(docs), "tokens": n_tokens, "position_unit": l_ref,
             "models": results}

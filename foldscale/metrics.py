@@ -38,20 +38,15 @@ class PositionLoss:
         self.sums.index_add_(0, b, token_loss.detach().double().sum(1))
         self.counts.index_add_(0, b, (targets != -100).double().sum(1))
 
-    def table(self, all_reduce=None) -> dict[str, float]:
-        """{bucket label: mean loss} over buckets that saw tokens; sums over ranks if given."""
+    def summary(self, all_reduce=None) -> tuple[float, dict[str, float]]:
+        """(mean loss over all counted tokens, {bucket label: mean loss} over buckets that saw
+        tokens), summed over ranks first when `all_reduce` is given (one collective)."""
         both = torch.stack([self.sums, self.counts])
         if all_reduce is not None:
             all_reduce(both)
         sums, counts = both.tolist()
-        return {bucket_label(b): s / c for b, (s, c) in enumerate(zip(sums, counts)) if c > 0}
-
-    def total(self, all_reduce=None) -> tuple[float, float]:
-        """(summed loss, counted tokens) over all buckets."""
-        both = torch.stack([self.sums.sum(), self.counts.sum()])
-        if all_reduce is not None:
-            all_reduce(both)
-        return tuple(both.tolist())
+        table = {bucket_label(b): s / c for b, (s, c) in enumerate(zip(sums, counts)) if c > 0}
+        return sum(sums) / max(sum(counts), 1), table
 
 
 def peak_memory_gib() -> dict[str, float]:

@@ -154,8 +154,7 @@ class Trainer:
         return torch.nn.utils.get_total_norm(grads).item() if grads else None
 
     def log_metrics(self, window: PositionLoss, rate: dict):
-        loss_sum, n = window.total(all_reduce_sum)
-        loss = loss_sum / max(n, 1)
+        loss, table = window.summary(all_reduce_sum)
         if self.grad_norm is None and self.engine.get_global_grad_norm() is not None:
             self.grad_norm = float(self.engine.get_global_grad_norm())
         values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
@@ -169,7 +168,6 @@ class Trainer:
         if "mfu" in rate:
             values["train/mfu"] = rate["mfu"]
         values.update({f"memory/peak_{k}_gib": v for k, v in peak_memory_gib().items()})
-        table = window.table(all_reduce_sum)
         values.update({f"train_by_segment/{k}": v for k, v in table.items()})
         self.writer.scalars(values, self.step)
         self.record({"step": self.step, **values})
@@ -190,17 +188,16 @@ class Trainer:
             state = out.state
             acc.add(out.token_loss, batch.targets, batch.seg_index)
         self.engine.train()
-        loss_sum, n = acc.total(all_reduce_sum)
-        table = acc.table(all_reduce_sum)
-        train_table = self.position_loss.table(all_reduce_sum)
-        values = {"val/loss": loss_sum / max(n, 1), "val/perplexity": math.exp(min(loss_sum / max(n, 1), 50)),
+        loss, table = acc.summary(all_reduce_sum)
+        _, train_table = self.position_loss.summary(all_reduce_sum)
+        values = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50)),
                   **{f"val_by_segment/{k}": v for k, v in table.items()}}
         self.writer.scalars(values, self.step)
         self.record({"step": self.step, **values})
         if self.rank == 0:
             self.writer.figure("loss_by_segment", plot_position_loss({"train (since start)": train_table, "val": table}),
                                self.step)
-        self.log(f"step {self.step} | val loss {loss_sum / max(n, 1):.4f} | by segment: "
+        self.log(f"step {self.step} | val loss {loss:.4f} | by segment: "
                  + ", ".join(f"{k}: {v:.3f}" for k, v in table.items()))
         return table
 

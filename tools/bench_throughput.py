@@ -71,7 +71,7 @@ def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, worl
     tflops = tok_s * cfg.flops_per_token() / 1e12 / world
     row = {"model": name, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len, "streams": B,
            "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * dt / steps,
-           "loss": trainer.position_loss.total()[0] / max(trainer.position_loss.total()[1], 1)}
+           "loss": trainer.position_loss.summary()[0]}
     if torch.cuda.is_available():
         row["mfu"] = tflops / PEAK_TFLOPS
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
