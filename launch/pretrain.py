@@ -8,6 +8,7 @@
 With no --data, the built-in corpus (the Python standard library's source) is built once and used.
 """
 import argparse
+import dataclasses
 import sys
 
 from foldscale.config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -42,8 +43,7 @@ def open_store(data):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train_cfg = TrainConfig(**{f: getattr(args, f) for f in ("out", "steps", "log_every", "eval_every",
-                                   "eval_segments", "save_every", "keep_last", "max_bad_steps", "seed", "compile")})
+        train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         data_cfg = DataConfig(store=args.data, streams_per_rank=args.streams_per_rank, seed=args.seed)
         model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments)
         rank, world_size = init_distributed(args.collective_timeout)
