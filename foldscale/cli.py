@@ -196,7 +196,8 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
 @click.option("--streams", type=click.IntRange(min=1), default=4, show_default=True,
               help="Documents evaluated side by side.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write loss by position as a PNG.")
-@click.option("--compare", "compare", type=click.Path(), help="A second model, run on exactly the same text.")
+@click.option("--compare", "compare", type=click.Path(), multiple=True,
+              help="Another model, run on exactly the same text (repeat for more).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_json):
@@ -221,13 +222,16 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_jso
     except StoreError as e:
         raise UserError(str(e)) from None
     models = {}
-    for path in [model] + ([compare] if compare else []):
+    for path in [model, *compare]:
         lm, tok = _load_model(path, dev)
         try:
             store.check_compatible(lm.cfg.vocab_size, tok.hash if tok else None)
         except StoreError as e:
             raise UserError(f"{path}: {e}") from None
-        models[path if path not in models else f"{path} (2)"] = lm
+        name = str(path)
+        while name in models:
+            name = f"{path} ({len(models) + 1})"
+        models[name] = lm
     if not len(store.docs(split)):
         raise UserError(f"{data}: the {split} split has no documents")
     result = evaluate(models, store, split, max_tokens, streams, dev)

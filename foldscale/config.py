@@ -52,6 +52,11 @@ class ModelConfig:
     state_norm: bool = False
     """RMS-normalise the state before carrying it, so its norm cannot grow segment after segment
     (the carried rows are a residual stream that every global layer adds to)."""
+    state_gate: bool = False
+    """Carry g * M + (1 - g) * C instead of C, where C is the global stack's output on the
+    segment (the paper's state), M its output on the memory rows (the old state, updated), and
+    g = sigmoid(W [M ; C] + b) per row and channel: a highway that can keep a state unchanged
+    for any number of segments."""
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -101,7 +106,8 @@ class ModelConfig:
             "embedding": embed,
             "local": self.n_local * self.block_params(),
             "global": self.n_global * self.block_params()
-            + (self.segment_len * d + d * self.state_norm if self.recurrent else 0),
+            + (self.segment_len * d + d * self.state_norm + (2 * d * d + d) * self.state_gate
+               if self.recurrent else 0),
             "head": head + d,  # LM head (if untied) + final norm
         }
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from foldscale.data import TokenStore
-from foldscale.metrics import PositionLoss
+from foldscale.metrics import PositionLoss, bucket_label
 from foldscale.model import FoldedLM
 
 
@@ -73,7 +73,9 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
         with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True) as bar:
             acc = position_losses(model, docs, l_ref, streams, device, bar)
         loss, table = acc.summary()
+        counts = {bucket_label(b): int(c) for b, c in enumerate(acc.counts.tolist()) if c > 0}
         results.append({"model": name, "segment_len": model.cfg.segment_len, "loss": loss,
-                        "perplexity": math.exp(min(loss, 50)), "by_position": table})
+                        "perplexity": math.exp(min(loss, 50)), "by_position": table,
+                        "tokens_by_position": counts})
     return {"split": split, "documents": len(docs), "tokens": n_tokens, "position_unit": l_ref,
             "models": results}

@@ -112,6 +112,7 @@ class FoldedLM(nn.Module):
         # S0: the state every document starts from, learned.
         self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
         self.state_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.recurrent and cfg.state_norm else None
+        self.state_gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.recurrent and cfg.state_gate else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -129,6 +130,8 @@ class FoldedLM(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.cfg.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def set_activation_checkpointing(self, checkpoint_fn=None):
         """Recompute each block in the backward pass through `checkpoint_fn(block, *args)`.
@@ -170,7 +173,13 @@ class FoldedLM(nn.Module):
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
-            new_state = x if self.state_norm is None else self.state_norm(x)
+            new_state = x
+            if self.state_gate is not None:
+                mem = z[:, :t]  # memory rows aligned with the segment's rows (all l of them when t = l)
+                g = torch.sigmoid(self.state_gate(torch.cat([mem, x], dim=-1)))
+                new_state = g * mem + (1 - g) * x
+            if self.state_norm is not None:
+                new_state = self.state_norm(new_state)
         logits = self.lm_head(self.norm(x))  # (B, t, V)
         loss = n = token_loss = None
         if targets is not None:

@@ -137,12 +137,16 @@ def direct_by_position(model_dirs, store, l_ref):
 
 def test_eval_by_position_agrees_with_a_direct_computation(env, tmp_path):
     result = json.loads(ok("eval", env / "folded", "--data", env / "store", "--streams", 3,
-                           "--compare", env / "baseline", "--plot", tmp_path / "p.png", "--json").stdout)
+                           "--compare", env / "baseline", "--compare", env / "folded",
+                           "--plot", tmp_path / "p.png", "--json").stdout)
     store = TokenStore.open(env / "store")
-    assert result["position_unit"] == L and len(result["models"]) == 2
+    assert result["position_unit"] == L and len(result["models"]) == 3
+    assert result["models"][2]["model"].endswith("(3)")
     assert result["tokens"] == sum(len(store.doc(int(i))) - 1 for i in store.docs("val"))
-    for got, (table, loss) in zip(result["models"], direct_by_position([env / "folded", env / "baseline"], store, L)):
-        assert got["by_position"].keys() == table.keys() and "4-7" in table
+    models = [env / "folded", env / "baseline", env / "folded"]
+    for got, (table, loss) in zip(result["models"], direct_by_position(models, store, L)):
+        assert got["by_position"].keys() == table.keys() == got["tokens_by_position"].keys() and "4-7" in table
+        assert sum(got["tokens_by_position"].values()) == result["tokens"]
         for k in table:
             assert got["by_position"][k] == pytest.approx(table[k], rel=1e-5), k
         assert got["loss"] == pytest.approx(loss, rel=1e-5)

@@ -233,13 +233,14 @@ def test_tampered_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0),
-                                dict(state_norm=True)])
+                                dict(state_norm=True), dict(state_gate=True, state_norm=True)])
 def test_parameter_count_matches_formula(kw):
     model = make(**kw)
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
     counts = model.cfg.param_counts()
     assert counts["local"] == sum(p.numel() for p in model.local_blocks.parameters())
-    glob = sum(p.numel() for m in (model.global_blocks, model.state_norm) if m is not None for p in m.parameters())
+    glob = sum(p.numel() for m in (model.global_blocks, model.state_norm, model.state_gate) if m is not None
+               for p in m.parameters())
     glob += model.s0.numel() if model.s0 is not None else 0
     assert counts["global"] == glob
 
@@ -262,3 +263,28 @@ def test_state_norm_bounds_the_carried_state():
         rms[state_norm] = state.pow(2).mean(-1).sqrt()
     assert rms[False].min() > 1.5
     torch.testing.assert_close(rms[True], torch.ones_like(rms[True]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bias, keeps_memory", [(50.0, True), (-50.0, False)])
+def test_state_gate_is_a_highway_between_old_and_new_state(bias, keeps_memory):
+    """A gate held open (g = 1) carries the memory rows' output M; held shut (g = 0), the
+    paper's state C. The gated state differs from C when g is open, so the gate is wired in."""
+    model = make(n_global=2, state_gate=True)
+    plain = make(n_global=2)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("state_gate")})
+    with torch.no_grad():
+        model.state_gate.weight.zero_()
+        model.state_gate.bias.fill_(bias)
+    state = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3))
+    ids = randint(2, 8, seed=4)
+    gated, paper = model(ids, state=state).state, plain(ids, state=state).state
+    if keeps_memory:
+        # M: the global stack run on the memory rows alone (they never see the current rows).
+        z = state
+        cos, sin = rope_tables(8, model.cfg.head_dim, model.cfg.rope_theta, "cpu")
+        for block in plain.global_blocks:
+            z = block(z, cos, sin, 8)
+        torch.testing.assert_close(gated, z)
+        assert (gated - paper).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(gated, paper)

@@ -50,10 +50,10 @@ def test_generator_filler_is_varied_and_seeds_differ():
     assert not torch.equal(batch(8, seed=0)[0][:, 1:6], batch(8, seed=1)[0][:, 1:6])
 
 
-def model(use_state, dtype=torch.float64):
+def model(use_state, dtype=torch.float64, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB.size, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L,
-                      use_state=use_state)
+                      use_state=use_state, **kw)
     return FoldedLM(cfg).to(dtype).eval()
 
 
@@ -102,3 +102,25 @@ def test_quick_end_to_end(tmp_path):
         else:
             assert r["full_attention"] is None
     assert record["train"]["folded"]["steps"] == 30 and record["seed"] == 0
+
+
+@pytest.mark.parametrize("bptt, key_gets_gradient", [(0, True), (8, True), (3, False)])
+def test_bptt_cuts_the_gradient_back_to_the_key(bptt, key_gets_gradient):
+    """The key sits in segment 0 of 5 (answer in segment 4): backpropagating through the last 3
+    segments' states cannot reach the key's embedding, through 5 or more it does (untied, so the
+    LM head's softmax does not touch that embedding row)."""
+    m = model(use_state=True, tie_embeddings=False)
+    ids, targets = batch(4 * L - 4)  # sequence_len = 4L + 8: five segments
+    key = VOCAB.key
+    passkey.score(m, ids, targets, bptt)[0].backward()
+    grad = m.tok_emb.weight.grad[key].abs().max()
+    assert (grad > 0) == key_gets_gradient
+
+
+def test_lr_warms_up_then_decays_by_cosine():
+    args = passkey.TrainArgs(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert passkey.lr_at(args, 0, 0.0) == pytest.approx(1e-4)
+    assert passkey.lr_at(args, 9, 0.0) == pytest.approx(1e-3)
+    assert passkey.lr_at(args, 100, 0.5) == pytest.approx(0.55e-3)
+    assert passkey.lr_at(args, 100, 1.0) == pytest.approx(1e-4)
+    assert passkey.lr_at(passkey.TrainArgs(lr=1e-3, warmup_steps=1), 100, 0.7) == pytest.approx(1e-3)

@@ -15,6 +15,7 @@ Plain PyTorch (AdamW, bf16 autocast on GPU), one process.
 """
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -70,18 +71,22 @@ def make_batch(n: int, distance: int, vocab: Vocab, generator: torch.Generator):
     return ids, targets
 
 
-def answer_logits(model: FoldedLM, ids: torch.Tensor) -> torch.Tensor:
+def answer_logits(model: FoldedLM, ids: torch.Tensor, bptt: int = 0) -> torch.Tensor:
     """Logits (B, 5, V) at the five answer positions (QUERY and d1..d4), segment by segment.
 
-    The state is carried without detaching, so under grad the loss backpropagates through every
-    segment; under no_grad only one segment's activations are alive, so memory does not grow
-    with the distance. The answer positions are the last six tokens but one, known from the
-    sequence length alone (no host sync), and may straddle two segments.
+    Under grad the loss backpropagates through the last `bptt` segments' states counted back
+    from the end (0: through every segment); under no_grad only one segment's activations are
+    alive, so memory does not grow with the distance. The answer positions are the last six
+    tokens but one, known from the sequence length alone (no host sync), and may straddle two
+    segments.
     """
     T, seg = ids.shape[1], model.cfg.segment_len
     first = T - KEY_LEN - 1  # position of QUERY
+    n_seg = -(-T // seg)
     state, pieces = None, []
-    for start in range(0, T, seg):
+    for i, start in enumerate(range(0, T, seg)):
+        if bptt and state is not None and n_seg - i == bptt:
+            state = state.detach()  # the gradient stops here: `bptt` segments before the end
         out = model(ids[:, start:start + seg], state=state)
         state = out.state
         lo, hi = max(first, start), min(T - 1, start + seg)
@@ -90,9 +95,9 @@ def answer_logits(model: FoldedLM, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor):
+def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bptt: int = 0):
     """(mean cross-entropy over answer digits, (B,) bool: all five digits right by argmax)."""
-    logits = answer_logits(model, ids).float()  # (B, 5, V)
+    logits = answer_logits(model, ids, bptt).float()  # (B, 5, V)
     answer = targets[:, -KEY_LEN - 1:-1]  # (B, 5)
     loss = F.cross_entropy(logits.flatten(0, 1), answer.flatten())
     exact = (logits.argmax(-1) == answer).all(dim=1)
@@ -113,6 +118,10 @@ class TrainArgs:
     start_segments: int = 2
     max_train_segments: int = 32
     """Training sequences are never longer than this many segments of the folded model."""
+    bptt: int = 0
+    """Backpropagate through the state for this many segments before the answer (0: all)."""
+    min_lr_ratio: float = 1.0
+    """Cosine decay of the learning rate over the time budget down to lr * this (1: constant)."""
     advance_at: float = 0.95
     """Exact-key training accuracy over the last `window` steps that unlocks the next stage."""
     window: int = 50
@@ -128,6 +137,13 @@ def sample_segments(max_segments: int, start_segments: int, generator: torch.Gen
     return int(torch.randint(start_segments, max_segments + 1, (), generator=generator))
 
 
+def lr_at(args: TrainArgs, step: int, progress: float) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr to lr * min_lr_ratio as `progress`
+    (the fraction of the time or step budget spent) goes from 0 to 1."""
+    cosine = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * cosine
+
+
 def train(model: FoldedLM, vocab: Vocab, args: TrainArgs, l: int, device, seed: int, name: str) -> dict:
     """Train on passkey sequences of up to args.max_train_segments * l tokens with a curriculum
     over the number of segments (of the folded model's length l, also for a baseline). Returns a
@@ -135,7 +151,6 @@ def train(model: FoldedLM, vocab: Vocab, args: TrainArgs, l: int, device, seed: 
     generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     max_segments, recent, stages = args.start_segments, [], [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
     step, tokens, t0 = 0, 0, time.perf_counter()
     budget = args.minutes * 60
@@ -145,12 +160,14 @@ def train(model: FoldedLM, vocab: Vocab, args: TrainArgs, l: int, device, seed: 
         length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
         distance = max(1, length - sequence_len(0))
         ids, targets = (x.to(device) for x in make_batch(args.batch_size, distance, vocab, generator))
+        progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step, progress)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, exact = score(model, ids, targets)
+            loss, exact = score(model, ids, targets, args.bptt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        schedule.step()
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
         if n_seg == max_segments:
@@ -159,7 +176,7 @@ def train(model: FoldedLM, vocab: Vocab, args: TrainArgs, l: int, device, seed: 
             acc = torch.stack(recent).mean().item() if recent else 0.0
             elapsed = time.perf_counter() - t0
             print(f"[{name}] step {step} | stage {max_segments} seg | loss {loss.item():.3f} | "
-                  f"acc@{max_segments} {acc:.3f} | {tokens / elapsed:,.0f} tok/s | "
+                  f"acc@{max_segments} {acc:.3f} | lr {opt.param_groups[0]['lr']:.2e} | {tokens / elapsed:,.0f} tok/s | "
                   f"{elapsed / 60:.1f}/{args.minutes:.1f} min", flush=True)
             if len(recent) == args.window and acc >= args.advance_at and max_segments < args.max_train_segments:
                 max_segments = min(2 * max_segments, args.max_train_segments)
@@ -199,6 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--n_global", type=int, default=2)
     p.add_argument("--segment_len", type=int, default=64)
     p.add_argument("--state_norm", action="store_true", help="RMS-normalise the carried state (ModelConfig.state_norm)")
+    p.add_argument("--state_gate", action="store_true", help="gated carry of the state (ModelConfig.state_gate)")
     for f in dataclasses.fields(TrainArgs):
         kind = int if f.name == "steps" else type(f.default)
         p.add_argument(f"--{f.name}", type=kind, default=f.default)
@@ -208,6 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch", type=int, default=100)
     p.add_argument("--baseline", action="store_true",
                    help="also train a full-attention GPT (window = max_train_segments * segment_len)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each segment's forward (GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", default=None, help="write the table, config and training summary here")
@@ -228,19 +247,23 @@ def main(argv=None):
     train_args = TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
     l = args.segment_len
     cfg = ModelConfig(vocab_size=vocab.size, d_model=args.d_model, n_head=args.n_head, n_local=args.n_local,
-                      n_global=args.n_global, segment_len=l, state_norm=args.state_norm)
+                      n_global=args.n_global, segment_len=l, state_norm=args.state_norm, state_gate=args.state_gate)
     print(f"passkey on {device_name() if device.type == 'cuda' else 'CPU'}: {cfg.num_params():,} parameters, "
           f"l={l}, training up to {args.max_train_segments} segments for {args.minutes} min", flush=True)
 
     models, summaries = {}, {}
     torch.manual_seed(args.seed)
     models["folded"] = FoldedLM(cfg).to(device)
+    if args.compile:
+        models["folded"].compile()  # in place: state_dict keys and .cfg stay those of FoldedLM
     summaries["folded"] = train(models["folded"], vocab, train_args, l, device, args.seed, "folded")
     if args.baseline:
         window = args.max_train_segments * l
         base_cfg = dataclasses.replace(cfg, n_local=args.n_local + args.n_global, n_global=0, segment_len=window)
         torch.manual_seed(args.seed)
         models["full_attention"] = FoldedLM(base_cfg).to(device)
+        if args.compile:
+            models["full_attention"].compile()
         summaries["full_attention"] = train(models["full_attention"], vocab, train_args, l, device, args.seed,
                                             "full_attention")
 
