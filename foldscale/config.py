@@ -50,13 +50,14 @@ class ModelConfig:
     use_state: bool = True
     """False runs the local-only ablation: every segment starts from the learned S0."""
     state_norm: bool = False
-    """RMS-normalise the state before carrying it, so its norm cannot grow segment after segment
-    (the carried rows are a residual stream that every global layer adds to)."""
+    """RMS-normalise the state before carrying it, with no learned scale, so its norm cannot
+    grow segment after segment and normalising twice changes nothing (a learned per-channel scale
+    would multiply a carried channel by w^n after n segments)."""
     state_gate: bool = False
-    """Carry g * M + (1 - g) * C instead of C, where C is the global stack's output on the
-    segment (the paper's state), M its output on the memory rows (the old state, updated), and
-    g = sigmoid(W [M ; C] + b) per row and channel: a highway that can keep a state unchanged
-    for any number of segments."""
+    """Carry g * S + (1 - g) * C instead of C, where S is the state the segment came in with, C
+    the global stack's output on the segment (the paper's state), and g = sigmoid(W [S ; C] + b)
+    per row and channel: where g saturates at 1 a state row is carried unchanged, for any number
+    of segments."""
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -106,7 +107,7 @@ class ModelConfig:
             "embedding": embed,
             "local": self.n_local * self.block_params(),
             "global": self.n_global * self.block_params()
-            + (self.segment_len * d + d * self.state_norm + (2 * d * d + d) * self.state_gate
+            + (self.segment_len * d + (2 * d * d + d) * self.state_gate
                if self.recurrent else 0),
             "head": head + d,  # LM head (if untied) + final norm
         }

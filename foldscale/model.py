@@ -111,7 +111,8 @@ class FoldedLM(nn.Module):
         self.global_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_global))
         # S0: the state every document starts from, learned.
         self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
-        self.state_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.recurrent and cfg.state_norm else None
+        self.state_norm = (nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, elementwise_affine=False)
+                           if cfg.recurrent and cfg.state_norm else None)
         self.state_gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.recurrent and cfg.state_gate else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -175,9 +176,9 @@ class FoldedLM(nn.Module):
             x = z[:, l:]  # (B, t, d)
             new_state = x
             if self.state_gate is not None:
-                mem = z[:, :t]  # memory rows aligned with the segment's rows (all l of them when t = l)
-                g = torch.sigmoid(self.state_gate(torch.cat([mem, x], dim=-1)))
-                new_state = g * mem + (1 - g) * x
+                old = state[:, :t]  # the rows aligned with the segment's (all l of them when t = l)
+                g = torch.sigmoid(self.state_gate(torch.cat([old, x], dim=-1)))
+                new_state = g * old + (1 - g) * x
             if self.state_norm is not None:
                 new_state = self.state_norm(new_state)
         logits = self.lm_head(self.norm(x))  # (B, t, V)

@@ -10,12 +10,14 @@ from foldscale.config import ModelConfig  # noqa: E402
 
 def test_variants_share_the_shape_and_differ_only_where_they_should():
     cfg = ModelConfig(n_local=2, n_global=3, segment_len=16, bptt_segments=4)
-    v = context_use.variants(cfg, window=8)
+    v = context_use.variants(cfg, [8, 1])
     assert v["folded"] == cfg
     assert v["local_only"].use_state is False and v["local_only"].num_params() == cfg.num_params()
-    full = v["full_attention"]
-    assert (full.n_local, full.n_global, full.segment_len) == (5, 0, 128)
-    assert full.num_params() == cfg.num_params() - cfg.segment_len * cfg.d_model  # all but S0
+    assert list(v) == ["folded", "local_only", "full_8l", "full_1l"]
+    for name, window in (("full_8l", 128), ("full_1l", 16)):
+        full = v[name]
+        assert (full.n_local, full.n_global, full.segment_len, full.bptt_segments) == (5, 0, window, 1)
+        assert full.num_params() == cfg.num_params() - cfg.segment_len * cfg.d_model  # all but S0
 
 
 def result(folded, local, full, l=10):
@@ -23,7 +25,7 @@ def result(folded, local, full, l=10):
     model = lambda name, losses: {"model": name, "by_position": dict(zip(labels, losses)),  # noqa: E731
                                   "tokens_by_position": dict(zip(labels, [10, 10, 20, 40]))}
     return {"position_unit": l, "models": [model("folded", folded), model("local_only", local),
-                                           model("full_attention", full)]}
+                                           model("full_8l", full), model("full_1l", local)]}
 
 
 def test_reach_is_the_last_bucket_with_the_margin():
@@ -31,7 +33,8 @@ def test_reach_is_the_last_bucket_with_the_margin():
     assert [r["bucket"] for r in report["rows"]] == ["0", "1", "2-3", "4-7"]
     assert report["reach_bucket"] == "2-3" and report["reach_tokens"] == 20  # 2.03 -> 2.0 is 1.5%; 4-7 is 0.5%
     assert report["rows"][1]["gain_vs_local"] == pytest.approx(0.2)
-    assert report["rows"][1]["gap_to_full"] == pytest.approx(0.1 / 1.9)
+    assert report["rows"][1]["gap_to_full"] == pytest.approx(0.1 / 1.9)  # to the first window
+    assert report["full"] == ["full_8l", "full_1l"] and report["rows"][1]["full_1l"] == 2.5
 
 
 def test_no_reach_when_the_state_never_helps():

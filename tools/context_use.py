@@ -6,7 +6,8 @@ same held-out documents (what `foldscale eval --compare` does):
 
     folded          the preset as it is
     local_only      the same with use_state=False: every segment starts from S0
-    full_attention  n_global=0, the same blocks all local, window --window x l (no carried state)
+    full_Wl         n_global=0, the same blocks all local, window W x l (no carried state), for each
+                    W of --windows (the first is the reference for the gap)
 
 The report is the loss in each position bucket (segment index p // l of a token at position
 p), the largest distance at which the folded model is still >= --margin (1%) better than the
@@ -38,13 +39,10 @@ from foldscale.model import FoldedLM  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def variants(cfg: ModelConfig, window: int) -> dict[str, ModelConfig]:
-    return {
-        "folded": cfg,
-        "local_only": dataclasses.replace(cfg, use_state=False),
-        "full_attention": dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0,
-                                              segment_len=window * cfg.segment_len, bptt_segments=1),
-    }
+def variants(cfg: ModelConfig, windows: list[int]) -> dict[str, ModelConfig]:
+    full = {f"full_{w}l": dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0,
+                                              segment_len=w * cfg.segment_len, bptt_segments=1) for w in windows}
+    return {"folded": cfg, "local_only": dataclasses.replace(cfg, use_state=False), **full}
 
 
 def launch(name: str, cfg: ModelConfig, ds: dict, args, work: Path) -> tuple[subprocess.Popen, Path]:
@@ -92,9 +90,13 @@ def train_all(configs: dict[str, ModelConfig], args, work: Path):
 
 
 def analyse(result: dict, margin: float) -> dict:
-    """Gains by bucket and the largest distance where folded beats local-only by >= margin."""
+    """Gains by bucket and the largest distance where folded beats local-only by >= margin; the
+    gap is to the first full-attention model."""
     by_name = {r["model"]: r for r in result["models"]}
-    folded, local, full = (by_name[k]["by_position"] for k in ("folded", "local_only", "full_attention"))
+    folded, local = by_name["folded"]["by_position"], by_name["local_only"]["by_position"]
+    full_name = next(k for k in by_name if k.startswith("full_"))
+    others = {k: v["by_position"] for k, v in by_name.items() if k.startswith("full_")}
+    full = others[full_name]
     counts = by_name["folded"]["tokens_by_position"]
     l, rows, reach = result["position_unit"], [], None
     for b in range(N_BUCKETS):
@@ -103,16 +105,16 @@ def analyse(result: dict, margin: float) -> dict:
             continue
         gain = (local[label] - folded[label]) / local[label]
         rows.append({"bucket": label, "from_token": (0 if b == 0 else 2 ** (b - 1)) * l, "tokens": counts[label],
-                     "folded": folded[label], "local_only": local[label], "full_attention": full.get(label),
-                     "gain_vs_local": gain,
+                     "folded": folded[label], "local_only": local[label],
+                     **{k: v.get(label) for k, v in others.items()}, "gain_vs_local": gain,
                      "gap_to_full": (folded[label] - full[label]) / full[label] if label in full else None})
         if gain >= margin:
             reach = rows[-1]
-    return {"rows": rows, "reach_bucket": reach and reach["bucket"],
+    return {"rows": rows, "full": list(others), "reach_bucket": reach and reach["bucket"],
             "reach_tokens": reach and reach["from_token"]}
 
 
-QUICK = dict(model="tiny", steps=30, streams=8, window=4, max_tokens=20000, eval_streams=8, poll=2.0,
+QUICK = dict(model="tiny", steps=30, streams=8, windows="4,1", max_tokens=20000, eval_streams=8, poll=2.0,
              ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
 
@@ -125,7 +127,7 @@ def main(argv=None):
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--streams", type=int, default=32, help="streams of the folded model per step")
-    p.add_argument("--window", type=int, default=8, help="full-attention window in segments of l")
+    p.add_argument("--windows", default="8", help="full-attention windows in segments of l, e.g. 8,1")
     p.add_argument("--margin", type=float, default=0.01, help="relative gain that counts as using the context")
     p.add_argument("--max_tokens", type=int, default=500_000, help="held-out tokens evaluated")
     p.add_argument("--eval_streams", type=int, default=16)
@@ -147,7 +149,7 @@ def main(argv=None):
     store = TokenStore.open(args.data)
     cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments)
     cfg.vocab_size = store.vocab_size
-    configs = variants(cfg, args.window)
+    configs = variants(cfg, [int(w) for w in args.windows.split(",")])
     work = Path(args.work)
     print(f"context use: {args.model} (l={cfg.segment_len}, {cfg.num_params():,} parameters), "
           f"{args.steps} steps, {len(configs)} models, on {device_name()}", flush=True)
@@ -162,7 +164,7 @@ def main(argv=None):
     report = analyse(result, args.margin)
     print(f"\n{result['tokens']:,} held-out tokens of {result['documents']} documents; every model trained "
           f"on {tokens:,} tokens; position buckets in segments of l = {result['position_unit']} tokens")
-    print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", "full_attention",
+    print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", *report["full"],
                                  "gain_vs_local", "gap_to_full"])
     print("overall loss: " + ", ".join(f"{r['model']} {r['loss']:.4f}" for r in result["models"]))
     if report["reach_bucket"] is None:
