@@ -66,6 +66,20 @@ class Attention(nn.Module):
             y = torch.cat([y_mem, y_cur], dim=2)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
+    def extend(self, x, cos, sin, past=None, causal=True):
+        """Decoding: x (B, n, d) are n new rows at the positions of cos/sin, past (k, v), already
+        rotated, the keys before them. The new rows see all of past and each other causally (all of
+        each other if not causal). Returns (output, (k, v) with the new keys appended)."""
+        B, n, d = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        mask = causal_lower_right(n, k.shape[2]) if causal and n > 1 else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, n, d)), (k, v)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
@@ -92,6 +106,12 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, n_mem: int = 0):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def extend(self, x, cos, sin, past=None, causal=True):
+        """forward() for new rows only, with the keys and values of earlier rows cached (eval)."""
+        y, kv = self.attn.extend(self.norm1(x), cos, sin, past, causal)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), kv
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
@@ -150,6 +170,25 @@ class FoldedLM(nn.Module):
     def initial_state(self, batch_size: int) -> torch.Tensor:
         return self.s0.unsqueeze(0).expand(batch_size, -1, -1)  # (B, l, d)
 
+    def memory(self, state, reset, batch_size: int, dtype) -> torch.Tensor:
+        """The memory rows a segment reads: the carried state, or S0 where a document starts."""
+        s0 = self.initial_state(batch_size).to(dtype)
+        if state is None or not self.cfg.use_state:
+            return s0
+        if reset is not None:
+            return torch.where(reset.view(batch_size, 1, 1), s0, state.to(dtype))
+        return state.to(dtype)
+
+    def next_state(self, memory, x) -> torch.Tensor:
+        """The state to carry, from the memory rows the segment read and the global stack's output
+        x (B, t, d) on the segment's rows."""
+        new_state = x
+        if self.state_gate is not None:
+            old = memory[:, :x.shape[1]]  # the rows aligned with the segment's (all l when t = l)
+            g = torch.sigmoid(self.state_gate(torch.cat([old, x], dim=-1)))
+            new_state = g * old + (1 - g) * x
+        return new_state if self.state_norm is None else self.state_norm(new_state)
+
     def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
         """One segment. ids (B, t) with t <= l; state (B, l, d) or None (all streams start a
         document); reset (B,) bool swaps S0 in for those streams; targets (B, t), -100 ignored.
@@ -164,23 +203,13 @@ class FoldedLM(nn.Module):
             x = self._run(block, x, cos, sin, 0)
         new_state = None
         if self.cfg.recurrent:
-            s0 = self.initial_state(B).to(x.dtype)
-            if state is None or not self.cfg.use_state:
-                state = s0
-            elif reset is not None:
-                state = torch.where(reset.view(B, 1, 1), s0, state.to(x.dtype))
+            state = self.memory(state, reset, B, x.dtype)
             z = torch.cat([state, x], dim=1)  # (B, l + t, d): [memory ; current]
             cos, sin = rope_tables(l + t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
-            new_state = x
-            if self.state_gate is not None:
-                old = state[:, :t]  # the rows aligned with the segment's (all l of them when t = l)
-                g = torch.sigmoid(self.state_gate(torch.cat([old, x], dim=-1)))
-                new_state = g * old + (1 - g) * x
-            if self.state_norm is not None:
-                new_state = self.state_norm(new_state)
+            new_state = self.next_state(state, x)
         logits = self.lm_head(self.norm(x))  # (B, t, V)
         loss = n = token_loss = None
         if targets is not None:
@@ -217,18 +246,18 @@ class FoldedLM(nn.Module):
     @torch.no_grad()
     def stream_generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Yield (B,) token ids one at a time. Memory is constant however long the prompt:
-        whole segments of the prompt only update the state, and only the current, partial
-        segment is kept as tokens."""
+        whole segments of the prompt only update the state, and the current segment is held as
+        cached keys and values (StreamDecoder), so a new token costs one row through each block.
+        The tokens are those of forward_stream's logits (a plain GPT's window restarts every l
+        tokens, as in forward_stream)."""
         l = self.cfg.segment_len
         n_whole = (ids.shape[1] - 1) // l * l  # keep >= 1 prompt token for the next-token logits
-        state = self.forward_stream(ids[:, :n_whole], keep_logits=False).state if n_whole else None
-        pending = ids[:, n_whole:]
-        for _ in range(max_new_tokens):
-            out = self(pending, state=state)
-            if pending.shape[1] == l:
-                state = out.state
-                pending = pending[:, :0]
-            logits = out.logits[:, -1].float()
+        state = None
+        if n_whole and self.cfg.recurrent:
+            state = self.forward_stream(ids[:, :n_whole], keep_logits=False).state
+        decoder = StreamDecoder(self, state)
+        logits = decoder.feed(ids[:, n_whole:])[:, -1].float()
+        for i in range(max_new_tokens):
             if temperature <= 0:
                 token = logits.argmax(-1)
             else:
@@ -238,9 +267,8 @@ class FoldedLM(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
             yield token
-            pending = torch.cat([pending, token[:, None]], dim=1)
-            if not self.cfg.recurrent:
-                pending = pending[:, -l:]  # a plain GPT keeps a sliding window of l tokens
+            if i + 1 < max_new_tokens:
+                logits = decoder.feed(token[:, None])[:, -1].float()
 
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """ids (B, T) -> (B, T + max_new_tokens)."""
@@ -296,3 +324,53 @@ class FoldedLM(nn.Module):
             raise ModelFileError(f"{mismatch}: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
         model.load_state_dict(state, strict=not cfg.tie_embeddings)
         return model
+
+
+class StreamDecoder:
+    """Reads a stream a few tokens at a time with key/value caches (eval, no grad): the memory
+    rows' keys and values are computed once per segment, each new row is attended from the cache,
+    and the state is carried when a segment fills. `feed` returns forward_stream's logits for
+    those tokens, up to rounding."""
+
+    def __init__(self, model: FoldedLM, state=None):
+        self.model, self.state = model, state
+        self._new_segment()
+
+    def _new_segment(self):
+        self.t, self.outputs, self.memory_rows = 0, [], None
+        self.local_kv = [None] * len(self.model.local_blocks)
+        self.global_kv = [None] * len(self.model.global_blocks)
+
+    def _tables(self, start, n, device):
+        cfg = self.model.cfg
+        cos, sin = rope_tables(start + n, cfg.head_dim, cfg.rope_theta, device)
+        return cos[start:], sin[start:]
+
+    @torch.no_grad()
+    def feed(self, ids) -> torch.Tensor:
+        """ids (B, n), n <= l - (tokens already in this segment) -> logits (B, n, V)."""
+        m, l = self.model, self.model.cfg.segment_len
+        n = ids.shape[1]
+        if not 1 <= n <= l - self.t:
+            raise ValueError(f"{n} tokens do not fit the {l - self.t} left in this segment")
+        x = m.tok_emb(ids)
+        if m.cfg.recurrent and self.t == 0:  # memory rows see only memory keys: once per segment
+            self.memory_rows = z = m.memory(self.state, None, ids.shape[0], x.dtype)
+            cos, sin = self._tables(0, l, ids.device)
+            for i, block in enumerate(m.global_blocks):
+                z, self.global_kv[i] = block.extend(z, cos, sin, causal=False)
+        cos, sin = self._tables(self.t, n, ids.device)
+        for i, block in enumerate(m.local_blocks):
+            x, self.local_kv[i] = block.extend(x, cos, sin, self.local_kv[i])
+        if m.cfg.recurrent:
+            cos, sin = self._tables(l + self.t, n, ids.device)
+            for i, block in enumerate(m.global_blocks):
+                x, self.global_kv[i] = block.extend(x, cos, sin, self.global_kv[i])
+            self.outputs.append(x)
+        logits = m.lm_head(m.norm(x))
+        self.t += n
+        if self.t == l:
+            if m.cfg.recurrent:
+                self.state = m.next_state(self.memory_rows, torch.cat(self.outputs, dim=1))
+            self._new_segment()
+        return logits

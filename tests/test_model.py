@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from foldscale.config import ModelConfig
-from foldscale.model import Attention, FoldedLM, ModelFileError, rope_tables
+from foldscale.model import Attention, FoldedLM, ModelFileError, StreamDecoder, rope_tables
 
 
 def make(**kw):
@@ -176,8 +176,29 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
 
 
-def test_greedy_generate_matches_forward_stream():
-    model = make()
+@pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True)])
+def test_stream_decoder_gives_forward_stream_logits(kw):
+    """Fed in uneven chunks across segment boundaries, the cached decoder gives every logit that
+    forward_stream gives for the whole sequence, and carries the same state."""
+    model = make(**kw).double()
+    ids = randint(2, 37)  # 4 whole segments of 8 and 5 tokens
+    full = model.forward_stream(ids)
+    decoder = StreamDecoder(model)
+    pieces, start = [], 0
+    for n in [1, 3, 4, 8, 2, 6, 1, 1, 1, 5, 5]:
+        pieces.append(decoder.feed(ids[:, start:start + n]))
+        start += n
+    assert start == 37
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-9, atol=1e-9)
+    if model.cfg.recurrent:
+        torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.feed(randint(2, 4))  # 5 tokens are in the segment, 3 are left
+
+
+@pytest.mark.parametrize("n_global", [0, 2])
+def test_greedy_generate_matches_forward_stream(n_global):
+    model = make(n_global=n_global)
     ids = randint(2, 13)
     out = model.generate(ids, max_new_tokens=12, temperature=0)
     seq = ids
