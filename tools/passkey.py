@@ -1,15 +1,15 @@
 """Passkey retrieval: does the carried state remember a 5-digit key across D tokens of filler?
 
 Each sequence is `KEY d1..d5 <D filler tokens> QUERY d1..d5`; the loss counts only the five
-answer digits. A small FoldedLM is trained with full backpropagation through every segment of a
-sequence, under a curriculum over the number of segments (2 -> 4 -> ... -> --max_train_segments),
+answer digits. A small FoldedLM is trained with backpropagation through every segment of a
+sequence (or the last --bptt), under a curriculum over the number of segments (2 -> 4 -> ... -> --max_train_segments),
 then evaluated at distances far past the training length. The same weights with the state cut
 (`use_state=False`, the local-only ablation) must fall to chance (1e-5) once the key is in an
 earlier segment: that is what shows the test measures memory. `--baseline` also trains a plain
 GPT whose window covers the longest training sequence, with the same time budget.
 
-    python tools/passkey.py --minutes 6.5 --json tools/results/passkey.json    # one H100
-    python tools/passkey.py --quick                                            # CPU smoke test
+    python tools/passkey.py --state_norm --state_gate --min_lr_ratio 0.1 --minutes 6    # one H100
+    python tools/passkey.py --quick                                                     # CPU smoke test
 
 Plain PyTorch (AdamW, bf16 autocast on GPU), one process.
 """
@@ -226,7 +226,6 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch", type=int, default=100)
     p.add_argument("--baseline", action="store_true",
                    help="also train a full-attention GPT (window = max_train_segments * segment_len)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each segment's forward (GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", default=None, help="write the table, config and training summary here")
@@ -254,16 +253,12 @@ def main(argv=None):
     models, summaries = {}, {}
     torch.manual_seed(args.seed)
     models["folded"] = FoldedLM(cfg).to(device)
-    if args.compile:
-        models["folded"].compile()  # in place: state_dict keys and .cfg stay those of FoldedLM
     summaries["folded"] = train(models["folded"], vocab, train_args, l, device, args.seed, "folded")
     if args.baseline:
         window = args.max_train_segments * l
         base_cfg = dataclasses.replace(cfg, n_local=args.n_local + args.n_global, n_global=0, segment_len=window)
         torch.manual_seed(args.seed)
         models["full_attention"] = FoldedLM(base_cfg).to(device)
-        if args.compile:
-            models["full_attention"].compile()
         summaries["full_attention"] = train(models["full_attention"], vocab, train_args, l, device, args.seed,
                                             "full_attention")
 
