@@ -7,8 +7,6 @@ the build time is the one a first-time user waits. --quick uses 40 files and a 5
 vocabulary: a smoke test for CI, its figures mean nothing.
 """
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -18,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from foldscale.data import SegmentStreamSampler, TokenStore, default_store, prepare, train_tokenizer
-from foldscale.data.corpus import stdlib_files
-from foldscale.data.tokenizer import available_cores
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import write_json  # noqa: E402
+from foldscale.data import SegmentStreamSampler, TokenStore, default_store, prepare, train_tokenizer  # noqa: E402
+from foldscale.data.corpus import stdlib_files  # noqa: E402
+from foldscale.data.tokenizer import available_cores  # noqa: E402
 
 
 def timed(fn):
@@ -73,14 +73,8 @@ def main():
     print(f"\n{'measure':{width}s}  {'value':>12s}  unit      detail")
     for r in rows:
         print(f"{r['name']:{width}s}  {r['value']:>12,}  {r['unit']:8s}  {r['detail']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"command": " ".join(["python", "tools/bench_data.py", *sys.argv[1:]]),
-                  "device": f"CPU, {available_cores()} cores ({platform.processor() or platform.machine()})",
-                  "date": datetime.date.today().isoformat(), "python": platform.python_version(),
-                  "quick": args.quick, "results": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-
+    write_json(args.json, rows, command=" ".join(["python", "tools/bench_data.py", *sys.argv[1:]]),
+               cores=available_cores(), python=platform.python_version(), quick=args.quick)
 
 if __name__ == "__main__":
     main()
