@@ -198,9 +198,12 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write loss by position as a PNG.")
 @click.option("--compare", "compare", type=click.Path(), multiple=True,
               help="Another model, run on exactly the same text (repeat for more).")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Read each document in windows of this many tokens, each from a fresh state, so no "
+                   "token sees further back: how much worse the loss gets says how much context is used.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_json):
+def eval_(model, data, split, max_tokens, streams, plot, compare, context, device, as_json):
     """Loss and perplexity of MODEL on whole documents of a token store, overall and by
     position in the document.
 
@@ -213,6 +216,7 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_jso
     Example:
       foldscale eval models/folded --data store --max-tokens 1000000 --plot loss.png
       foldscale eval models/folded --data store --compare models/baseline --json
+      foldscale eval models/folded --data store --context 1024     # no token sees > 1024 back
     """
     from foldscale.data import StoreError, TokenStore
     from foldscale.evaluate import evaluate
@@ -234,7 +238,7 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, device, as_jso
         models[name] = lm
     if not len(store.docs(split)):
         raise UserError(f"{data}: the {split} split has no documents")
-    result = evaluate(models, store, split, max_tokens, streams, dev)
+    result = evaluate(models, store, split, max_tokens, streams, dev, context)
     if plot:
         from foldscale.metrics import plot_position_loss
         fig = plot_position_loss({r["model"]: r["by_position"] for r in result["models"]},

@@ -33,37 +33,41 @@ def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> l
 
 @torch.no_grad()
 def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams: int, device,
-                    progress=None) -> PositionLoss:
+                    progress=None, context: int | None = None) -> PositionLoss:
     """Per-token losses of MODEL on DOCS, summed into segment-index buckets of l_ref tokens.
 
-    Documents go `streams` at a time, shortest first, each padded at its end; padding is never
-    a target and, attention being causal, never changes the loss of an earlier token.
+    With `context`, every document is read in windows of that many tokens, each from S0 as if a
+    new document began there: no token sees further back than the start of its window. Windows
+    go `streams` at a time, shortest first, each padded at its end; padding is never a target
+    and, attention being causal, never changes the loss of an earlier token.
     """
     model.eval().to(device)
     acc = PositionLoss("cpu")
-    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
-    for start in range(0, len(order), streams):
-        chunk = [docs[i] for i in order[start:start + streams]]
-        T = max(len(d) for d in chunk) - 1
+    step = context or max(len(d) for d in docs)
+    windows = sorted(((d[start:start + step + 1], start) for d in docs for start in range(0, len(d) - 1, step)),
+                     key=lambda w: len(w[0]))
+    for first in range(0, len(windows), streams):
+        chunk = windows[first:first + streams]
+        T = max(len(d) for d, _ in chunk) - 1
         ids = torch.zeros(len(chunk), T, dtype=torch.long)
         targets = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for b, d in enumerate(chunk):
+        for b, (d, _) in enumerate(chunk):
             d = torch.from_numpy(d.astype(np.int64))
             ids[b, :len(d) - 1], targets[b, :len(d) - 1] = d[:-1], d[1:]
         out = model.forward_stream(ids.to(device), targets=targets.to(device), keep_logits=False)
         token_loss = out.token_loss.cpu()
-        for b, d in enumerate(chunk):
-            n = len(d) - 1  # one row per token: bucket by the token's own position
-            acc.add(token_loss[b, :n, None], targets[b, :n, None], torch.arange(n) // l_ref)
+        for b, (d, start) in enumerate(chunk):
+            n = len(d) - 1  # one row per token: bucket by the token's own position in its document
+            acc.add(token_loss[b, :n, None], targets[b, :n, None], (start + torch.arange(n)) // l_ref)
             if progress is not None:
                 progress.update(n)
     return acc
 
 
 def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
-             max_tokens: int | None = None, streams: int = 4, device="cpu") -> dict:
+             max_tokens: int | None = None, streams: int = 4, device="cpu", context: int | None = None) -> dict:
     """Every model on exactly the same documents; by-position tables in units of the first
-    model's segment length."""
+    model's segment length. `context` limits how far back any token sees (position_losses)."""
     from tqdm import tqdm
     docs = select_documents(store, split, max_tokens)
     n_tokens = sum(len(d) - 1 for d in docs)
@@ -71,11 +75,11 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
     results = []
     for name, model in models.items():
         with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True) as bar:
-            acc = position_losses(model, docs, l_ref, streams, device, bar)
+            acc = position_losses(model, docs, l_ref, streams, device, bar, context)
         loss, table = acc.summary()
         counts = {bucket_label(b): int(c) for b, c in enumerate(acc.counts.tolist()) if c > 0}
         results.append({"model": name, "segment_len": model.cfg.segment_len, "loss": loss,
                         "perplexity": math.exp(min(loss, 50)), "by_position": table,
                         "tokens_by_position": counts})
     return {"split": split, "documents": len(docs), "tokens": n_tokens, "position_unit": l_ref,
-            "models": results}
+            "context": context, "models": results}

@@ -115,8 +115,9 @@ def test_long_prompt_from_a_file(env, tmp_path):
     assert result["prompt_tokens"] > 100 * L and result["new_tokens"] <= 5
 
 
-def direct_by_position(model_dirs, store, l_ref):
-    """Per-token losses by hand: one document at a time, all of it in one forward_stream call."""
+def direct_by_position(model_dirs, store, l_ref, context=None):
+    """Per-token losses by hand: one document at a time, all of it in one forward_stream call
+    (with `context`, one call per window of that many predictions, each from a fresh state)."""
     tables = []
     for d in model_dirs:
         model = FoldedLM.from_pretrained(d).eval()
@@ -125,8 +126,10 @@ def direct_by_position(model_dirs, store, l_ref):
             doc = torch.from_numpy(store.doc(int(i)).astype(np.int64))[None]
             if doc.shape[1] < 2:
                 continue
+            ids, targets, step = doc[:, :-1], doc[:, 1:], context or doc.shape[1]
             with torch.no_grad():
-                token_loss = model.forward_stream(doc[:, :-1], targets=doc[:, 1:]).token_loss[0]
+                token_loss = torch.cat([model.forward_stream(ids[:, s:s + step], targets=targets[:, s:s + step])
+                                        .token_loss[0] for s in range(0, ids.shape[1], step)])
             for p, loss in enumerate(token_loss.tolist()):
                 label = bucket_label(int(bucket_of(torch.tensor([p // l_ref]))[0]))
                 sums[label] = sums.get(label, 0.0) + loss
@@ -152,6 +155,22 @@ def test_eval_by_position_agrees_with_a_direct_computation(env, tmp_path):
         assert got["loss"] == pytest.approx(loss, rel=1e-5)
         assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_with_limited_context(env):
+    """--context 2L: each window of 2L tokens read from a fresh state, as done by hand; a folded
+    model then loses (its state carried something useful or not, the loss differs)."""
+    store = TokenStore.open(env / "store")
+    limited = json.loads(ok("eval", env / "folded", "--data", env / "store", "--context", 2 * L, "--json").stdout)
+    full = json.loads(ok("eval", env / "folded", "--data", env / "store", "--json").stdout)
+    (table, loss), = direct_by_position([env / "folded"], store, L, context=2 * L)
+    got = limited["models"][0]
+    assert limited["context"] == 2 * L and got["tokens_by_position"] == full["models"][0]["tokens_by_position"]
+    assert got["loss"] == pytest.approx(loss, rel=1e-5)
+    for k in table:
+        assert got["by_position"][k] == pytest.approx(table[k], rel=1e-5), k
+    assert got["by_position"]["0"] == pytest.approx(full["models"][0]["by_position"]["0"], rel=1e-5)
+    assert got["by_position"]["4-7"] != pytest.approx(full["models"][0]["by_position"]["4-7"], rel=1e-4)
 
 
 def test_eval_stops_at_max_tokens_and_prints_a_table(env):

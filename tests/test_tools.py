@@ -65,3 +65,6 @@ def test_context_use(tmp_path):
     for name in ("folded", "local_only", "full_4l", "full_1l"):
         assert (tmp_path / "runs" / name / "export" / "model.safetensors").is_file()
     assert "better than" in out and (tmp_path / "u.png").is_file()
+    cuts = json.loads((tmp_path / "table.json").read_text())["context_cuts"]
+    assert [c["context_tokens"] for c in cuts] == [16, 64, "all"] and cuts[-1]["worse_than_all"] == 0
+    assert all(positive(c["loss_past"]) for c in cuts)

@@ -11,7 +11,10 @@ same held-out documents (what `foldscale eval --compare` does):
 
 The report is the loss in each position bucket (segment index p // l of a token at position
 p), the largest distance at which the folded model is still >= --margin (1%) better than the
-local-only ablation (the context it really uses), and its gap to full attention.
+local-only ablation, and its gap to full attention. A gain at position p does not say the help
+comes from p tokens back, so --reach also reads the documents with the folded model's context
+cut to K segments (a fresh state every K segments, `foldscale eval --context`): the loss on
+tokens past the largest K shows how far back the model's useful context reaches.
 
     python tools/context_use.py --model default --data STORE --steps 1000 --json tools/results/context_use.json
     python tools/context_use.py --quick              # CPU smoke test in about a minute
@@ -114,7 +117,33 @@ def analyse(result: dict, margin: float) -> dict:
             "reach_tokens": reach and reach["from_token"]}
 
 
-QUICK = dict(model="tiny", steps=30, streams=8, windows="4,1", max_tokens=20000, eval_streams=8, poll=2.0,
+def bucket_start(b: int, l: int) -> int:
+    return (0 if b == 0 else 2 ** (b - 1)) * l
+
+
+def far_loss(entry: dict, l: int, start: int) -> float:
+    """Mean loss of one evaluated model over the buckets that begin at token `start` or later."""
+    buckets = [bucket_label(b) for b in range(N_BUCKETS) if bucket_start(b, l) >= start]
+    pairs = [(entry["by_position"][k], entry["tokens_by_position"][k]) for k in buckets if k in entry["by_position"]]
+    return sum(x * n for x, n in pairs) / sum(n for _, n in pairs)
+
+
+def reach(model: FoldedLM, unlimited: dict, store, args, device) -> list[dict]:
+    """The folded model's loss on tokens past the largest cut, with its context cut to K segments."""
+    l, ks = model.cfg.segment_len, sorted(int(k) for k in args.reach.split(","))
+    start = max(ks) * l
+    base = far_loss(unlimited, l, start)
+    rows = []
+    for k in ks + [None]:
+        entry = unlimited if k is None else evaluate({"folded": model}, store, "val", args.max_tokens,
+                                                     args.eval_streams, device, k * l)["models"][0]
+        loss = far_loss(entry, l, start)
+        rows.append({"context_segments": k or "all", "context_tokens": k * l if k else "all",
+                     "loss_past": loss, "worse_than_all": (loss - base) / base})
+    return rows
+
+
+QUICK = dict(model="tiny", steps=30, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8, poll=2.0,
              ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
 
@@ -129,6 +158,8 @@ def main(argv=None):
     p.add_argument("--streams", type=int, default=32, help="streams of the folded model per step")
     p.add_argument("--windows", default="8", help="full-attention windows in segments of l, e.g. 8,1")
     p.add_argument("--margin", type=float, default=0.01, help="relative gain that counts as using the context")
+    p.add_argument("--reach", default="1,2,4,8,16,32",
+                   help="context cuts K (segments) for the folded model; '' skips this part")
     p.add_argument("--max_tokens", type=int, default=500_000, help="held-out tokens evaluated")
     p.add_argument("--eval_streams", type=int, default=16)
     p.add_argument("--jobs", type=int, default=3, help="training runs at once (they share the GPU)")
@@ -160,8 +191,11 @@ def main(argv=None):
     for name in configs:
         export(work / name / "run", work / name / "export")
         models[name] = FoldedLM.from_pretrained(work / name / "export")
-    result = evaluate(models, store, "val", args.max_tokens, args.eval_streams, "cuda" if gpu else "cpu")
+    device = "cuda" if gpu else "cpu"
+    result = evaluate(models, store, "val", args.max_tokens, args.eval_streams, device)
     report = analyse(result, args.margin)
+    if args.reach:
+        report["reach"] = reach(models["folded"], result["models"][0], store, args, device)
     print(f"\n{result['tokens']:,} held-out tokens of {result['documents']} documents; every model trained "
           f"on {tokens:,} tokens; position buckets in segments of l = {result['position_unit']} tokens")
     print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", *report["full"],
@@ -172,6 +206,14 @@ def main(argv=None):
     else:
         print(f"the folded model is still >= {args.margin:.0%} better than local-only at bucket "
               f"{report['reach_bucket']} (tokens from position {report['reach_tokens']:,} on)")
+    if args.reach:
+        start = max(int(k) for k in args.reach.split(",")) * cfg.segment_len
+        print(f"\nfolded model with its context cut to K segments: loss on tokens from position {start:,} on")
+        print_table(report["reach"], ["context_segments", "context_tokens", "loss_past", "worse_than_all"])
+        costly = [r for r in report["reach"] if r["worse_than_all"] >= args.margin]
+        print(f"cut to {costly[-1]['context_tokens']:,} tokens the loss is {costly[-1]['worse_than_all']:.1%} worse: "
+              f"the model uses more context than that" if costly else
+              f"even cut to {report['reach'][0]['context_tokens']:,} tokens the loss is < {args.margin:.0%} worse")
     if args.plot:
         fig = plot_position_loss({r["model"]: r["by_position"] for r in result["models"]},
                                  title=f"{args.model}: loss by position (segments of {result['position_unit']})")
@@ -179,6 +221,7 @@ def main(argv=None):
     write_json(args.json, report["rows"], task="context_use", model=cfg.to_dict(), steps=args.steps,
                tokens_per_model=tokens, train_minutes=round(train_minutes, 2), margin=args.margin,
                reach_bucket=report["reach_bucket"], reach_tokens=report["reach_tokens"],
+               context_cuts=report.get("reach"),
                evaluation={k: v for k, v in result.items() if k != "models"},
                overall={r["model"]: r["loss"] for r in result["models"]},
                args={k: v for k, v in vars(args).items()}, command=" ".join(["python"] + sys.argv))
