@@ -28,7 +28,8 @@ def positive(*values):
 
 
 def test_bench_throughput(tmp_path):
-    rows, _ = run_quick("bench_throughput", tmp_path)
+    rows, out = run_quick("bench_throughput", tmp_path, "--grad_accum", "2")
+    assert "2 micro-step(s) per optimizer step" in out
     assert [r["model"].split()[1] for r in rows] == ["folded", "baseline"]
     assert all(positive(r["tokens_per_s"], r["tflops_per_gpu"], r["step_ms"], r["loss"]) for r in rows)
     assert rows[1]["l"] == 2 * rows[0]["l"] and rows[1]["streams"] * 2 == rows[0]["streams"]

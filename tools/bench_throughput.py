@@ -41,9 +41,11 @@ def profiler(enabled):
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
-def measure(name, cfg, ds_path, tokens_per_rank, steps, warmup, work, rank, world, compile_, profile=False):
+def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work, rank, world, compile_,
+            profile=False):
     ds = load_ds_config(ds_path, world, steps + warmup)
     ds["train_micro_batch_size_per_gpu"] = max(1, tokens_per_rank // cfg.segment_len)
+    ds["gradient_accumulation_steps"] = grad_accum
     ds.pop("train_batch_size", None)
     store = synthetic_store(work / f"store-v{cfg.vocab_size}", cfg.vocab_size, 512, 16 * 1024)
     if torch.cuda.is_available():
@@ -86,6 +88,8 @@ def main():
     p.add_argument("--presets", default="125m,350m,1b")
     p.add_argument("--ds_config", default="ds_configs/dp-zero2.json")
     p.add_argument("--tokens_per_rank", type=int, default=8192, help="tokens per micro-step per rank")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-steps per optimizer step (amortises the optimizer, as nanoGPT's 40 do)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) each model")
@@ -105,18 +109,20 @@ def main():
             if not args.no_baseline:
                 pairs.append((f"{preset} baseline (n_global=0, window 2l)", baseline_of(folded)))
             for name, cfg in pairs:
-                row = measure(name, cfg, args.ds_config, args.tokens_per_rank, args.steps, args.warmup,
-                              Path(tmp), rank, world, args.compile, args.profile)
+                row = measure(name, cfg, args.ds_config, args.tokens_per_rank, args.grad_accum, args.steps,
+                              args.warmup, Path(tmp), rank, world, args.compile, args.profile)
                 rows.append(row)
                 if rank == 0:
                     print(f"{name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops_per_gpu']:.1f} TFLOP/s"
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
     if rank == 0:
         print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
+              f"{args.grad_accum} micro-step(s) per optimizer step, "
               f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s")
         print_table(rows, ["model", "params_M", "l", "streams", "tokens_per_s", "tflops_per_gpu", "mfu",
                            "step_ms", "peak_mem_gib", "loss"])
         write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
+                   grad_accum=args.grad_accum,
                    command=" ".join(["python"] + sys.argv))
 
 
