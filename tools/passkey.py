@@ -2,8 +2,8 @@
 
 Each sequence is `KEY d1..d5 <D filler tokens> QUERY d1..d5`; the loss counts only the five
 answer digits. A small FoldedLM is trained with backpropagation through every segment of a
-sequence (or the last --bptt), under a curriculum over the number of segments (2 -> 4 -> ... -> --max_train_segments),
-then evaluated at distances far past the training length. The same weights with the state cut
+sequence (or the last --bptt), under a curriculum over the number of segments (2 -> 4 -> ...
+-> --max_train_segments), then evaluated at distances far past the training length. The same weights with the state cut
 (`use_state=False`, the local-only ablation) must fall to chance (1e-5) once the key is in an
 earlier segment: that is what shows the test measures memory. `--baseline` also trains a plain
 GPT whose window covers the longest training sequence, with the same time budget.
