@@ -11,11 +11,16 @@ PEAK_TFLOPS = float(os.environ.get("FOLDSCALE_PEAK_TFLOPS", 800.0))
 """bf16 matrix-product ceiling used for MFU: 800 TFLOP/s, measured on the H100 (8192^3)."""
 
 
+def bucket_first(b: int) -> int:
+    """The first segment index of bucket b."""
+    return 0 if b == 0 else 2 ** (b - 1)
+
+
 def bucket_label(b: int) -> str:
     """Segment-index buckets 0, 1, 2-3, 4-7, ...: the last one is open-ended."""
     if b <= 1:
         return str(b)
-    lo, hi = 2 ** (b - 1), 2 ** b - 1
+    lo, hi = bucket_first(b), 2 ** b - 1
     return f"{lo}+" if b == N_BUCKETS - 1 else f"{lo}-{hi}"
 
 

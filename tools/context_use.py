@@ -36,7 +36,7 @@ from foldscale.config import ModelConfig, read_json  # noqa: E402
 from foldscale.data import TokenStore  # noqa: E402
 from foldscale.evaluate import evaluate  # noqa: E402
 from foldscale.export import export  # noqa: E402
-from foldscale.metrics import N_BUCKETS, bucket_label, plot_position_loss  # noqa: E402
+from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss  # noqa: E402
 from foldscale.model import FoldedLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def analyse(result: dict, margin: float) -> dict:
         if label not in folded:
             continue
         gain = (local[label] - folded[label]) / local[label]
-        rows.append({"bucket": label, "from_token": (0 if b == 0 else 2 ** (b - 1)) * l, "tokens": counts[label],
+        rows.append({"bucket": label, "from_token": bucket_first(b) * l, "tokens": counts[label],
                      "folded": folded[label], "local_only": local[label],
                      **{k: v.get(label) for k, v in others.items()}, "gain_vs_local": gain,
                      "gap_to_full": (folded[label] - full[label]) / full[label] if label in full else None})
@@ -117,13 +117,9 @@ def analyse(result: dict, margin: float) -> dict:
             "reach_tokens": reach and reach["from_token"]}
 
 
-def bucket_start(b: int, l: int) -> int:
-    return (0 if b == 0 else 2 ** (b - 1)) * l
-
-
 def far_loss(entry: dict, l: int, start: int) -> float:
     """Mean loss of one evaluated model over the buckets that begin at token `start` or later."""
-    buckets = [bucket_label(b) for b in range(N_BUCKETS) if bucket_start(b, l) >= start]
+    buckets = [bucket_label(b) for b in range(N_BUCKETS) if bucket_first(b) * l >= start]
     pairs = [(entry["by_position"][k], entry["tokens_by_position"][k]) for k in buckets if k in entry["by_position"]]
     return sum(x * n for x, n in pairs) / sum(n for _, n in pairs)
 
