@@ -97,9 +97,8 @@ def analyse(result: dict, margin: float) -> dict:
     gap is to the first full-attention model."""
     by_name = {r["model"]: r for r in result["models"]}
     folded, local = by_name["folded"]["by_position"], by_name["local_only"]["by_position"]
-    full_name = next(k for k in by_name if k.startswith("full_"))
     others = {k: v["by_position"] for k, v in by_name.items() if k.startswith("full_")}
-    full = others[full_name]
+    full = next(iter(others.values()))
     counts = by_name["folded"]["tokens_by_position"]
     l, rows, reach = result["position_unit"], [], None
     for b in range(N_BUCKETS):
