@@ -49,22 +49,21 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, n_mem: int):
         """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
 
-        The t current rows see every memory key and the current keys causally, which is a
-        causal mask aligned to the lower-right corner of the (t, n_mem + t) score matrix.
+        The t current rows see every memory key and the current keys causally: row n_mem + i sees
+        keys 0..n_mem + i, which is the plain causal mask over all n_mem + t rows. So one causal
+        call (flash attention, and no graph break under torch.compile, which a lower-right
+        CausalBias causes) gives the current rows; its memory rows are replaced by a second,
+        unmasked call over the memory keys.
         """
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        if n_mem == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            t = T - n_mem
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        if n_mem:
             y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
-            y_cur = F.scaled_dot_product_attention(q[:, :, n_mem:], k, v, dropout_p=p,
-                                                   attn_mask=causal_lower_right(t, T))
-            y = torch.cat([y_mem, y_cur], dim=2)
+            y = torch.cat([y_mem, y[:, :, n_mem:]], dim=2)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
     def extend(self, x, cos, sin, past=None, causal=True):

@@ -317,3 +317,14 @@ def test_state_norm_is_idempotent():
     x = torch.randn(2, 8, 32) * 5
     once = model.state_norm(x)
     torch.testing.assert_close(model.state_norm(once), once, rtol=1e-4, atol=1e-4)  # eps = 1e-5 aside
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile sees one graph per segment: a break (e.g. building a CausalBias inside the
+    model) splits it at every global block and loses the fusions across the split."""
+    cfg = ModelConfig.load("tiny", n_local=2, n_global=2, state_gate=True, state_norm=True)
+    model = FoldedLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.segment_len))
+    state = torch.randn(2, cfg.segment_len, cfg.d_model)
+    explained = torch._dynamo.explain(model)(ids, state=state, reset=torch.tensor([True, False]), targets=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -28,9 +28,9 @@ def positive(*values):
 
 
 def test_bench_throughput(tmp_path):
-    rows, out = run_quick("bench_throughput", tmp_path, "--grad_accum", "2")
-    assert "2 micro-step(s) per optimizer step" in out
-    assert [r["model"].split()[1] for r in rows] == ["folded", "baseline"]
+    rows, out = run_quick("bench_throughput", tmp_path, "--grad_accum", "1,2")
+    assert [(r["model"].split()[1], r["grad_accum"]) for r in rows] == [
+        ("folded", 1), ("baseline", 1), ("folded", 2), ("baseline", 2)]
     assert all(positive(r["tokens_per_s"], r["tflops_per_gpu"], r["step_ms"], r["loss"]) for r in rows)
     assert rows[1]["l"] == 2 * rows[0]["l"] and rows[1]["streams"] * 2 == rows[0]["streams"]
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import itertools
 import os
 import sys
 import tempfile
@@ -87,9 +88,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="125m,350m,1b")
     p.add_argument("--ds_config", default="ds_configs/dp-zero2.json")
-    p.add_argument("--tokens_per_rank", type=int, default=8192, help="tokens per micro-step per rank")
-    p.add_argument("--grad_accum", type=int, default=1,
-                   help="micro-steps per optimizer step (amortises the optimizer, as nanoGPT's 40 do)")
+    p.add_argument("--tokens_per_rank", default="8192", help="tokens per micro-step per rank (a list: each)")
+    p.add_argument("--grad_accum", default="1",
+                   help="micro-steps per optimizer step, amortising the optimizer as nanoGPT's 40 do (a list: each)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) each model")
@@ -99,30 +100,30 @@ def main():
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
     if args.quick:
-        args.presets, args.ds_config, args.tokens_per_rank, args.steps, args.warmup = "tiny", "ds_configs/cpu.json", 64, 2, 1
+        args.presets, args.ds_config, args.tokens_per_rank, args.steps, args.warmup = "tiny", "ds_configs/cpu.json", "64", 2, 1
     rank, world = init_distributed()
     rows = []
+    settings = [(int(t), int(g)) for t in args.tokens_per_rank.split(",") for g in args.grad_accum.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets.split(","):
+        for preset, (tokens, accum) in itertools.product(args.presets.split(","), settings):
             folded = ModelConfig.load(preset)
             pairs = [(f"{preset} folded", folded)]
             if not args.no_baseline:
                 pairs.append((f"{preset} baseline (n_global=0, window 2l)", baseline_of(folded)))
             for name, cfg in pairs:
-                row = measure(name, cfg, args.ds_config, args.tokens_per_rank, args.grad_accum, args.steps,
+                row = measure(name, cfg, args.ds_config, tokens, accum, args.steps,
                               args.warmup, Path(tmp), rank, world, args.compile, args.profile)
+                row.update(tokens_per_micro_step=tokens, grad_accum=accum)
                 rows.append(row)
                 if rank == 0:
                     print(f"{name}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops_per_gpu']:.1f} TFLOP/s"
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
     if rank == 0:
         print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
-              f"{args.grad_accum} micro-step(s) per optimizer step, "
-              f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s")
-        print_table(rows, ["model", "params_M", "l", "streams", "tokens_per_s", "tflops_per_gpu", "mfu",
-                           "step_ms", "peak_mem_gib", "loss"])
+              f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s; step = one optimizer step")
+        print_table(rows, ["model", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
+                           "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "loss"])
         write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
-                   grad_accum=args.grad_accum,
                    command=" ".join(["python"] + sys.argv))
 
 
