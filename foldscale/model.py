@@ -24,8 +24,8 @@ class ModelFileError(ValueError):
 
 
 def rope_tables(n: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # The angles are computed in fp32 on every forward, never stored as a buffer, so that casting
-    # the module to bf16 cannot round them (a bf16 inv_freq is off by radians at position 1000).
+    # The angles are computed in fp32: a bf16 inv_freq is off by radians at position 1000. Only
+    # cos and sin are kept, where rounding them to the model's dtype is what using them does anyway.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)  # (n, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (n, hs)
@@ -139,6 +139,12 @@ class FoldedLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.drop = nn.Dropout(cfg.dropout)
+        # Rotary tables for positions 0..2l-1, every length used is a prefix or a slice. Buffers, not
+        # computed in forward: torch.compile would fuse the cos/pow into every block's kernels and
+        # recompute them for every element (5 times the cost of reading the table, on the H100).
+        cos, sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, "cpu")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_fn = None
         self.apply(self._init_weights)
         depth_scale = cfg.init_std / math.sqrt(2 * (cfg.n_local + cfg.n_global))
@@ -198,14 +204,14 @@ class FoldedLM(nn.Module):
         if t > l:
             raise ValueError(f"segment of {t} tokens is longer than segment_len={l}; use forward_stream")
         x = self.drop(self.tok_emb(ids))  # (B, t, d)
-        cos, sin = rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         for block in self.local_blocks:
             x = self._run(block, x, cos, sin, 0)
         new_state = None
         if self.cfg.recurrent:
             state = self.memory(state, reset, B, x.dtype)
             z = torch.cat([state, x], dim=1)  # (B, l + t, d): [memory ; current]
-            cos, sin = rope_tables(l + t, self.cfg.head_dim, self.cfg.rope_theta, ids.device)
+            cos, sin = self.rope_cos[:l + t], self.rope_sin[:l + t]
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
@@ -346,10 +352,8 @@ class StreamDecoder:
         self.local_kv = [None] * len(self.model.local_blocks)
         self.global_kv = [None] * len(self.model.global_blocks)
 
-    def _tables(self, start, n, device):
-        cfg = self.model.cfg
-        cos, sin = rope_tables(start + n, cfg.head_dim, cfg.rope_theta, device)
-        return cos[start:], sin[start:]
+    def _tables(self, start, n):
+        return self.model.rope_cos[start:start + n], self.model.rope_sin[start:start + n]
 
     @torch.no_grad()
     def feed(self, ids) -> torch.Tensor:
@@ -365,14 +369,14 @@ class StreamDecoder:
         x = m.tok_emb(ids)
         if m.cfg.recurrent and self.t == 0:  # memory rows see only memory keys: once per segment
             self.memory_rows = z = m.memory(self.state, None, ids.shape[0], x.dtype)
-            cos, sin = self._tables(0, l, ids.device)
+            cos, sin = self._tables(0, l)
             for i, block in enumerate(m.global_blocks):
                 z, self.global_kv[i] = block.extend(z, cos, sin, causal=False)
-        cos, sin = self._tables(self.t, n, ids.device)
+        cos, sin = self._tables(self.t, n)
         for i, block in enumerate(m.local_blocks):
             x, self.local_kv[i] = block.extend(x, cos, sin, self.local_kv[i])
         if m.cfg.recurrent:
-            cos, sin = self._tables(l + self.t, n, ids.device)
+            cos, sin = self._tables(l + self.t, n)
             for i, block in enumerate(m.global_blocks):
                 x, self.global_kv[i] = block.extend(x, cos, sin, self.global_kv[i])
             self.outputs.append(x)

@@ -42,6 +42,22 @@ def profiler(enabled):
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
+KERNEL_KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")), ("attention", ("flash", "fmha", "sdpa")),
+                ("fused elementwise (triton)", ("triton",)), ("optimizer", ("adam", "multi_tensor")),
+                ("communication", ("nccl",)), ("copy/fill", ("memcpy", "memset", "copy", "fill"))]
+
+
+def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
+    """GPU kernel time per optimizer step by kind (ms) and the share of wall time the GPU was busy."""
+    ms = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, not the operators that launch them
+            t = e.self_device_time_total / 1000 / steps
+            name = e.key.lower()
+            ms[next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")] += t
+    return {**ms, "gpu_busy": sum(ms.values()) / (1000 * wall_s / steps)}
+
+
 def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work, rank, world, compile_,
             profile=False):
     ds = load_ds_config(ds_path, world, steps + warmup)
@@ -68,6 +84,10 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
     if profile and rank == 0:
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
                                         else "self_cpu_time_total", row_limit=25))
+        if torch.cuda.is_available():
+            print(f"{name}: GPU kernel ms per optimizer step by kind "
+                  + ", ".join(f"{k} {v:.1%}" if k == "gpu_busy" else f"{k} {v:.1f}"
+                              for k, v in kernel_breakdown(prof, steps, dt).items()))
     B = ds["train_micro_batch_size_per_gpu"]
     tokens = steps * world * ds["gradient_accumulation_steps"] * cfg.bptt_segments * B * cfg.segment_len
     tok_s = tokens / dt

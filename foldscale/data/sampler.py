@@ -27,8 +27,13 @@ class Batch:
     n_tokens: int            # targets != -100
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.targets.to(device), self.reset.to(device),
-                     self.seg_index.to(device), self.n_tokens)
+        """To a GPU from pinned memory without waiting: a pageable copy would make the host wait for
+        the GPU to finish the previous step before it could queue this one."""
+        cuda = torch.device(device).type == "cuda"
+
+        def move(t):
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+        return Batch(move(self.ids), move(self.targets), move(self.reset), move(self.seg_index), self.n_tokens)
 
 
 def assign_documents(lengths: np.ndarray, n_streams: int, seed: int, epoch: int) -> list[np.ndarray]:
