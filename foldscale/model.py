@@ -34,7 +34,7 @@ def rope_tables(n: int, head_dim: int, theta: float, device) -> tuple[torch.Tens
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x[i], x[i + hs/2]) in x's own dtype: four kernels, not ten."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -46,6 +46,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
+    def rotated_qkv(self, x, cos, sin):
+        """x (B, T, d) -> q, k, v (B, nh, T, hs), q and k rotated. The rotation runs in the layout
+        the projection writes (B, T, nh, hs), before the transpose, so that its backward writes the
+        projection's gradient in order (transposed, it was 4 times slower than a copy on the H100)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, nh, hs)
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # (T, 1, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(self, x, cos, sin, n_mem: int):
         """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
 
@@ -56,9 +66,7 @@ class Attention(nn.Module):
         unmasked call over the memory keys.
         """
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.rotated_qkv(x, cos, sin)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         if n_mem:
@@ -71,9 +79,7 @@ class Attention(nn.Module):
         rotated, the keys before them. The new rows see all of past and each other causally (all of
         each other if not causal). Returns (output, (k, v) with the new keys appended)."""
         B, n, d = x.shape
-        q, k, v = self.qkv(x).view(B, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.rotated_qkv(x, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         mask = causal_lower_right(n, k.shape[2]) if causal and n > 1 else None
