@@ -68,6 +68,10 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # Compile each model afresh, with static shapes as in a training run of one model: a second
+    # model's shapes would otherwise turn on dynamic shapes (and PyTorch 2.11's inductor then
+    # failed an assertion in its tiling analysis for the 125m after the 350m).
+    torch._dynamo.reset()
     train_cfg = TrainConfig(out=str(work / name), steps=steps + warmup, log_every=10**9, eval_every=10**9,
                             save_every=10**9, compile=compile_)
     trainer = Trainer(cfg, DataConfig(), train_cfg, ds, store, rank, world)
