@@ -74,17 +74,25 @@ class Attention(nn.Module):
             y = torch.cat([y_mem, y[:, :, n_mem:]], dim=2)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
-    def extend(self, x, cos, sin, past=None, causal=True):
-        """Decoding: x (B, n, d) are n new rows at the positions of cos/sin, past (k, v), already
-        rotated, the keys before them. The new rows see all of past and each other causally (all of
-        each other if not causal). Returns (output, (k, v) with the new keys appended)."""
+    def extend(self, x, cos, sin, cache, start, causal=True):
+        """Decoding: x (B, n, d) are n new rows at positions start.. (cos/sin already sliced to
+        them). Their keys and values are written into `cache`, (k, v) buffers (B, nh, L, hs), and
+        they attend to the keys before them and to each other causally (all of each other if not
+        causal). `start` is an int, or a 0-d tensor for one row (static shapes for CUDA graphs:
+        the whole buffer is read, keys past the row masked out)."""
         B, n, d = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        mask = causal_lower_right(n, k.shape[2]) if causal and n > 1 else None
+        if isinstance(start, int):
+            cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = k, v
+            k, v = cache[0][:, :, :start + n], cache[1][:, :, :start + n]
+            mask = causal_lower_right(n, start + n) if causal and n > 1 else None
+        else:
+            cache[0].index_copy_(2, start.view(1), k)
+            cache[1].index_copy_(2, start.view(1), v)
+            k, v = cache
+            mask = (torch.arange(k.shape[2], device=k.device) <= start).view(1, -1)  # (1 row, L keys)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, n, d)), (k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, n, d))
 
 
 class MLP(nn.Module):
@@ -113,11 +121,10 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def extend(self, x, cos, sin, past=None, causal=True):
-        """forward() for new rows only, with the keys and values of earlier rows cached (eval)."""
-        y, kv = self.attn.extend(self.norm1(x), cos, sin, past, causal)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), kv
+    def extend(self, x, cos, sin, cache, start, causal=True):
+        """forward() for new rows only, the keys and values of earlier rows cached (eval)."""
+        x = x + self.attn.extend(self.norm1(x), cos, sin, cache, start, causal)
+        return x + self.mlp(self.norm2(x))
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
@@ -344,22 +351,29 @@ class StreamDecoder:
     and the state is carried when a segment fills. `feed` returns forward_stream's logits for
     those tokens, up to rounding.
 
-    The key length grows by one with every token, so attention avoids the cuDNN backend, which
-    builds a new execution plan for each new shape (ms per call on the H100)."""
+    The caches are buffers of fixed shape, so on a GPU a one-token feed replays a CUDA graph of
+    the whole step, captured on first use: a token costs one launch instead of hundreds.
+    Attention avoids the cuDNN backend, which plans anew for each key length (ms a call)."""
 
     BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-    def __init__(self, model: FoldedLM, state=None):
-        self.model, self.state = model, state
-        self._new_segment()
+    def __init__(self, model: FoldedLM, state=None, use_graph=None):
+        """use_graph: replay one-token feeds as a CUDA graph (default: when the ids are on a GPU)."""
+        self.model, self.state, self.use_graph = model, state, use_graph
+        self.t, self.caches, self.graph = 0, None, None
 
-    def _new_segment(self):
-        self.t, self.outputs, self.memory_rows = 0, [], None
-        self.local_kv = [None] * len(self.model.local_blocks)
-        self.global_kv = [None] * len(self.model.global_blocks)
+    def _allocate(self, ids, dtype):
+        m, cfg = self.model, self.model.cfg
+        B, l = ids.shape[0], cfg.segment_len
 
-    def _tables(self, start, n):
-        return self.model.rope_cos[start:start + n], self.model.rope_sin[start:start + n]
+        def kv(length):
+            return tuple(torch.zeros(B, cfg.n_head, length, cfg.head_dim, device=ids.device, dtype=dtype)
+                         for _ in range(2))
+        self.caches = ([kv(l) for _ in m.local_blocks], [kv(2 * l) for _ in m.global_blocks])
+        self.outputs = torch.zeros(B, l, cfg.d_model, device=ids.device, dtype=dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=ids.device)
+        if self.use_graph is None:
+            self.use_graph = ids.is_cuda
 
     @torch.no_grad()
     def feed(self, ids) -> torch.Tensor:
@@ -368,28 +382,71 @@ class StreamDecoder:
         if not 1 <= n <= left:
             raise ValueError(f"{n} tokens do not fit the {left} left in this segment")
         with sdpa_kernel(self.BACKENDS):
-            return self._feed(ids)
-
-    def _feed(self, ids):
-        m, l, n = self.model, self.model.cfg.segment_len, ids.shape[1]
-        x = m.tok_emb(ids)
-        if m.cfg.recurrent and self.t == 0:  # memory rows see only memory keys: once per segment
-            self.memory_rows = z = m.memory(self.state, None, ids.shape[0], x.dtype)
-            cos, sin = self._tables(0, l)
-            for i, block in enumerate(m.global_blocks):
-                z, self.global_kv[i] = block.extend(z, cos, sin, causal=False)
-        cos, sin = self._tables(self.t, n)
-        for i, block in enumerate(m.local_blocks):
-            x, self.local_kv[i] = block.extend(x, cos, sin, self.local_kv[i])
-        if m.cfg.recurrent:
-            cos, sin = self._tables(l + self.t, n)
-            for i, block in enumerate(m.global_blocks):
-                x, self.global_kv[i] = block.extend(x, cos, sin, self.global_kv[i])
-            self.outputs.append(x)
-        logits = m.lm_head(m.norm(x))
+            if self.caches is None:
+                self._allocate(ids, self.model.tok_emb.weight.dtype)
+            if self.t == 0:
+                self._read_memory(ids.shape[0])
+            if n == 1 and self.use_graph:
+                logits = self._replay(ids)
+            elif n == 1:
+                self.pos.fill_(self.t)
+                logits = self._step(ids, self.pos)
+            else:
+                logits = self._step(ids, self.t)
         self.t += n
-        if self.t == l:
-            if m.cfg.recurrent:
-                self.state = m.next_state(self.memory_rows, torch.cat(self.outputs, dim=1))
-            self._new_segment()
+        if self.t == self.model.cfg.segment_len:
+            if self.model.cfg.recurrent:
+                # a copy: the outputs buffer is overwritten by the next segment
+                self.state = self.model.next_state(self.memory_rows, self.outputs.clone())
+            self.t = 0
         return logits
+
+    def _read_memory(self, batch_size):
+        """A new segment: the memory rows' keys and values (they see only memory keys)."""
+        m, l = self.model, self.model.cfg.segment_len
+        if m.cfg.recurrent:
+            self.memory_rows = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
+            for block, cache in zip(m.global_blocks, self.caches[1]):
+                z = block.extend(z, m.rope_cos[:l], m.rope_sin[:l], cache, 0, causal=False)
+
+    def _step(self, ids, start):
+        """Rows at positions start.. of the segment (start an int, or a 0-d tensor for one row)."""
+        m, l = self.model, self.model.cfg.segment_len
+        x = m.tok_emb(ids)
+        n = ids.shape[1]
+
+        def tables(first):  # the rotary rows of positions first..first + n - 1
+            if isinstance(first, int):
+                return m.rope_cos[first:first + n], m.rope_sin[first:first + n]
+            return m.rope_cos.index_select(0, first.view(1)), m.rope_sin.index_select(0, first.view(1))
+        cos, sin = tables(start)
+        for block, cache in zip(m.local_blocks, self.caches[0]):
+            x = block.extend(x, cos, sin, cache, start)
+        if m.cfg.recurrent:
+            cos, sin = tables(l + start)
+            for block, cache in zip(m.global_blocks, self.caches[1]):
+                x = block.extend(x, cos, sin, cache, l + start)
+            if isinstance(start, int):
+                self.outputs[:, start:start + n] = x
+            else:
+                self.outputs.index_copy_(1, start.view(1), x)
+        return m.lm_head(m.norm(x))
+
+    def _replay(self, ids):
+        """One token through the captured graph (captured on first use). Its inputs are copied
+        into fixed buffers; the step writes the same cache rows and outputs as _step would."""
+        if self.graph is None:
+            self.ids = ids.clone()
+            self.pos.fill_(self.t)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # a warm-up run, as capture requires: it does this token's work
+                self._step(self.ids, self.pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step(self.ids, self.pos)
+        self.ids.copy_(ids)
+        self.pos.fill_(self.t)
+        self.graph.replay()
+        return self.logits.clone()

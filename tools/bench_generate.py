@@ -1,7 +1,8 @@
 """Streaming generation: prompt tokens/s, new tokens/s and peak memory against prompt length,
-through FoldedLM.stream_generate (the path `foldscale generate` takes: key/value caches), side by
-side with the uncached reference that re-runs the current segment for every new token. Greedy,
-random weights: speed and memory do not depend on them.
+through FoldedLM.stream_generate (the path `foldscale generate` takes: key/value caches, and on a
+GPU one CUDA graph replay per new token), side by side with the uncached reference that re-runs
+the current segment for every new token. Greedy, random weights: speed and memory do not depend
+on them.
 
     python tools/bench_generate.py --model 350m --prompts 10000,100000 --json tools/results/generate.json
     python tools/bench_generate.py --quick
