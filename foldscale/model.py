@@ -154,7 +154,7 @@ class FoldedLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # Rotary tables for positions 0..2l-1, every length used is a prefix or a slice. Buffers, not
         # computed in forward: torch.compile would fuse the cos/pow into every block's kernels and
-        # recompute them for every element (13 ms of a 152 ms step in the 350m's H100 profile).
+        # recompute them for every element (about 13 ms of a 152 ms micro-step in the 350m's H100 profile).
         cos, sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
