@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class FoldscaleError(Exception):
+    """The one base of every error a user sees: `foldscale` and `launch/pretrain.py` print its
+    message as one line and exit with status 2. The message names the file or setting at fault
+    and a command or value that works."""
+
+
+class ConfigError(FoldscaleError):
     """A configuration that cannot work; the message says what to change."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from foldscale import checkpoint as ckpt
-from foldscale.config import ConfigError, ModelConfig
+from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 from foldscale.model import FoldedLM, ModelFileError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -27,7 +27,7 @@ _UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.
                ValueError)
 
 
-class ExportError(ValueError):
+class ExportError(FoldscaleError):
     """A checkpoint that cannot be exported, or an export that fails its self-check."""
 
 

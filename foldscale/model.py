@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from foldscale.config import ConfigError, ModelConfig
+from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FoldscaleError):
     """A saved model that cannot be loaded; the message names the file and the problem."""
 
 

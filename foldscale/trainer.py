@@ -10,14 +10,14 @@ import torch
 import torch.distributed as dist
 
 from foldscale import checkpoint as ckpt
-from foldscale.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from foldscale.config import ConfigError, DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.data import SegmentStreamSampler
 from foldscale.engine import build_engine
 from foldscale.metrics import PositionLoss, Throughput, Writer, format_eta, peak_memory_gib, plot_position_loss
 from foldscale.model import FoldedLM
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FoldscaleError):
     """The run cannot go on (e.g. non-finite losses); the last good checkpoint is intact."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from foldscale.config import FoldscaleError
+
 FORMAT_VERSION = 1
 SPLITS = {"train": 0, "val": 1}
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -26,7 +28,7 @@ _META_KEYS = ("vocab_size", "dtype", "tokenizer_hash", "tokenizer_file", "n_docs
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class StoreError(ValueError):
+class StoreError(FoldscaleError):
     """A token store (or its input) that cannot be used; the message says what to do."""
 
 

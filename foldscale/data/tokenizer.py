@@ -16,10 +16,12 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from foldscale.config import FoldscaleError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FoldscaleError):
     """A tokenizer file that is missing or unreadable, or training input that cannot be used."""
 
 
