@@ -4,14 +4,25 @@ import sys
 
 import click
 
-from foldscale.config import ConfigError, ModelConfig
+from foldscale.config import FoldscaleError, ModelConfig
 
 
 class UserError(click.ClickException):
-    """A mistake the user can fix: printed on stderr as one line, exit code 1, no traceback."""
+    """A mistake the user can fix: printed on stderr as one line, exit code 2, no traceback."""
+    exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """Every FoldscaleError a command raises becomes one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FoldscaleError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """foldscale: pretrain and use folded context condensation transformers.
 
@@ -36,11 +47,8 @@ def info(model, as_json):
       foldscale info 350m
     """
     from pathlib import Path
-    try:
-        path = Path(model)
-        cfg = ModelConfig.from_json(path / "config.json") if path.is_dir() else ModelConfig.load(model)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    path = Path(model)
+    cfg = ModelConfig.from_json(path / "config.json") if path.is_dir() else ModelConfig.load(model)
     counts = cfg.param_counts()
     result = {"config": cfg.to_dict(), "params": {**counts, "total": cfg.num_params()},
               "flops_per_token": cfg.flops_per_token()}
@@ -78,11 +86,8 @@ def export(run_dir, tag, out, dtype, fmt, as_json):
       foldscale export runs/small --out models/small
       foldscale export runs/small --tag step00001000 --dtype bf16 --format torch --out small.pt
     """
-    from foldscale.export import ExportError, export as run_export
-    try:
-        result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt)
-    except ExportError as e:
-        raise UserError(str(e)) from None
+    from foldscale.export import export as run_export
+    result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -103,22 +108,16 @@ def _load_model(path, device, need_tokenizer=False):
     """An exported model directory -> (model in eval mode on DEVICE, Tokenizer or None)."""
     from pathlib import Path
 
-    from foldscale.data import Tokenizer, TokenizerError
-    from foldscale.model import FoldedLM, ModelFileError
-    try:
-        model = FoldedLM.from_pretrained(path).to(device).eval()
-    except ModelFileError as e:
-        raise UserError(str(e)) from None
+    from foldscale.data import Tokenizer
+    from foldscale.model import FoldedLM
+    model = FoldedLM.from_pretrained(path).to(device).eval()
     tok_file = Path(path) / "tokenizer.model"
     if not tok_file.is_file():
         if need_tokenizer:
             raise UserError(f"{tok_file}: missing; this command needs the tokenizer next to the model "
                             "(export a run whose token store has one, or copy it there)")
         return model, None
-    try:
-        tok = Tokenizer(tok_file)
-    except TokenizerError as e:
-        raise UserError(str(e)) from None
+    tok = Tokenizer(tok_file)
     if tok.vocab_size != model.cfg.vocab_size:
         raise UserError(f"{tok_file} has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{model.cfg.vocab_size}: this tokenizer does not belong to this model")
@@ -151,6 +150,8 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
     import time
 
     import torch
+
+    from foldscale.generate import stream_generate
     if (prompt is None) == (prompt_file is None):
         raise UserError("give exactly one of --prompt and --prompt-file")
     if prompt_file is not None:
@@ -166,8 +167,7 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
         raise UserError("the prompt is empty: give at least one character")
     generator = torch.Generator(dev).manual_seed(seed)
     new, times, printed = [], [], ""
-    for token in lm.stream_generate(torch.tensor([ids], device=dev), max_new_tokens, temperature,
-                                    top_k, generator):
+    for token in stream_generate(lm, torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k, generator):
         times.append(time.perf_counter())
         if token.item() == tok.eos_id:
             break
@@ -221,10 +221,7 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, context, devic
     from foldscale.data import StoreError, TokenStore
     from foldscale.evaluate import evaluate
     dev = _device(device)
-    try:
-        store = TokenStore.open(data)
-    except StoreError as e:
-        raise UserError(str(e)) from None
+    store = TokenStore.open(data)
     models = {}
     for path in [model, *compare]:
         lm, tok = _load_model(path, dev)

@@ -30,7 +30,7 @@ def read_json(path, missing: str) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
     """Tokenizer vocabulary size; must match the token store's tokenizer."""
@@ -54,7 +54,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
     use_state: bool = True
-    """False runs the local-only ablation: every segment starts from the learned S0."""
+    """False runs the local-only ablation (`local_only()`): every segment starts from S0."""
     state_norm: bool = False
     """RMS-normalise the state before carrying it, with no learned scale, so its norm cannot
     grow segment after segment and normalising twice changes nothing (a learned per-channel scale
@@ -63,7 +63,7 @@ class ModelConfig:
     """Carry g * S + (1 - g) * C instead of C, where S is the state the segment came in with, C
     the global stack's output on the segment (the paper's state), and g = sigmoid(W [S ; C] + b)
     per row and channel: where g saturates at 1 a state row is carried unchanged, for any number
-    of segments."""
+    of segments (model.StateCarry)."""
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -86,6 +86,17 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"ModelConfig: {message}")
+
+    def local_only(self) -> "ModelConfig":
+        """The ablation: the same model and weights, every segment reading S0 instead of the
+        carried state, so nothing reaches it from an earlier segment."""
+        return dataclasses.replace(self, use_state=False)
+
+    def full_attention(self, window: int) -> "ModelConfig":
+        """The baseline: the same blocks, all local (a plain causal GPT), attending over `window`
+        tokens with no carried state. Its parameters are the folded model's minus S0 and the carry."""
+        return dataclasses.replace(self, n_local=self.n_local + self.n_global, n_global=0, segment_len=window,
+                                   bptt_segments=1, state_gate=False, state_norm=False)
 
     @property
     def head_dim(self) -> int:
@@ -182,20 +193,14 @@ PRESETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
-    store: str | None = None
-    """Token store directory (foldscale prepare); None builds and uses the built-in corpus."""
-    streams_per_rank: int | None = None
-    """Streams per rank; None takes DeepSpeed's train_micro_batch_size_per_gpu."""
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.streams_per_rank is not None and self.streams_per_rank < 1:
-            raise ConfigError("DataConfig: streams_per_rank must be >= 1")
+    store: str
+    """Token store directory (foldscale prepare, or the built-in corpus's in the cache). The
+    number of streams per rank is DeepSpeed's train_micro_batch_size_per_gpu."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
     """Run directory: checkpoints, TensorBoard events, resolved configs."""
@@ -212,6 +217,12 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated (each skips its update) before the run stops."""
     seed: int = 0
+    """Seeds the model's initialisation, dropout, and how documents are dealt to streams."""
+    peak_tflops: float = 800.0
+    """Matrix-product ceiling per GPU for MFU: 800 TFLOP/s is bf16 measured on the H100 (8192^3)."""
+    gpu_mem_gib: float | None = None
+    """Cap each process's GPU memory, emulating a smaller card (e.g. 24): past it, allocations
+    raise torch.OutOfMemoryError as they would there."""
 
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps"):

@@ -26,11 +26,11 @@ def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" and torch.cuda.is_available()
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+def init_distributed(timeout_s: float = 600.0, gpu_mem_gib: float | None = None) -> tuple[int, int]:
     """Join the process group: under the deepspeed launcher, torchrun, mpirun, or alone.
 
     A rank that dies makes the others fail a collective after `timeout_s` instead of hanging.
-    Returns (rank, world_size).
+    `gpu_mem_gib` caps each process's GPU memory (cap_memory). Returns (rank, world_size).
     """
     launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if not launched and not any(v in os.environ for v in _MPI_ENV):
@@ -44,20 +44,31 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
                                timeout=timedelta(seconds=timeout_s), verbose=False)
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        cap_memory(os.environ.get("FOLDSCALE_GPU_MEM_GIB"))
+        cap_memory(gpu_mem_gib)
     return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
 
 
+def close_distributed():
+    """Leave the process group, if this process joined one."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def cap_memory(gib):
-    """Emulate a smaller card (e.g. FOLDSCALE_GPU_MEM_GIB=24): allocations past the cap raise
+    """Emulate a smaller card (e.g. 24 GiB): allocations past the cap raise
     torch.OutOfMemoryError as they would on that card."""
     if gib:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total))
 
 
-def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | None = None) -> dict:
-    """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key."""
+def load_ds_config(path, world_size: int, steps: int) -> dict:
+    """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key.
+
+    The JSON owns the schedule and `--steps` when to stop: a schedule's `total_num_steps: "auto"`
+    is filled from --steps, and a warm-up must be shorter than the schedule (never silently
+    shrunk). The resolved config is saved with every checkpoint, and resuming under a different
+    schedule is refused (checkpoint.py)."""
     path = Path(path)
     cfg = read_json(path, "no such DeepSpeed config; see ds_configs/ for examples")
 
@@ -73,9 +84,6 @@ def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | No
         refuse(f"train_batch_size={total} but train_micro_batch_size_per_gpu={micro} x "
                f"gradient_accumulation_steps={gas} x {world_size} ranks = {micro * gas * world_size}: "
                "fix one, or drop train_batch_size and let it be derived")
-    if streams_per_rank is not None and streams_per_rank != micro:
-        refuse(f"streams per rank is set twice: --streams-per-rank {streams_per_rank} and "
-               f"train_micro_batch_size_per_gpu={micro}; keep only the DeepSpeed key")
     zero = cfg.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
@@ -95,10 +103,13 @@ def load_ds_config(path, world_size: int, steps: int, streams_per_rank: int | No
     sched = cfg.get("scheduler", {})
     if sched.get("type") in _SCHEDULERS_WITH_TOTAL:
         params = sched.setdefault("params", {})
-        if params.get("total_num_steps", "auto") == "auto":
+        if params.setdefault("total_num_steps", "auto") == "auto":
             params["total_num_steps"] = steps
-        if params.get("warmup_num_steps", 0) >= params["total_num_steps"]:
-            params["warmup_num_steps"] = max(1, params["total_num_steps"] // 10)
+        total, warmup = params["total_num_steps"], params.get("warmup_num_steps", 0)
+        if warmup >= total:
+            refuse(f"scheduler.params.warmup_num_steps={warmup} is not shorter than the schedule "
+                   f"(total_num_steps={total}, \"auto\" follows --steps): lower it, e.g. to {max(1, total // 10)}, "
+                   "or train for more steps")
     return cfg
 
 

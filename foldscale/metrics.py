@@ -1,14 +1,13 @@
 """Training metrics: loss by position in the document, throughput, MFU, memory, TensorBoard."""
+import json
 import math
-import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 N_BUCKETS = 16
-PEAK_TFLOPS = float(os.environ.get("FOLDSCALE_PEAK_TFLOPS", 800.0))
-"""bf16 matrix-product ceiling used for MFU: 800 TFLOP/s, measured on the H100 (8192^3)."""
 
 
 def bucket_first(b: int) -> int:
@@ -38,10 +37,17 @@ class PositionLoss:
         self.counts = torch.zeros(N_BUCKETS, dtype=torch.float64, device=device)
 
     def add(self, token_loss, targets, seg_index):
-        """token_loss, targets (B, t); seg_index (B,)."""
-        b = bucket_of(seg_index)
-        self.sums.index_add_(0, b, token_loss.detach().double().sum(1))
-        self.counts.index_add_(0, b, (targets != -100).double().sum(1))
+        """token_loss, targets (B, k * t): k segments of t tokens per row; seg_index (B, k), or (B,)
+        when k = 1, the index of each segment within its document."""
+        seg_index = seg_index.reshape(token_loss.shape[0], -1)  # (B, k)
+        b = bucket_of(seg_index.flatten())
+        per_segment = token_loss.shape[:1] + seg_index.shape[1:] + (-1,)  # (B, k, t)
+        self.sums.index_add_(0, b, token_loss.detach().double().view(per_segment).sum(2).flatten())
+        self.counts.index_add_(0, b, (targets != -100).double().view(per_segment).sum(2).flatten())
+
+    def merge(self, other: "PositionLoss"):
+        self.sums += other.sums
+        self.counts += other.counts
 
     def summary(self, all_reduce=None) -> tuple[float, dict[str, float]]:
         """(mean loss over all counted tokens, {bucket label: mean loss} over buckets that saw
@@ -84,8 +90,8 @@ def plot_position_loss(series: dict[str, dict[str, float]], title="loss by posit
 class Throughput:
     """Tokens/s, model TFLOP/s and MFU between two calls of `rate`, and the ETA."""
 
-    def __init__(self, flops_per_token: float, total_steps: int, start_step: int):
-        self.flops_per_token, self.total_steps = flops_per_token, total_steps
+    def __init__(self, flops_per_token: float, total_steps: int, start_step: int, peak_tflops: float):
+        self.flops_per_token, self.total_steps, self.peak_tflops = flops_per_token, total_steps, peak_tflops
         self.t0, self.step0, self.tokens = time.perf_counter(), start_step, 0
 
     def add(self, tokens: int):
@@ -103,7 +109,7 @@ class Throughput:
         tflops = tok_s * self.flops_per_token / 1e12
         out["tflops_per_gpu"] = tflops / gpus
         if torch.cuda.is_available():
-            out["mfu"] = out["tflops_per_gpu"] / PEAK_TFLOPS
+            out["mfu"] = out["tflops_per_gpu"] / self.peak_tflops
         self.t0, self.step0, self.tokens = now, step, 0
         return out
 
@@ -116,24 +122,126 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class Writer:
-    """TensorBoard scalars and figures; only rank 0 writes, the others hold a no-op."""
+class Logger:
+    """One output of a run's numbers. `log` gets {name: value} at a step ("train/loss", ...)."""
 
-    def __init__(self, log_dir, rank: int):
-        self.tb = None
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(log_dir))
+    def log(self, step: int, values: dict[str, float]):
+        raise NotImplementedError
 
-    def scalars(self, values: dict[str, float], step: int):
-        if self.tb:
-            for tag, v in values.items():
-                self.tb.add_scalar(tag, v, step)
+    def message(self, text: str):
+        """A line for the person watching (warnings, checkpoints): only the console shows it."""
 
-    def figure(self, tag: str, fig, step: int):
-        if self.tb:
-            self.tb.add_figure(tag, fig, step)
+    def figure(self, step: int, tag: str, fig):
+        pass
+
+    def rewind(self, step: int):
+        """The run goes on from `step` (a resume): forget what was logged after it, so that every
+        step is logged once."""
 
     def close(self):
-        if self.tb:
+        pass
+
+
+CONSOLE = {"train/loss": "loss {:.4f}", "train/tokens_per_s": "{:,.0f} tok/s",
+           "train/tflops_per_gpu": "{:.2f} TFLOP/s per rank", "train/mfu": "{:.1%} MFU", "val/loss": "val loss {:.4f}"}
+
+
+class ConsoleLogger(Logger):
+    """One line per log: `step 10/500 | loss 2.3456 | 12,345 tok/s | ... | eta 1m05s`."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+
+    def log(self, step, values):
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [fmt.format(values[key]) for key, fmt in CONSOLE.items() if key in values]
+        by_segment = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("val_by_segment/")}
+        if by_segment:
+            parts.append("by segment: " + ", ".join(f"{k}: {v:.3f}" for k, v in by_segment.items()))
+        if "train/eta_s" in values:
+            parts.append(f"eta {format_eta(values['train/eta_s'])}")
+        self.message(" | ".join(parts))
+
+    def message(self, text):
+        print(text, flush=True)
+
+
+class JsonlLogger(Logger):
+    """RUN/metrics.jsonl: one JSON object per log, {"step": N, name: value, ...}, unrounded."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def log(self, step, values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def rewind(self, step):
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
+class TensorBoardLogger(Logger):
+    """RUN/tensorboard: scalars and figures; the writer opens at the first use, after a rewind."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.tb, self.purge_step = log_dir, None, None
+
+    def _writer(self):
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+        return self.tb
+
+    def log(self, step, values):
+        for tag, v in values.items():
+            self._writer().add_scalar(tag, v, step)
+
+    def figure(self, step, tag, fig):
+        self._writer().add_figure(tag, fig, step)
+
+    def rewind(self, step):
+        self.purge_step = step + 1  # TensorBoard hides events at and after it written before
+
+    def close(self):
+        if self.tb is not None:
             self.tb.close()
+
+
+class MetricsLogger(Logger):
+    """Every output of a run behind one interface. Only rank 0 writes: the others get none."""
+
+    def __init__(self, loggers: list[Logger]):
+        self.loggers = loggers
+
+    @classmethod
+    def for_run(cls, out, rank: int, total_steps: int) -> "MetricsLogger":
+        if rank != 0:
+            return cls([])
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return cls([ConsoleLogger(total_steps), JsonlLogger(Path(out) / "metrics.jsonl"),
+                    TensorBoardLogger(Path(out) / "tensorboard")])
+
+    def log(self, step, values):
+        for logger in self.loggers:
+            logger.log(step, values)
+
+    def message(self, text):
+        for logger in self.loggers:
+            logger.message(text)
+
+    def figure(self, step, tag, make):
+        """make() builds the matplotlib figure, on rank 0 only."""
+        if self.loggers:
+            fig = make()
+            for logger in self.loggers:
+                logger.figure(step, tag, fig)
+
+    def rewind(self, step):
+        for logger in self.loggers:
+            logger.rewind(step)
+
+    def close(self):
+        for logger in self.loggers:
+            logger.close()

@@ -3,18 +3,17 @@
 A document is read segment by segment. Each segment of l tokens goes through a local stack
 (causal attention inside the segment) and a global stack over [carried state ; segment]
 (2l rows), and the global stack's output on the segment becomes the state carried to the next
-segment. No DeepSpeed import here: parallelism is applied from outside.
+segment. `segments` is the one loop that walks a document; decoding lives in generate.py. No
+DeepSpeed import here: parallelism is applied from outside.
 """
 import json
 import math
-from typing import NamedTuple
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 
@@ -74,26 +73,6 @@ class Attention(nn.Module):
             y = torch.cat([y_mem, y[:, :, n_mem:]], dim=2)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
-    def extend(self, x, cos, sin, cache, start, causal=True):
-        """Decoding: x (B, n, d) are n new rows at positions start.. (cos/sin already sliced to
-        them). Their keys and values are written into `cache`, (k, v) buffers (B, nh, L, hs), and
-        they attend to the keys before them and to each other causally (all of each other if not
-        causal). `start` is an int, or a 0-d tensor for one row (static shapes for CUDA graphs:
-        the whole buffer is read, keys past the row masked out)."""
-        B, n, d = x.shape
-        q, k, v = self.rotated_qkv(x, cos, sin)
-        if isinstance(start, int):
-            cache[0][:, :, start:start + n], cache[1][:, :, start:start + n] = k, v
-            k, v = cache[0][:, :, :start + n], cache[1][:, :, :start + n]
-            mask = causal_lower_right(n, start + n) if causal and n > 1 else None
-        else:
-            cache[0].index_copy_(2, start.view(1), k)
-            cache[1].index_copy_(2, start.view(1), v)
-            k, v = cache
-            mask = (torch.arange(k.shape[2], device=k.device) <= start).view(1, -1)  # (1 row, L keys)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, n, d))
-
 
 class MLP(nn.Module):
     """SwiGLU feed-forward."""
@@ -121,10 +100,28 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def extend(self, x, cos, sin, cache, start, causal=True):
-        """forward() for new rows only, the keys and values of earlier rows cached (eval)."""
-        x = x + self.attn.extend(self.norm1(x), cos, sin, cache, start, causal)
-        return x + self.mlp(self.norm2(x))
+
+class StateCarry(nn.Module):
+    """The state carried to the next segment, from the memory rows S the segment read and the
+    global stack's output C on the segment's rows (B, t, d).
+
+    The paper carries C. With `state_gate` it carries g * S + (1 - g) * C, g = sigmoid(W [S ; C] + b)
+    per row and channel, so a row whose gate saturates at 1 is carried unchanged for any number
+    of segments. With `state_norm` the result is RMS-normalised with no learned scale, so its
+    norm cannot grow segment after segment and normalising twice changes nothing.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.state_gate else None
+        self.norm_eps = cfg.norm_eps if cfg.state_norm else None
+
+    def forward(self, memory, x):
+        if self.gate is not None:
+            old = memory[:, :x.shape[1]]  # the rows aligned with the segment's (all l when t = l)
+            g = torch.sigmoid(self.gate(torch.cat([old, x], dim=-1)))
+            x = g * old + (1 - g) * x
+        return x if self.norm_eps is None else F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
@@ -136,6 +133,12 @@ class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the ten
 
 
 class FoldedLM(nn.Module):
+    """`model(ids, state, reset, targets)` reads one segment; `forward_stream` a whole document.
+
+    The surface decoding uses (generate.py): `embed`, `local_blocks`, `global_blocks`, `rotary`,
+    `memory`, `next_state`, `head`.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -144,9 +147,7 @@ class FoldedLM(nn.Module):
         self.global_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_global))
         # S0: the state every document starts from, learned.
         self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
-        self.state_norm = (nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, elementwise_affine=False)
-                           if cfg.recurrent and cfg.state_norm else None)
-        self.state_gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.recurrent and cfg.state_gate else None
+        self.carry = StateCarry(cfg) if cfg.recurrent else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -186,12 +187,17 @@ class FoldedLM(nn.Module):
             return self.checkpoint_fn(block, x, cos, sin, n_mem)
         return block(x, cos, sin, n_mem)
 
-    def initial_state(self, batch_size: int) -> torch.Tensor:
-        return self.s0.unsqueeze(0).expand(batch_size, -1, -1)  # (B, l, d)
+    def embed(self, ids) -> torch.Tensor:
+        return self.drop(self.tok_emb(ids))  # (B, t, d)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, hs) of positions (n,) in [0, 2l): 0..l-1 are the memory rows' in the global stack."""
+        return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
     def memory(self, state, reset, batch_size: int, dtype) -> torch.Tensor:
-        """The memory rows a segment reads: the carried state, or S0 where a document starts."""
-        s0 = self.initial_state(batch_size).to(dtype)
+        """The memory rows a segment reads (B, l, d): the carried state, or S0 where a document
+        starts (reset, (B,) bool), and always S0 in the local-only ablation."""
+        s0 = self.s0.unsqueeze(0).expand(batch_size, -1, -1).to(dtype)
         if state is None or not self.cfg.use_state:
             return s0
         if reset is not None:
@@ -201,12 +207,10 @@ class FoldedLM(nn.Module):
     def next_state(self, memory, x) -> torch.Tensor:
         """The state to carry, from the memory rows the segment read and the global stack's output
         x (B, t, d) on the segment's rows."""
-        new_state = x
-        if self.state_gate is not None:
-            old = memory[:, :x.shape[1]]  # the rows aligned with the segment's (all l when t = l)
-            g = torch.sigmoid(self.state_gate(torch.cat([old, x], dim=-1)))
-            new_state = g * old + (1 - g) * x
-        return new_state if self.state_norm is None else self.state_norm(new_state)
+        return self.carry(memory, x)
+
+    def head(self, x) -> torch.Tensor:
+        return self.lm_head(self.norm(x))  # (B, t, V)
 
     def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
         """One segment. ids (B, t) with t <= l; state (B, l, d) or None (all streams start a
@@ -216,20 +220,20 @@ class FoldedLM(nn.Module):
         l = self.cfg.segment_len
         if t > l:
             raise ValueError(f"segment of {t} tokens is longer than segment_len={l}; use forward_stream")
-        x = self.drop(self.tok_emb(ids))  # (B, t, d)
+        x = self.embed(ids)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         for block in self.local_blocks:
             x = self._run(block, x, cos, sin, 0)
         new_state = None
         if self.cfg.recurrent:
-            state = self.memory(state, reset, B, x.dtype)
-            z = torch.cat([state, x], dim=1)  # (B, l + t, d): [memory ; current]
+            memory = self.memory(state, reset, B, x.dtype)
+            z = torch.cat([memory, x], dim=1)  # (B, l + t, d): [memory ; current]
             cos, sin = self.rope_cos[:l + t], self.rope_sin[:l + t]
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
-            new_state = self.next_state(state, x)
-        logits = self.lm_head(self.norm(x))  # (B, t, V)
+            new_state = self.next_state(memory, x)
+        logits = self.head(x)
         loss = n = token_loss = None
         if targets is not None:
             n = (targets != -100).sum()  # a tensor: no host sync in the training step
@@ -238,61 +242,30 @@ class FoldedLM(nn.Module):
             loss = token_loss.sum() / n.clamp(min=1)
         return LMOutput(logits, loss, new_state, n, token_loss)
 
-    def forward_stream(self, ids, targets=None, state=None, keep_logits=True) -> LMOutput:
-        """Any length T, segment by segment with the carried state; the last segment may be short.
-
-        Gradients flow through the state for `bptt_segments` segments, then it is detached. The
-        returned state is that after the last *complete* segment (a state has l rows); under
-        torch.no_grad() with keep_logits=False memory does not grow with T.
+    def forward_stream(self, ids, targets=None, state=None, reset=None, bptt=None, keep_logits=True,
+                       step=None) -> LMOutput:
+        """Any length T, segment by segment with the carried state (`segments`): logits (B, T, V)
+        (None unless keep_logits), the mean loss over all counted targets, token_loss (B, T), and
+        the state after the last *complete* segment, detached. bptt defaults to the config's
+        bptt_segments; `step` (default: this model) runs one segment, e.g. a DeepSpeed engine
+        wrapping it. Under torch.no_grad() with keep_logits=False memory does not grow with T.
         """
-        l = self.cfg.segment_len
-        all_logits, token_losses, total, count = [], [], 0.0, 0
-        for i, start in enumerate(range(0, ids.shape[1], l)):
-            seg_targets = None if targets is None else targets[:, start:start + l]
-            out = self(ids[:, start:start + l], state=state, targets=seg_targets)
+        step = self if step is None else step
+        bptt = self.cfg.bptt_segments if bptt is None else bptt
+        logits, token_losses, total, count = [], [], 0.0, 0
+        for out in segments(step, ids, self.cfg.segment_len, targets, state, reset, bptt):
             if keep_logits:
-                all_logits.append(out.logits)
+                logits.append(out.logits)
             if targets is not None:
                 token_losses.append(out.token_loss)
                 total, count = total + out.loss * out.n_tokens, count + out.n_tokens
-            if out.state is not None and out.state.shape[1] == l:
-                state = out.state.detach() if (i + 1) % self.cfg.bptt_segments == 0 else out.state
+            if out.state is not None and out.state.shape[1] == self.cfg.segment_len:
+                state = out.state
+        state = None if state is None else state.detach()
+        logits = torch.cat(logits, dim=1) if keep_logits else None
         if targets is None:
-            return LMOutput(torch.cat(all_logits, dim=1) if keep_logits else None, None, state)
-        return LMOutput(torch.cat(all_logits, dim=1) if keep_logits else None, total / count.clamp(min=1),
-                        state, count, torch.cat(token_losses, dim=1))
-
-    @torch.no_grad()
-    def stream_generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Yield (B,) token ids one at a time. Memory is constant however long the prompt:
-        whole segments of the prompt only update the state, and the current segment is held as
-        cached keys and values (StreamDecoder), so a new token costs one row through each block.
-        The tokens are those of forward_stream's logits (a plain GPT's window restarts every l
-        tokens, as in forward_stream)."""
-        l = self.cfg.segment_len
-        n_whole = (ids.shape[1] - 1) // l * l  # keep >= 1 prompt token for the next-token logits
-        state = None
-        if n_whole and self.cfg.recurrent:
-            state = self.forward_stream(ids[:, :n_whole], keep_logits=False).state
-        decoder = StreamDecoder(self, state)
-        logits = decoder.feed(ids[:, n_whole:])[:, -1].float()
-        for i in range(max_new_tokens):
-            if temperature <= 0:
-                token = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-            yield token
-            if i + 1 < max_new_tokens:
-                logits = decoder.feed(token[:, None])[:, -1].float()
-
-    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """ids (B, T) -> (B, T + max_new_tokens)."""
-        new = list(self.stream_generate(ids, max_new_tokens, temperature, top_k, generator))
-        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+            return LMOutput(logits, None, state)
+        return LMOutput(logits, total / count.clamp(min=1), state, count, torch.cat(token_losses, dim=1))
 
     def save_pretrained(self, directory) -> None:
         from safetensors.torch import save_file
@@ -345,108 +318,28 @@ class FoldedLM(nn.Module):
         return model
 
 
-class StreamDecoder:
-    """Reads a stream a few tokens at a time with key/value caches (eval, no grad): the memory
-    rows' keys and values are computed once per segment, each new row is attended from the cache,
-    and the state is carried when a segment fills. `feed` returns forward_stream's logits for
-    those tokens, up to rounding.
+def segments(step, ids, segment_len: int, targets=None, state=None, reset=None, bptt: int = 1) -> Iterator[LMOutput]:
+    """The one loop over a document's segments: every training, evaluation and experiment walk
+    of a sequence goes through it.
 
-    The caches are buffers of fixed shape, so on a GPU a one-token feed replays a CUDA graph of
-    the whole step, captured on first use: a token costs one launch instead of hundreds.
-    Attention avoids the cuDNN backend, which plans anew for each key length (ms a call)."""
+    ids, targets (B, T) are cut into segments of segment_len (the last may be short); reset
+    (B, n_segments) bool or None marks a document's first segment per stream; `step(ids, state=,
+    reset=, targets=)` runs one segment (a FoldedLM, or a DeepSpeed engine around one). Yields
+    each segment's LMOutput. The state is carried from every complete segment to the next.
 
-    BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-    def __init__(self, model: FoldedLM, state=None, use_graph=None):
-        """use_graph: replay one-token feeds as a CUDA graph (default: when the ids are on a GPU)."""
-        self.model, self.state, self.use_graph = model, state, use_graph
-        self.t, self.caches, self.graph = 0, None, None
-
-    def _allocate(self, ids, dtype):
-        m, cfg = self.model, self.model.cfg
-        B, l = ids.shape[0], cfg.segment_len
-
-        def kv(length):
-            return tuple(torch.zeros(B, cfg.n_head, length, cfg.head_dim, device=ids.device, dtype=dtype)
-                         for _ in range(2))
-        self.caches = ([kv(l) for _ in m.local_blocks], [kv(2 * l) for _ in m.global_blocks])
-        self.outputs = torch.zeros(B, l, cfg.d_model, device=ids.device, dtype=dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=ids.device)
-        if self.use_graph is None:
-            self.use_graph = ids.is_cuda
-
-    @torch.no_grad()
-    def feed(self, ids) -> torch.Tensor:
-        """ids (B, n), n <= l - (tokens already in this segment) -> logits (B, n, V)."""
-        n, left = ids.shape[1], self.model.cfg.segment_len - self.t
-        if not 1 <= n <= left:
-            raise ValueError(f"{n} tokens do not fit the {left} left in this segment")
-        with sdpa_kernel(self.BACKENDS):
-            if self.caches is None:
-                self._allocate(ids, self.model.tok_emb.weight.dtype)
-            if self.t == 0:
-                self._read_memory(ids.shape[0])
-            if n == 1 and self.use_graph:
-                logits = self._replay(ids)
-            elif n == 1:
-                self.pos.fill_(self.t)
-                logits = self._step(ids, self.pos)
-            else:
-                logits = self._step(ids, self.t)
-        self.t += n
-        if self.t == self.model.cfg.segment_len:
-            if self.model.cfg.recurrent:
-                # a copy: the outputs buffer is overwritten by the next segment
-                self.state = self.model.next_state(self.memory_rows, self.outputs.clone())
-            self.t = 0
-        return logits
-
-    def _read_memory(self, batch_size):
-        """A new segment: the memory rows' keys and values (they see only memory keys)."""
-        m, l = self.model, self.model.cfg.segment_len
-        if m.cfg.recurrent:
-            self.memory_rows = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
-            for block, cache in zip(m.global_blocks, self.caches[1]):
-                z = block.extend(z, m.rope_cos[:l], m.rope_sin[:l], cache, 0, causal=False)
-
-    def _step(self, ids, start):
-        """Rows at positions start.. of the segment (start an int, or a 0-d tensor for one row)."""
-        m, l = self.model, self.model.cfg.segment_len
-        x = m.tok_emb(ids)
-        n = ids.shape[1]
-
-        def tables(first):  # the rotary rows of positions first..first + n - 1
-            if isinstance(first, int):
-                return m.rope_cos[first:first + n], m.rope_sin[first:first + n]
-            return m.rope_cos.index_select(0, first.view(1)), m.rope_sin.index_select(0, first.view(1))
-        cos, sin = tables(start)
-        for block, cache in zip(m.local_blocks, self.caches[0]):
-            x = block.extend(x, cos, sin, cache, start)
-        if m.cfg.recurrent:
-            cos, sin = tables(l + start)
-            for block, cache in zip(m.global_blocks, self.caches[1]):
-                x = block.extend(x, cos, sin, cache, l + start)
-            if isinstance(start, int):
-                self.outputs[:, start:start + n] = x
-            else:
-                self.outputs.index_copy_(1, start.view(1), x)
-        return m.lm_head(m.norm(x))
-
-    def _replay(self, ids):
-        """One token through the captured graph (captured on first use). Its inputs are copied
-        into fixed buffers; the step writes the same cache rows and outputs as _step would."""
-        if self.graph is None:
-            self.ids = ids.clone()
-            self.pos.fill_(self.t)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # a warm-up run, as capture requires: it does this token's work
-                self._step(self.ids, self.pos)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step(self.ids, self.pos)
-        self.ids.copy_(ids)
-        self.pos.fill_(self.t)
-        self.graph.replay()
-        return self.logits.clone()
+    Truncated back-propagation has one meaning: gradients flow back through the state over the
+    last `bptt` segments of the call, i.e. the state entering segment i is detached unless
+    i > n_segments - bptt. bptt = 1 detaches it between all segments; bptt >= n_segments keeps
+    the whole chain (and the gradient into an incoming state that requires it).
+    """
+    T = ids.shape[1]
+    n = -(-T // segment_len)
+    for i, start in enumerate(range(0, T, segment_len)):
+        if state is not None and i <= n - bptt:
+            state = state.detach()
+        end = start + segment_len
+        out = step(ids[:, start:end], state=state, reset=None if reset is None else reset[:, i],
+                   targets=None if targets is None else targets[:, start:end])
+        yield out
+        if out.state is not None and out.state.shape[1] == segment_len:
+            state = out.state

@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from foldscale import checkpoint as ckpt
 from foldscale.config import ConfigError, DataConfig, FoldscaleError, ModelConfig, TrainConfig
-from foldscale.data import SegmentStreamSampler
+from foldscale.data import Batch, SegmentStreamSampler
 from foldscale.engine import build_engine
-from foldscale.metrics import PositionLoss, Throughput, Writer, format_eta, peak_memory_gib, plot_position_loss
+from foldscale.metrics import MetricsLogger, PositionLoss, Throughput, peak_memory_gib, plot_position_loss
 from foldscale.model import FoldedLM
 
 
@@ -24,6 +24,15 @@ class TrainingError(FoldscaleError):
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def take(sampler: SegmentStreamSampler, k: int) -> Batch:
+    """The next k segments of every stream as one Batch: ids and targets (B, k * l), reset and
+    seg_index (B, k)."""
+    batches = [next(sampler) for _ in range(k)]
+    return Batch(torch.cat([b.ids for b in batches], dim=1), torch.cat([b.targets for b in batches], dim=1),
+                 torch.stack([b.reset for b in batches], dim=1), torch.stack([b.seg_index for b in batches], dim=1),
+                 sum(b.n_tokens for b in batches))
 
 
 class Trainer:
@@ -41,41 +50,45 @@ class Trainer:
         self.streams = ds_config["train_micro_batch_size_per_gpu"]
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.sampler = SegmentStreamSampler(store, "train", rank, world_size, self.streams,
-                                            model_cfg.segment_len, data_cfg.seed)
+                                            model_cfg.segment_len, train_cfg.seed)
         self.state = None  # (B, l, d) carried state of this rank's streams, on the device
         self.step, self.tokens_seen, self.bad_in_a_row = 0, 0, 0
         self.grad_norm = None  # of the last logged step
         self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
         self.stop_requested = False
-        self.position_loss = PositionLoss(self.device)
-        self.writer = Writer(self.out / "tensorboard", rank)
+        self.train_loss = PositionLoss(self.device)  # since the run (re)started, for the plot
+        self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
+        self.summary = {}  # the latest value of every metric logged
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size}
 
     def log(self, message: str):
-        if self.rank == 0:
-            print(message, flush=True)
+        self.logger.message(message)
 
-    def record(self, values: dict):
-        """Append one line to RUN/metrics.jsonl (rank 0): the numbers of the console, unrounded."""
-        if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(values) + "\n")
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step. A token is one position of one stream's segment that the
+        model reads, padding included, on any rank: the unit of tokens_seen, tokens/s and MFU."""
+        return self.world_size * self.grad_accum * self.streams * self.model_cfg.bptt_segments * self.model_cfg.segment_len
 
-    def train(self):
-        """Train until cfg.steps, saving every save_every steps, at the end and on SIGTERM/SIGINT."""
+    def train(self) -> dict:
+        """Train until cfg.steps, saving every save_every steps, at the end and on SIGTERM/SIGINT.
+        Returns the latest value of every metric logged ({"train/loss": ..., "val/loss": ...,
+        "train/tokens_per_s": ..., "step": ...}): what a benchmark or experiment reads."""
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._train()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return {"step": self.step, **self.summary}
 
     def _train(self):
         self.out.mkdir(parents=True, exist_ok=True)
+        self.logger.rewind(self.step)
         self.engine.train()
-        speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step)
+        speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step, self.cfg.peak_tflops)
         loss_window = PositionLoss(self.device)
         self.log(f"training from step {self.step} to {self.cfg.steps}: {self.world_size} rank(s) x "
                  f"{self.streams} streams x {self.model_cfg.segment_len} tokens, "
@@ -83,10 +96,10 @@ class Trainer:
         while self.step < self.cfg.steps and not self.stop_requested:
             self.train_step(loss_window)
             self.step += 1
-            speed.add(self.world_size * self.grad_accum * self.model_cfg.bptt_segments
-                      * self.streams * self.model_cfg.segment_len)
+            speed.add(self.tokens_per_step)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 self.log_metrics(loss_window, speed.rate(self.step, self.world_size))
+                self.train_loss.merge(loss_window)
                 loss_window = PositionLoss(self.device)
             if self.step % self.cfg.eval_every == 0 and len(self.store.docs("val")):
                 self.evaluate()
@@ -108,19 +121,16 @@ class Trainer:
                 return
 
     def micro_step(self, loss_window: PositionLoss) -> bool:
-        """bptt_segments consecutive segments of every stream, one backward, then detach.
-        Returns False when the micro-batch was skipped: no backward, no engine.step(), so
-        DeepSpeed's counters and the schedule do not move."""
-        total = count = 0
-        for _ in range(self.model_cfg.bptt_segments):
-            batch = next(self.sampler).to(self.device)
-            out = self.engine(batch.ids, state=self.state, reset=batch.reset, targets=batch.targets)
-            total, count = total + out.loss * out.n_tokens, count + out.n_tokens
-            self.state = out.state
-            loss_window.add(out.token_loss, batch.targets, batch.seg_index)
-            self.position_loss.add(out.token_loss, batch.targets, batch.seg_index)
-            self.tokens_seen += batch.n_tokens
-        loss = total / count.clamp(min=1)
+        """bptt_segments consecutive segments of every stream, one backward through all of them
+        (the carried state comes in detached). Returns False when the micro-batch was skipped: no
+        backward, no engine.step(), so DeepSpeed's counters and the schedule do not move."""
+        k = self.model_cfg.bptt_segments
+        batch = take(self.sampler, k).to(self.device)
+        out = self.engine.module.forward_stream(batch.ids, batch.targets, self.state, batch.reset, bptt=k,
+                                                keep_logits=False, step=self.engine)
+        loss, self.state = out.loss, out.state
+        loss_window.add(out.token_loss, batch.targets, batch.seg_index)
+        self.tokens_seen += self.tokens_per_step // self.grad_accum
         # One small all-reduce per micro-step: every rank must take the same branch below.
         flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop_requested), device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -134,15 +144,13 @@ class Trainer:
                 raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step + 1}; "
                                     f"the last good checkpoint is in {self.ckpt_root}. Lower the learning rate "
                                     "or check the data, then resume with --resume auto")
-            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0).detach()
+            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
             return False
         self.bad_in_a_row = 0
         self.engine.backward(loss)
         if self.engine.is_gradient_accumulation_boundary() and (self.step + 1) % self.cfg.log_every == 0:
             self.grad_norm = self._grad_norm()
         self.engine.step()
-        if self.state is not None:
-            self.state = self.state.detach()
         return True
 
     def _grad_norm(self) -> float | None:
@@ -160,7 +168,7 @@ class Trainer:
         values = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
                   "train/lr": self.engine.get_lr()[0], "train/tokens_per_s": rate["tokens_per_s"],
                   "train/tflops_per_gpu": rate["tflops_per_gpu"], "train/padding_fraction": self.sampler.pad_fraction,
-                  "train/tokens_seen": self.tokens_seen}
+                  "train/tokens_seen": self.tokens_seen, "train/eta_s": rate["eta_s"]}
         if self.grad_norm is not None:
             values["train/grad_norm"] = self.grad_norm
         if self.state is not None:
@@ -169,36 +177,29 @@ class Trainer:
             values["train/mfu"] = rate["mfu"]
         values.update({f"memory/peak_{k}_gib": v for k, v in peak_memory_gib().items()})
         values.update({f"train_by_segment/{k}": v for k, v in table.items()})
-        self.writer.scalars(values, self.step)
-        self.record({"step": self.step, **values})
-        mfu = f" | {rate['mfu']:.1%} MFU" if "mfu" in rate else ""
-        self.log(f"step {self.step}/{self.cfg.steps} | loss {loss:.4f} | {rate['tokens_per_s']:,.0f} tok/s"
-                 f" | {rate['tflops_per_gpu']:.2f} TFLOP/s per rank{mfu} | eta {format_eta(rate['eta_s'])}")
+        self.logger.log(self.step, values)
+        self.summary.update(values)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss and loss by segment index on the held-out split, from its start."""
         self.engine.eval()
         sampler = SegmentStreamSampler(self.store, "val", self.rank, self.world_size, self.streams,
-                                       self.model_cfg.segment_len, self.data_cfg.seed)
-        acc, state = PositionLoss(self.device), None
-        for _ in range(self.cfg.eval_segments):
-            batch = next(sampler).to(self.device)
-            out = self.engine(batch.ids, state=state, reset=batch.reset, targets=batch.targets)
-            state = out.state
-            acc.add(out.token_loss, batch.targets, batch.seg_index)
+                                       self.model_cfg.segment_len, self.cfg.seed)
+        batch = take(sampler, self.cfg.eval_segments).to(self.device)
+        out = self.engine.module.forward_stream(batch.ids, batch.targets, reset=batch.reset, keep_logits=False,
+                                                step=self.engine)
+        acc = PositionLoss(self.device)
+        acc.add(out.token_loss, batch.targets, batch.seg_index)
         self.engine.train()
         loss, table = acc.summary(all_reduce_sum)
-        _, train_table = self.position_loss.summary(all_reduce_sum)
+        _, train_table = self.train_loss.summary(all_reduce_sum)
         values = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50)),
                   **{f"val_by_segment/{k}": v for k, v in table.items()}}
-        self.writer.scalars(values, self.step)
-        self.record({"step": self.step, **values})
-        if self.rank == 0:
-            self.writer.figure("loss_by_segment", plot_position_loss({"train (since start)": train_table, "val": table}),
-                               self.step)
-        self.log(f"step {self.step} | val loss {loss:.4f} | by segment: "
-                 + ", ".join(f"{k}: {v:.3f}" for k, v in table.items()))
+        self.logger.log(self.step, values)
+        self.summary.update(values)
+        self.logger.figure(self.step, "loss_by_segment",
+                           lambda: plot_position_loss({"train (since start)": train_table, "val": table}))
         return table
 
     def _request_stop(self, signum, frame):
@@ -256,6 +257,4 @@ class Trainer:
         return True
 
     def close(self):
-        self.writer.close()
-        dist.barrier()
-        dist.destroy_process_group()
+        self.logger.close()

@@ -1,65 +1,81 @@
 """Pretrain a folded model.
 
-    deepspeed launch/pretrain.py --ds_config ds_configs/24gb.json [--model PRESET|model.json]
+    deepspeed launch/pretrain.py --ds-config ds_configs/24gb.json [--model PRESET|model.json]
         [--data STORE] [--out RUN_DIR] [--steps N] [--resume auto|PATH]
-    mpirun -n 2 python launch/pretrain.py --ds_config ds_configs/cpu.json ...
-    python launch/pretrain.py --ds_config ds_configs/cpu.json          # one process
+    mpirun -n 2 python launch/pretrain.py --ds-config ds_configs/cpu.json ...
+    python launch/pretrain.py --ds-config ds_configs/cpu.json          # one process
 
 With no --data, the built-in corpus (the Python standard library's source) is built once and used.
+Flags are spelled with dashes; the underscore spellings (--ds_config) work too.
 """
 import argparse
 import dataclasses
 import sys
 
-from foldscale.config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
-from foldscale.data import StoreError, TokenStore, default_store
-from foldscale.engine import init_distributed, load_ds_config
-from foldscale.trainer import Trainer, TrainingError
+from foldscale.config import PRESETS, DataConfig, FoldscaleError, ModelConfig, TrainConfig
+from foldscale.data import TokenStore, default_store
+from foldscale.engine import close_distributed, init_distributed, load_ds_config
+from foldscale.trainer import Trainer
+
+HELP = {"steps": "optimizer steps; a schedule's total_num_steps \"auto\" follows it",
+        "eval_segments": "validation segments per stream at each evaluation",
+        "max_bad_steps": "consecutive non-finite losses tolerated before the run stops",
+        "seed": "seeds the model's initialisation, dropout and the dealing of documents to streams",
+        "peak_tflops": "per-GPU matrix-product ceiling for MFU (800: bf16 measured on the H100)",
+        "gpu_mem_gib": "cap each process's GPU memory to emulate a smaller card, e.g. 24"}
+
+
+def flag(name: str) -> list[str]:
+    """--dashed-name and its underscore alias."""
+    return [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", required=True, help="DeepSpeed JSON: batch, ZeRO, precision, optimizer")
+    p.add_argument(*flag("ds_config"), required=True, help="DeepSpeed JSON: batch, ZeRO, precision, optimizer")
     p.add_argument("--model", default="default", help="a preset (foldscale info PRESET) or a model .json")
     p.add_argument("--data", help="token store from `foldscale prepare` (default: the built-in corpus)")
-    p.add_argument("--out", default=TrainConfig.out, help="run directory: checkpoints, TensorBoard")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out, if any) or a checkpoint dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    p.add_argument("--collective_timeout", type=float, default=600.0,
+    p.add_argument(*flag("collective_timeout"), type=float, default=600.0,
                    help="seconds before a collective fails (so a dead rank stops the others)")
-    for f in ("steps", "log_every", "eval_every", "eval_segments", "save_every", "keep_last", "max_bad_steps", "seed"):
-        p.add_argument(f"--{f}", type=int, default=getattr(TrainConfig, f))
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    p.add_argument("--bptt_segments", type=int, help="override the model's bptt_segments")
-    p.add_argument("--streams_per_rank", type=int,
-                   help="must equal the DeepSpeed JSON's train_micro_batch_size_per_gpu if given")
+    p.add_argument(*flag("bptt_segments"), type=int, help="override the model's bptt_segments")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is bool:
+            p.add_argument(*flag(f.name), action="store_true", help=f.name)
+        else:
+            kind = {int: int, str: str}.get(f.type, float)
+            p.add_argument(*flag(f.name), type=kind, default=f.default, help=HELP.get(f.name))
     return p.parse_args(argv)
 
 
-def open_store(data):
-    return TokenStore.open(data if data else default_store())
+def run(args):
+    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    rank, world_size = init_distributed(args.collective_timeout, train_cfg.gpu_mem_gib)
+    ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps)
+    store = TokenStore.open(args.data or default_store())
+    # A preset is a shape: its vocabulary comes with the data. A model .json must match the data.
+    vocab = store.vocab_size if args.model in PRESETS else None
+    model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=vocab)
+    store.check_compatible(model_cfg.vocab_size)
+    trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size)
+    try:
+        if args.resume:
+            trainer.resume(args.resume)
+        trainer.train()
+    finally:
+        trainer.close()
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        data_cfg = DataConfig(store=args.data, streams_per_rank=args.streams_per_rank, seed=args.seed)
-        model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments)
-        rank, world_size = init_distributed(args.collective_timeout)
-        ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps, data_cfg.streams_per_rank)
-        store = open_store(args.data)
-        if args.model in PRESETS:
-            model_cfg.vocab_size = store.vocab_size  # a preset is a shape; the vocabulary comes with the data
-        store.check_compatible(model_cfg.vocab_size)
-        trainer = Trainer(model_cfg, data_cfg, train_cfg, ds_config, store, rank, world_size)
-        if args.resume:
-            trainer.resume(args.resume)
-        trainer.train()
-        trainer.close()
-    except (ConfigError, StoreError, TrainingError) as e:
+        run(args)
+    except FoldscaleError as e:
         print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ def dist():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_trains_a_step(path, dist):
-    cfg = load_ds_config(path, world_size=1, steps=10)
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 10  # "auto" filled from --steps
+    cfg = load_ds_config(path, world_size=1, steps=1000)
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 1000  # "auto" filled from --steps
     cfg["scheduler"]["params"]["warmup_min_ratio"] = 1.0  # full lr from step 1: two steps move bf16 weights
     torch.manual_seed(0)
     engine = build_engine(FoldedLM(ModelConfig(**TINY)), cfg)
@@ -61,7 +61,9 @@ def write(tmp_path, **changes):
     (dict(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}), {}, "offload_param needs zero_optimization.stage 3"),
     (dict(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}), {}, "offload_optimizer needs"),
     (dict(fp16={"enabled": True}), {}, "fp16.enabled is true but there is no GPU"),
-    (dict(), dict(streams_per_rank=4), "streams per rank is set twice"),
+    (dict(), {}, "warmup_num_steps=50 is not shorter than the schedule (total_num_steps=10"),
+    (dict(scheduler={"type": "WarmupCosineLR", "params": {"total_num_steps": 40, "warmup_num_steps": 40}}), {},
+     "lower it, e.g. to 4"),
     (dict(optimizer=None), {}, "add an \"optimizer\" section"),
     (dict(activation_checkpointing={"cpu_checkpointing": True}), {}, "cpu_checkpointing is not supported"),
 ])
@@ -86,9 +88,9 @@ def test_unreadable_configs_are_refused(tmp_path):
 
 def test_batch_size_multiplies_out_over_ranks(tmp_path):
     path = write(tmp_path, train_batch_size=32, gradient_accumulation_steps=2)
-    assert load_ds_config(path, world_size=2, steps=10)["train_batch_size"] == 32
+    assert load_ds_config(path, world_size=2, steps=100)["train_batch_size"] == 32
     with pytest.raises(ConfigError, match="x 1 ranks = 16"):
-        load_ds_config(path, world_size=1, steps=10)
+        load_ds_config(path, world_size=1, steps=100)
 
 
 def test_deepspeed_activation_checkpointing_gives_same_gradients(dist):

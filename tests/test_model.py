@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import math
 
@@ -6,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from foldscale.config import ModelConfig
-from foldscale.model import Attention, FoldedLM, ModelFileError, StreamDecoder, rope_tables
+from foldscale.generate import StreamDecoder, generate
+from foldscale.model import Attention, FoldedLM, ModelFileError, rope_tables, segments
 
 
 def make(**kw):
@@ -63,13 +65,31 @@ def test_state_is_a_recurrence_not_a_cache():
 
 
 def test_local_only_ablation_forgets_previous_segments():
-    model = make(use_state=False)
+    folded = make()
+    model = FoldedLM(folded.cfg.local_only()).eval()
+    model.load_state_dict(folded.state_dict())  # the same weights, the state cut
     ids = randint(1, 24)
     changed = ids.clone()
     changed[0, 2] += 1
     a, b = model.forward_stream(ids).logits, model.forward_stream(changed).logits
     torch.testing.assert_close(a[:, 8:], b[:, 8:], rtol=0, atol=0)
     assert not torch.allclose(a[:, 2:8], b[:, 2:8])
+    torch.testing.assert_close(a[:, :8], folded.forward_stream(ids).logits[:, :8], rtol=0, atol=0)
+
+
+def test_full_attention_variant_is_a_plain_gpt_over_its_window():
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_head=4, n_local=1, n_global=2, segment_len=8,
+                      bptt_segments=2, state_gate=True, state_norm=True)
+    base = cfg.full_attention(24)
+    assert (base.n_local, base.n_global, base.segment_len, base.bptt_segments) == (3, 0, 24, 1)
+    assert base.num_params() == cfg.num_params() - cfg.param_counts()["global"] + 2 * cfg.block_params()
+    model = FoldedLM(base).eval()
+    ids = randint(1, 24)
+    changed = ids.clone()
+    changed[0, 0] += 1  # the first token still reaches the last one, 23 tokens later
+    assert not torch.allclose(model(ids).logits[:, -1], model(changed).logits[:, -1])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 64
 
 
 def test_reset_gives_a_fresh_document():
@@ -89,6 +109,7 @@ def test_forward_stream_equals_segment_loop():
     ids, targets = randint(3, 29, seed=4), randint(3, 29, seed=5)
     targets[0, 10:] = -100
     stream = model.forward_stream(ids, targets=targets)
+    assert not stream.state.requires_grad  # a state handed back is always detached
     state, logits, total, n = None, [], 0.0, 0
     for s in range(0, 29, 8):
         out = model(ids[:, s:s + 8], state=state, targets=targets[:, s:s + 8])
@@ -111,15 +132,33 @@ def test_loss_ignores_padding_and_matches_cross_entropy():
     assert model(ids, targets=torch.full_like(targets, -100)).loss.item() == 0.0
 
 
-@pytest.mark.parametrize("bptt,reaches", [(1, False), (2, True)])
-def test_bptt_through_the_state(bptt, reaches):
-    model = make(bptt_segments=bptt).train()
+@pytest.mark.parametrize("bptt", [1, 2, 3, 5, 6])
+def test_bptt_means_the_last_k_segments_of_the_backward(bptt):
+    """The one meaning of bptt: the loss of the last segment reaches back through the state over
+    the last `bptt` segments. Each segment's input embedding gets a gradient from the last
+    segment's loss only if it is one of those."""
+    model = make().train()
+    n = 5
+    ids = randint(2, 8 * n)
+    targets = randint(2, 8 * n, seed=2)
+    targets[:, :8 * (n - 1)] = -100  # only the last segment is scored
+    x = model.tok_emb(ids).detach().requires_grad_()
+    model.embed = lambda chunk, pieces=iter(x.split(8, dim=1)): next(pieces)
+    model.forward_stream(ids, targets=targets, bptt=bptt).loss.backward()
+    reached = [bool(g.abs().sum() > 0) for g in x.grad.split(8, dim=1)]
+    assert reached == [i >= n - bptt for i in range(n)]
+
+
+def test_bptt_defaults_to_the_config_and_segments_detaches_by_position():
+    model = make(bptt_segments=2).train()
     ids, targets = randint(2, 16), randint(2, 16, seed=2)
     targets[:, :8] = -100  # only segment 1 is scored
     model.forward_stream(ids, targets=targets).loss.backward()
-    # S0 enters segment 0 only; segment 1 sees it only through the carried state.
-    grad = model.s0.grad
-    assert (grad is not None and grad.abs().sum() > 0) == reaches
+    assert model.s0.grad.abs().sum() > 0  # segment 1 reaches S0 through the carried state
+    state = torch.randn(2, 8, 32, requires_grad=True)
+    outs = list(segments(model, ids, 8, targets=targets, state=state, bptt=3))
+    outs[-1].loss.backward()
+    assert state.grad is not None and state.grad.abs().sum() > 0  # bptt > segments: the chain is whole
 
 
 def reference_gpt(model, ids):
@@ -200,7 +239,7 @@ def test_stream_decoder_gives_forward_stream_logits(kw):
 def test_greedy_generate_matches_forward_stream(n_global):
     model = make(n_global=n_global)
     ids = randint(2, 13)
-    out = model.generate(ids, max_new_tokens=12, temperature=0)
+    out = generate(model, ids, max_new_tokens=12, temperature=0)
     seq = ids
     for _ in range(12):
         nxt = model.forward_stream(seq).logits[:, -1].argmax(-1, keepdim=True)
@@ -211,9 +250,9 @@ def test_greedy_generate_matches_forward_stream(n_global):
 def test_generate_is_deterministic_under_a_seed():
     model = make()
     ids = randint(1, 20)
-    a = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
-    c = model.generate(ids, 10, top_k=5, generator=torch.Generator().manual_seed(8))
+    a = generate(model, ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = generate(model, ids, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    c = generate(model, ids, 10, top_k=5, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and a.shape == (1, 30)
     assert not torch.equal(a, c)
 
@@ -243,9 +282,7 @@ def test_tampered_files_are_refused(tmp_path):
     with pytest.raises(ModelFileError, match="model.safetensors: missing"):
         FoldedLM.from_pretrained(tmp_path / "m")
     weights.write_bytes(data)
-    cfg = make().cfg
-    cfg.d_model = 64
-    cfg.to_json(tmp_path / "m" / "config.json")
+    dataclasses.replace(make().cfg, d_model=64).to_json(tmp_path / "m" / "config.json")
     with pytest.raises(ModelFileError, match="does not match.*wrong shapes"):
         FoldedLM.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")
@@ -260,8 +297,7 @@ def test_parameter_count_matches_formula(kw):
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
     counts = model.cfg.param_counts()
     assert counts["local"] == sum(p.numel() for p in model.local_blocks.parameters())
-    glob = sum(p.numel() for m in (model.global_blocks, model.state_norm, model.state_gate) if m is not None
-               for p in m.parameters())
+    glob = sum(p.numel() for m in (model.global_blocks, model.carry) if m is not None for p in m.parameters())
     glob += model.s0.numel() if model.s0 is not None else 0
     assert counts["global"] == glob
 
@@ -292,10 +328,10 @@ def test_state_gate_is_a_highway_between_old_and_new_state(bias, keeps_state):
     segment; held shut (g = 0) it carries the paper's state C."""
     model = make(n_global=2, state_gate=True, state_norm=True)
     plain = make(n_global=2, state_norm=True)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("state_gate")})
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("carry.gate")})
     with torch.no_grad():
-        model.state_gate.weight.zero_()
-        model.state_gate.bias.fill_(bias)
+        model.carry.gate.weight.zero_()
+        model.carry.gate.bias.fill_(bias)
     state = F.rms_norm(torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3)), (32,), eps=0.0)
     ids = randint(2, 8, seed=4)
     gated, paper = model(ids, state=state).state, plain(ids, state=state).state
@@ -313,10 +349,11 @@ def test_state_norm_is_idempotent():
     """No learned scale: normalising a normalised state changes nothing, so a carried row is not
     rescaled channel by channel once per segment."""
     model = make(state_norm=True)
-    assert not list(model.state_norm.parameters())
+    assert not list(model.carry.parameters())
     x = torch.randn(2, 8, 32) * 5
-    once = model.state_norm(x)
-    torch.testing.assert_close(model.state_norm(once), once, rtol=1e-4, atol=1e-4)  # eps = 1e-5 aside
+    memory = torch.randn(2, 8, 32)
+    once = model.next_state(memory, x)
+    torch.testing.assert_close(model.next_state(memory, once), once, rtol=1e-4, atol=1e-4)  # eps = 1e-5 aside
 
 
 def test_compiles_without_graph_breaks():
