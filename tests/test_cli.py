@@ -12,6 +12,7 @@ from foldscale.cli import main
 from foldscale.config import ModelConfig
 from foldscale.data import TokenStore, train_tokenizer, write_store
 from foldscale.metrics import bucket_label, bucket_of
+from foldscale.generate import generate
 from foldscale.model import FoldedLM
 
 L = 8  # the folded model's segment length; the baseline's is 2 L
@@ -63,7 +64,7 @@ def ok(*args):
 
 
 def refused(result, message):
-    assert result.exit_code != 0 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
 
 
@@ -94,7 +95,7 @@ def test_streamed_generation_matches_reading_everything_at_once(env, n_prompt):
     logits of one call."""
     model = FoldedLM.from_pretrained(env / "folded").eval()
     prompt = torch.randint(4, model.cfg.vocab_size, (2, n_prompt), generator=torch.Generator().manual_seed(n_prompt))
-    out = model.generate(prompt, 2 * L + 3, temperature=0)
+    out = generate(model, prompt, 2 * L + 3, temperature=0)
     with torch.no_grad():
         logits = model.forward_stream(out[:, :-1]).logits
         chosen = logits[:, n_prompt - 1:].gather(-1, out[:, n_prompt:, None]).squeeze(-1)
