@@ -31,10 +31,13 @@ def test_default_store_builds_once_and_reuses(tmp_path, monkeypatch, capsys):
     stale.mkdir(parents=True)  # left behind by an interrupted build
     path = default_store(**SMALL)
     assert path.parent.parent == tmp_path and path.name == "store"
-    assert "building the default corpus" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "building the built-in corpus" in out and "[1/2] tokenizer trained (" in out
+    assert "[2/2] built-in corpus ready (" in out
     assert not stale.exists()
-    store = TokenStore.open(path)
-    tok = Tokenizer(path.parent / "tokenizer.model")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["build.lock", "store"]
+    store = TokenStore.open(path).verify()
+    tok = Tokenizer(store.tokenizer_path)
     assert store.vocab_size == 512 and store.tokenizer_hash == tok.hash
     assert store.n_docs + store.meta["dropped_empty_docs"] == 25
     assert "stdlib" in store.meta["source"]
@@ -58,20 +61,22 @@ def test_concurrent_callers_build_once(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     paths = {line for out in outs for line in out.splitlines() if line.startswith("PATH")}
     assert len(paths) == 1
-    assert sum("building the default corpus" in out for out in outs) == 1
+    assert sum("building the built-in corpus" in out for out in outs) == 1
     TokenStore.open(paths.pop().split(" ", 1)[1])
 
 
 def test_cli_prepare_default(monkeypatch, tmp_path):
     calls = []
 
-    def fake(vocab_size, num_proc):
-        calls.append((vocab_size, num_proc))
+    def fake(vocab_size, max_files, num_proc, rebuild):
+        calls.append((vocab_size, max_files, num_proc, rebuild))
         return tmp_path / "store"
 
     monkeypatch.setattr(corpus, "default_store", fake)
     result = CliRunner().invoke(main, ["prepare", "--default", "--vocab-size", "4096"])
     assert result.exit_code == 0, result.output
-    assert str(tmp_path / "store") in result.output and calls == [(4096, None)]
+    assert str(tmp_path / "store") in result.output and calls == [(4096, None, None, False)]
+    again = CliRunner().invoke(main, ["prepare", "--default", "--overwrite", "--max-files", "9"])
+    assert again.exit_code == 0 and calls[-1] == (8192, 9, None, True)
     refused = CliRunner().invoke(main, ["prepare", "--default", "--input", "x.txt"])
-    assert refused.exit_code == 1 and "takes no --input" in refused.output
+    assert refused.exit_code == 2 and "takes no --input" in refused.output

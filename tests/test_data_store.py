@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from data_helpers import CODE_SAMPLE, random_docs, train_small_tokenizer
 from foldscale.cli import main
 from foldscale.data import store as store_mod
-from foldscale.data.store import StoreError, TokenStore, prepare, write_store
+from foldscale.data.store import DamagedStoreError, StoreError, TokenStore, prepare, write_store
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +90,19 @@ def test_open_refuses_truncated_tokens(small_store):
         TokenStore.open(store.path)
 
 
-def test_open_refuses_missing_meta_and_bad_offsets(small_store, tmp_path):
+def test_open_refuses_edited_old_and_missing_meta(small_store, tmp_path):
     store, _ = small_store
-    offsets = np.load(store.path / "offsets.npy")
-    offsets[3] = offsets[2]
-    np.save(store.path / "offsets.npy", offsets)
-    with pytest.raises(StoreError, match="offsets.npy"):
+    meta_file = store.path / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "n_docs": 49}, indent=2) + "\n")  # valid JSON
+    with pytest.raises(DamagedStoreError, match="meta.json does not match its own checksum"):
         TokenStore.open(store.path)
-    meta = json.loads((store.path / "meta.json").read_text())
-    del meta["fingerprint"]
-    (store.path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="meta.json lacks fingerprint"):
+    del meta["checksum"], meta["files"]
+    meta_file.write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(DamagedStoreError, match="meta.json has no checksum: .*older foldscale"):
         TokenStore.open(store.path)
-    (store.path / "meta.json").unlink()
-    with pytest.raises(StoreError, match="meta.json is missing.*foldscale prepare"):
+    meta_file.unlink()
+    with pytest.raises(DamagedStoreError, match="meta.json is missing.*foldscale prepare"):
         TokenStore.open(store.path)
     with pytest.raises(StoreError, match="not found"):
         TokenStore.open(tmp_path / "nowhere")
@@ -152,6 +152,38 @@ def test_prepare_refusals(tok, inputs, tmp_path):
     assert not list(tmp_path.glob("s.tmp-*"))
 
 
+def test_prepare_refuses_non_utf8_inputs_by_file_and_offset(tok, inputs, tmp_path):
+    bad = {"bad.txt": b"hello\nworld \xff\xfe\n",
+           "bad.jsonl": b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+           "bad.csv": b"text\nok\nbad \xff\n",
+           "python.bin": Path(sys.executable).read_bytes()[:4096]}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(StoreError, match=r"bad.txt is not UTF-8 text: byte 0xff at offset 12 "):
+        prepare([inputs / "b.txt", tmp_path / "bad.txt"], tok, tmp_path / "s")
+    with pytest.raises(StoreError, match=r"bad.jsonl is not UTF-8 text: byte 0xe9 at offset 28 "):
+        prepare(tmp_path / "bad.jsonl", tok, tmp_path / "s")
+    with pytest.raises(StoreError, match=r"bad.csv is not UTF-8 text: byte 0xff at offset 12 "):
+        prepare(tmp_path / "bad.csv", tok, tmp_path / "s")
+    with pytest.raises(StoreError, match=r"python.bin is not UTF-8 text: byte 0x[0-9a-f]{2} at offset"):
+        prepare(tmp_path / "python.bin", tok, tmp_path / "s")
+    (tmp_path / "not.jsonl").write_text("this is not json\n")
+    with pytest.raises(StoreError, match=r"could not read .*not.jsonl as json \(\w+: "):
+        prepare(tmp_path / "not.jsonl", tok, tmp_path / "s")
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob("s.tmp-*"))
+
+
+def test_first_bad_byte_across_chunks(tmp_path):
+    f = tmp_path / "t.txt"
+    head = b"a" * ((1 << 20) - 1) + "é".encode()  # é is cut by the 1 MiB chunk boundary
+    f.write_bytes(head + b"b" * 10)
+    assert store_mod._first_bad_byte(f) is None
+    f.write_bytes(head + b"b" * 10 + b"\x80")
+    assert store_mod._first_bad_byte(f) == (len(head) + 10, 0x80)
+    f.write_bytes(b"abc\xc3")  # a character cut by the end of the file
+    assert store_mod._first_bad_byte(f) == (3, 0xc3)
+
+
 def test_interrupted_prepare_leaves_no_store(tok, inputs, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -181,15 +213,22 @@ def test_cli_prepare(tok, inputs, tmp_path):
     assert result.exit_code == 0, result.output
     assert TokenStore.open(out).n_docs == 2
     again = CliRunner().invoke(main, args)
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output
     assert "Traceback" not in again.output
     assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
     missing = CliRunner().invoke(main, ["prepare", "--out", str(out)])
-    assert missing.exit_code == 1 and "missing --input, --tokenizer" in missing.output
+    assert missing.exit_code == 2 and "missing --input, --tokenizer" in missing.output
     bad_tok = tmp_path / "bad.model"
     bad_tok.write_text("garbage")
     corrupt = CliRunner().invoke(main, args[:3] + ["--tokenizer", str(bad_tok), "--out", str(tmp_path / "x")])
-    assert corrupt.exit_code == 1 and "bad.model" in corrupt.output
+    assert corrupt.exit_code == 2 and "bad.model" in corrupt.output
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\xff binary")
+    binary = CliRunner().invoke(main, ["prepare", "--input", str(tmp_path / "bin.txt"), "--tokenizer",
+                                       str(tok.path), "--out", str(tmp_path / "y")])
+    assert binary.exit_code == 2 and "Traceback" not in binary.output
+    assert binary.output.strip() == (f"Error: {tmp_path / 'bin.txt'} is not UTF-8 text: byte 0xff at offset "
+                                     "2 does not decode; leave binary files out of --input, and convert "
+                                     "text to UTF-8 first (e.g. `iconv -f latin1 -t utf-8`)")
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(tok, tmp_path, monkeypatch):

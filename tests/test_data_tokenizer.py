@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from data_helpers import CODE_SAMPLE, train_small_tokenizer
 from foldscale.cli import main
-from foldscale.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from foldscale.data.corpus import stdlib_files
+from foldscale.data.tokenizer import Tokenizer, TokenizerError, _training_failure, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,49 @@ def test_refusals(tmp_path):
         train_tokenizer([tmp_path / "nope.txt"], 300, tmp_path / "x.model")
 
 
+SMALL_TEXT = "".join(f"for i in range({n}):\n\tprint(i, {n})\n" for n in range(400))
+
+
+def train_error(vocab_size, out):
+    with pytest.raises(TokenizerError) as e:
+        train_tokenizer(iter([SMALL_TEXT]), vocab_size, out)
+    assert "character_coverage" not in str(e.value)  # an option foldscale does not have
+    return str(e.value)
+
+
+def test_vocab_size_bounds_are_told_for_this_input(tmp_path):
+    """The minimum is 256 byte pieces + 5 special pieces + one per common character (26 here):
+    it works and one less does not; the maximum is what BPE merges of this text can make."""
+    out = tmp_path / "t.model"
+    least = 256 + 5 + len(set(SMALL_TEXT) - {"\n"})
+    for too_small in (10, 261, least - 1):
+        assert train_error(too_small, out) == (
+            f"vocab size {too_small} is too small for this input: it needs at least {least} (256 "
+            "byte pieces, 5 special pieces and one per common character of the text); use "
+            f"--vocab-size {least} or more")
+    assert train_tokenizer(iter([SMALL_TEXT]), least, out).vocab_size == least
+    message = train_error(400, out)
+    most = int(message.split("at most ")[1].split()[0])
+    assert message.startswith("vocab size 400 is too large for this input") and least < most < 400
+    assert train_tokenizer(iter([SMALL_TEXT]), most, out).vocab_size == most
+    assert train_error(most + 1, out).startswith(f"vocab size {most + 1} is too large")
+    assert train_error(0, out) == "vocab size must be positive, got 0"
+
+
+def test_other_sentencepiece_failures_name_no_options_foldscale_lacks():
+    message = ("INTERNAL: src/trainer_interface.cc(99) [a <= b] Something else broke. Decrease "
+               "character_coverage with --character_coverage option.")
+    assert _training_failure(message, 500) == "sentencepiece training failed: Something else broke."
+
+
+def test_300_on_little_code_works_or_gets_its_minimum(tmp_path):
+    files = stdlib_files(40)
+    with pytest.raises(TokenizerError, match=r"at least (\d+) .*--vocab-size \1 or more") as e:
+        train_tokenizer(files, 300, tmp_path / "t.model")
+    least = int(str(e.value).split("at least ")[1].split()[0])
+    assert train_tokenizer(files, least, tmp_path / "t.model").vocab_size == least
+
+
 def test_cli_train(tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("".join(f"for i in range({n}):\n\tprint(i, {n})\n" for n in range(400)))
@@ -85,10 +129,21 @@ def test_cli_train(tmp_path):
 def test_cli_train_refuses_missing_input(tmp_path):
     result = CliRunner().invoke(main, ["tokenizer", "train", "--input", str(tmp_path / "*.txt"),
                                        "--out", str(tmp_path / "t.model")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.strip().startswith("Error: no input files matched")
     assert "Traceback" not in result.output
     assert not (tmp_path / "t.model").exists()
+
+
+def test_cli_train_too_small_vocab_is_one_line_with_a_value_that_works(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text(SMALL_TEXT)
+    args = ["tokenizer", "train", "--input", str(src), "--out", str(tmp_path / "t.model")]
+    result = CliRunner().invoke(main, args + ["--vocab-size", "10"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1].startswith("Error: vocab size 10 is too small")
+    suggested = result.output.split("use --vocab-size ")[1].split()[0]
+    assert CliRunner().invoke(main, args + ["--vocab-size", suggested]).exit_code == 0
 
 
 def test_help_has_examples():

@@ -1,16 +1,9 @@
-"""`foldscale tokenizer train` and `foldscale prepare`."""
+"""`foldscale tokenizer train` and `foldscale prepare`.
+
+Their errors are FoldscaleErrors, which the `foldscale` group prints as one line."""
 import tempfile
 
 import click
-
-from foldscale.data.store import StoreError
-from foldscale.data.tokenizer import TokenizerError
-
-
-def _user_error(e: Exception) -> click.ClickException:
-    from foldscale.cli import UserError  # lazily: foldscale.cli imports this module
-
-    return UserError(str(e))
 
 
 @click.group()
@@ -40,12 +33,9 @@ def train(inputs, vocab_size, out, text_field):
     from foldscale.data.store import load_documents
     from foldscale.data.tokenizer import train_tokenizer
 
-    try:
-        with tempfile.TemporaryDirectory() as cache:
-            docs = load_documents(inputs, text_field, cache_dir=cache)
-            tok = train_tokenizer((row["text"] or "" for row in docs), vocab_size, out)
-    except (StoreError, TokenizerError) as e:
-        raise _user_error(e) from None
+    with tempfile.TemporaryDirectory() as cache:
+        docs = load_documents(inputs, text_field, cache_dir=cache)
+        tok = train_tokenizer((row["text"] or "" for row in docs), vocab_size, out)
     click.echo(f"wrote {tok.path}: {tok.vocab_size} tokens, sha256 {tok.hash[:12]}")
 
 
@@ -61,13 +51,16 @@ def train(inputs, vocab_size, out, text_field):
               help="Fraction of documents held out for validation.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
 @click.option("--num-proc", type=int, default=None, help="Tokenising processes [default: all cores].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store at --out (with --default: rebuild the built-in corpus).")
 @click.option("--default", "use_default", is_flag=True,
-              help="Build (or find) the built-in corpus: the Python standard library source.")
+              help="Build (or find and check) the built-in corpus: the Python standard library source.")
 @click.option("--vocab-size", type=int, default=8192, show_default=True,
               help="With --default: tokenizer size of the built-in corpus.")
+@click.option("--max-files", type=click.IntRange(min=1), default=None,
+              help="With --default: only the first N standard library files (quick tests).")
 def prepare(inputs, text_field, tokenizer_path, out, val_fraction, seed, num_proc, overwrite,
-            use_default, vocab_size):
+            use_default, vocab_size, max_files):
     """Tokenise documents into a token store for training.
 
     \b
@@ -79,23 +72,22 @@ def prepare(inputs, text_field, tokenizer_path, out, val_fraction, seed, num_pro
 
     if use_default:
         if inputs or tokenizer_path or out:
-            raise _user_error(ValueError("--default builds the built-in corpus; it takes no "
-                                         "--input, --tokenizer or --out"))
+            raise click.UsageError("--default builds the built-in corpus; it takes no --input, "
+                                   "--tokenizer or --out")
         from foldscale.data.corpus import default_store
 
-        click.echo(f"default corpus store: {default_store(vocab_size=vocab_size, num_proc=num_proc)}")
+        path = default_store(vocab_size=vocab_size, max_files=max_files, num_proc=num_proc,
+                             rebuild=overwrite)
+        click.echo(f"built-in corpus store: {path}")
         return
     missing = [name for name, value in (("--input", inputs), ("--tokenizer", tokenizer_path),
                                         ("--out", out)) if not value]
     if missing:
-        raise _user_error(ValueError(f"missing {', '.join(missing)} (or use --default for the "
-                                     "built-in corpus)"))
-    try:
-        store = store_mod.prepare(list(inputs), tokenizer_path, out, text_field=text_field,
-                                  val_fraction=val_fraction, seed=seed, num_proc=num_proc,
-                                  overwrite=overwrite)
-    except (StoreError, TokenizerError) as e:
-        raise _user_error(e) from None
+        raise click.UsageError(f"missing {', '.join(missing)} (or use --default for the built-in "
+                               "corpus)")
+    store = store_mod.prepare(list(inputs), tokenizer_path, out, text_field=text_field,
+                              val_fraction=val_fraction, seed=seed, num_proc=num_proc,
+                              overwrite=overwrite)
     splits = store.meta["splits"]
     click.echo(f"wrote {store.path}: {store.n_docs} documents (train {splits['train']['docs']}, "
                f"val {splits['val']['docs']}), {store.n_tokens:,} tokens; dropped "

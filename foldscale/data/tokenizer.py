@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_0
 
     At most `input_sentence_size` lines (sampled at random) are used, which keeps training on
     large corpora to seconds. The model file is written atomically (temp file + rename).
+    A vocab size the text cannot fill, too small or too large, is refused with the bound that
+    holds for this text.
     """
+    if vocab_size < 1:
+        raise TokenizerError(f"vocab size must be positive, got {vocab_size}")
     if isinstance(inputs, (list, tuple)):
         missing = [str(p) for p in inputs if not Path(p).is_file()]
         if missing:
@@ -71,13 +76,37 @@ def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_0
             allow_whitespace_only_pieces=True, normalization_rule_name="identity",
             user_defined_symbols=["\n"], minloglevel=2)
     except RuntimeError as e:
-        raise TokenizerError(f"sentencepiece training failed: {e}") from None
+        raise TokenizerError(_training_failure(str(e), vocab_size)) from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out)
     return Tokenizer(out)
+
+
+def _training_failure(message: str, vocab_size: int) -> str:
+    """Sentencepiece's training error in foldscale's terms. Its vocabulary bounds depend on the
+    text: at least 256 byte pieces + 5 special pieces (pad, unk, bos, eos, newline) + one per
+    character that is needed to cover 99.95% of the text, and at most what BPE merges of the
+    text can make. Its advice names trainer options (--character_coverage) foldscale does not
+    have, so it is left out."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_small:
+        least = int(too_small.group(1))
+        return (f"vocab size {vocab_size} is too small for this input: it needs at least {least} "
+                "(256 byte pieces, 5 special pieces and one per common character of the text); "
+                f"use --vocab-size {least} or more")
+    too_large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)",
+                          message)
+    if too_large:
+        most = int(too_large.group(1))
+        return (f"vocab size {vocab_size} is too large for this input: its text yields at most "
+                f"{most} pieces; use --vocab-size {most} or less, or train on more text")
+    first = message.strip().splitlines()[0] if message.strip() else "no message"
+    first = re.sub(r"^.*?\] ", "", first)  # sentencepiece's source location and failed check
+    first = re.sub(r"[^.]*--[a-z_]+[^.]*\.?", "", first).strip()  # advice about its options
+    return f"sentencepiece training failed: {first}"
 
 
 class Tokenizer:
