@@ -223,6 +223,9 @@ class TrainConfig:
     gpu_mem_gib: float | None = None
     """Cap each process's GPU memory, emulating a smaller card (e.g. 24): past it, allocations
     raise torch.OutOfMemoryError as they would there."""
+    log_placement: bool = False
+    """Write RUN/placement/rank{r}.jsonl: every micro-step, which segment of which document each
+    global stream read (a host sync per micro-step: for checking multi-GPU runs, not for speed)."""
 
     def __post_init__(self):
         for name in ("steps", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps"):

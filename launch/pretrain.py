@@ -53,7 +53,8 @@ def run(args):
     train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     rank, world_size = init_distributed(args.collective_timeout, train_cfg.gpu_mem_gib)
     ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps)
-    store = TokenStore.open(args.data or default_store())
+    # --data is hashed in full (~1 s per GB); the built-in corpus is verified by default_store()
+    store = TokenStore.open(args.data).verify() if args.data else TokenStore.open(default_store())
     # A preset is a shape: its vocabulary comes with the data. A model .json must match the data.
     vocab = store.vocab_size if args.model in PRESETS else None
     model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=vocab)
