@@ -3,19 +3,17 @@
 AdamW (fp32 weights, bf16 autocast, activation checkpointing too, no DeepSpeed), under the same
 cap (torch.cuda.set_per_process_memory_fraction). Each trial runs in its own process.
 
-    python tools/bench_24gb.py --json tools/results/24gb.json
-    python tools/bench_24gb.py --quick                # CPU smoke test at toy size (no cap)
+    python -m benchmarks.bench_24gb --json benchmarks/results/24gb.json
+    python -m benchmarks.bench_24gb --quick           # CPU smoke test at toy size (no cap)
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 # (name, d_model, n_head, blocks per stack); segment_len 1024, vocab 32000.
@@ -31,38 +29,25 @@ def model_json(work, name, d, heads, blocks, quick):
     return path
 
 
-def torch_trial(model_path, streams, steps):
-    """One process: plain PyTorch training steps; prints a JSON line."""
+def torch_trial(model_path, streams, steps, cap_gib):
+    """One process: plain PyTorch training steps, one per segment; prints a JSON line."""
     import functools
 
     import torch
 
+    from benchmarks.benchlib import train_by_segment
     from foldscale.config import ModelConfig
     from foldscale.engine import cap_memory
     from foldscale.model import FoldedLM
     cuda = torch.cuda.is_available()
     if cuda:
-        cap_memory(os.environ.get("FOLDSCALE_GPU_MEM_GIB"))
+        cap_memory(cap_gib)
     cfg = ModelConfig.from_json(model_path)
     device = torch.device("cuda" if cuda else "cpu")
     model = FoldedLM(cfg).to(device).train()
     model.set_activation_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    l, state = cfg.segment_len, None
-    t0 = None
-    for i in range(steps + 1):
-        if i == 1:
-            torch.cuda.synchronize() if cuda else None
-            t0 = time.perf_counter()
-        ids = torch.randint(0, cfg.vocab_size, (streams, l + 1), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(ids[:, :-1], state=state, targets=ids[:, 1:])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state = out.state.detach()
-    torch.cuda.synchronize() if cuda else None
-    tok_s = steps * streams * l / (time.perf_counter() - t0)
+    ids = torch.randint(0, cfg.vocab_size, (streams, (steps + 1) * cfg.segment_len + 1), device=device)
+    tok_s = train_by_segment(model, ids[:, :-1], ids[:, 1:], device)
     print(json.dumps({"tokens_per_s": tok_s, "tflops": tok_s * cfg.flops_per_token() / 1e12,
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
@@ -76,12 +61,13 @@ def failure(p) -> dict:
     return {"status": "failed: " + (lines[-1][:200] if lines else f"exit {p.returncode}")}
 
 
-def run_ds(model_path, store, work, steps, quick):
+def run_ds(model_path, store, work, steps, cap_gib, quick):
+    from benchmarks.benchlib import speed_ds_config
     out = work / ("run-" + model_path.stem)
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config",
-           str(ROOT / "ds_configs" / ("cpu.json" if quick else "24gb.json")), "--model", str(model_path),
-           "--data", str(store), "--out", str(out), "--steps", str(steps), "--log_every", "1",
-           "--save_every", str(10**9), "--eval_every", str(10**9)]
+    ds = speed_ds_config(ROOT / "ds_configs" / ("cpu.json" if quick else "24gb.json"), work / "ds.json")
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds-config", str(ds), "--model", str(model_path),
+           "--data", str(store), "--out", str(out), "--steps", str(steps), "--log-every", "1",
+           "--save-every", str(10**9), "--eval-every", str(10**9), "--gpu-mem-gib", str(cap_gib)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0 or not (out / "metrics.jsonl").is_file():
         return failure(p)
@@ -90,9 +76,10 @@ def run_ds(model_path, store, work, steps, quick):
             "peak_gib": last.get("memory/peak_allocated_gib")}
 
 
-def run_torch(model_path, streams, steps):
-    p = subprocess.run([sys.executable, __file__, "--trial", str(model_path), "--streams", str(streams),
-                        "--steps", str(steps)], capture_output=True, text=True)
+def run_torch(model_path, streams, steps, cap_gib):
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_24gb", "--trial", str(model_path),
+                        "--streams", str(streams), "--steps", str(steps), "--cap-gib", str(cap_gib)],
+                       capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         return failure(p)
     return {"status": "ok", **json.loads(p.stdout.strip().splitlines()[-1])}
@@ -100,7 +87,7 @@ def run_torch(model_path, streams, steps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cap_gib", type=float, default=24.0)
+    p.add_argument("--cap-gib", "--cap_gib", type=float, default=24.0)
     p.add_argument("--steps", type=int, default=4, help="DeepSpeed optimizer steps (each 8 x 2 x 1024 tokens)")
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--systems", default="deepspeed,plain", help="which ladders to climb")
@@ -109,10 +96,9 @@ def main():
     p.add_argument("--trial", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trial:
-        return torch_trial(args.trial, args.streams, args.steps)
-    from benchlib import device_name, print_table, synthetic_store, write_json
+        return torch_trial(args.trial, args.streams, args.steps, args.cap_gib)
+    from benchmarks.benchlib import device_name, print_table, synthetic_store, write_json
     from foldscale.config import ModelConfig
-    os.environ["FOLDSCALE_GPU_MEM_GIB"] = str(args.cap_gib)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -125,8 +111,8 @@ def main():
                 path = model_json(work, name, d, heads, blocks, args.quick)
                 params = ModelConfig.from_json(path).num_params() / 1e9
                 t0 = time.time()
-                result = (run_ds(path, store, work, args.steps, args.quick) if system.startswith("deepspeed")
-                          else run_torch(path, args.streams, args.steps))
+                result = (run_ds(path, store, work, args.steps, args.cap_gib, args.quick)
+                          if system.startswith("deepspeed") else run_torch(path, args.streams, args.steps, args.cap_gib))
                 rows.append({"system": system, "model": name, "params_B": params, **result,
                              "trial_s": time.time() - t0})
                 print(rows[-1], flush=True)
@@ -134,7 +120,7 @@ def main():
                     break  # the next size up will not fit either
     print(f"\n{device_name()}, cap {args.cap_gib} GiB, segment_len 1024, 2 streams per micro-step")
     print_table(rows, ["system", "model", "params_B", "status", "tokens_per_s", "tflops", "peak_gib", "trial_s"])
-    write_json(args.json, rows, cap_gib=args.cap_gib, command=" ".join(["python"] + sys.argv))
+    write_json(args.json, rows, cap_gib=args.cap_gib)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,35 @@
 """Peak GPU memory and training tokens/s against document length: the folded model trains on a
 stream of segments with the carried state (memory must stay flat), the full-attention baseline
-(n_global = 0) trains with its window set to the whole document (memory grows until it runs out).
+(ModelConfig.full_attention) trains with its window set to the whole document (memory grows
+until it runs out).
 
-    python tools/bench_context.py --model 125m --lengths 1024,4096,16384,65536,262144,1048576 \
-        --plot tools/results/context.png --json tools/results/context.json
-    python tools/bench_context.py --quick             # CPU smoke test at toy size
+    python -m benchmarks.bench_context --model 125m --lengths 1024,4096,16384,65536,262144,1048576 \
+        --plot benchmarks/results/context.png --json benchmarks/results/context.json
+    python -m benchmarks.bench_context --quick        # CPU smoke test at toy size
 
-Plain PyTorch (bf16 autocast, fused AdamW, batch of --streams documents), one process.
+Plain PyTorch (bf16 autocast, fused AdamW, one step per segment, batch of --streams documents), one process.
 """
 import argparse
-import dataclasses
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import torch
 
-from benchlib import cuda_sync, device_name, print_table, write_json  # noqa: E402
-from foldscale.config import ModelConfig  # noqa: E402
-from foldscale.model import FoldedLM  # noqa: E402
+from benchmarks.benchlib import device_name, print_table, train_by_segment, write_json
+from foldscale.config import ModelConfig
+from foldscale.model import FoldedLM
 
 
-def train_on(cfg, length, streams, device, max_steps=None):
-    """Train on `streams` random documents of `length` tokens, segment by segment (a baseline's
-    segment is the whole document). Returns (tokens/s, peak GiB)."""
+def train_on(cfg, length, streams, device, n_docs=1):
+    """Train on `streams` random documents of `length` tokens, `n_docs` after another, one step
+    per segment (a baseline's segment is the whole document). Returns (tokens/s, peak GiB)."""
     torch.manual_seed(0)
     model = FoldedLM(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, cfg.vocab_size, (streams, length + 1), device=device)
-    l, state, tokens = cfg.segment_len, None, 0
-    starts = list(range(0, length, l))[:max_steps]
-    t0 = None
-    for i, s in enumerate(starts):
-        if i == 1:  # the first step pays for allocation and kernel selection
-            cuda_sync()
-            t0, tokens = time.perf_counter(), 0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(ids[:, s:s + l], state=state, targets=ids[:, s + 1:s + l + 1])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state = None if out.state is None else out.state.detach()
-        tokens += ids[:, s:s + l].numel()
-    cuda_sync()
-    elapsed = time.perf_counter() - t0 if t0 else float("nan")
+    ids = torch.randint(0, cfg.vocab_size, (streams, length * n_docs + 1), device=device)
+    tok_s = train_by_segment(model, ids[:, :-1], ids[:, 1:], device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return tokens / elapsed, peak
+    return tok_s, peak
 
 
 def main():
@@ -57,7 +37,8 @@ def main():
     p.add_argument("--model", default="125m")
     p.add_argument("--lengths", default="1024,4096,16384,65536,262144,1048576")
     p.add_argument("--streams", type=int, default=4)
-    p.add_argument("--baseline_steps", type=int, default=4, help="steps timed for the baseline (one per document)")
+    p.add_argument("--baseline-steps", "--baseline_steps", type=int, default=4,
+                   help="steps timed for the baseline (one per document)")
     p.add_argument("--plot")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -70,11 +51,9 @@ def main():
     for length in map(int, args.lengths.split(",")):
         row = {"doc_tokens": length}
         row["folded_tok_s"], row["folded_peak_gib"] = train_on(folded, length, args.streams, device)
-        base = dataclasses.replace(folded, n_local=folded.n_local + folded.n_global, n_global=0, segment_len=length)
         try:
-            # A document is one sequence: step i+1 repeats step i on the same document.
             row["baseline_tok_s"], row["baseline_peak_gib"] = train_on(
-                base, length * args.baseline_steps, args.streams, device, max_steps=args.baseline_steps)
+                folded.full_attention(length), length, args.streams, device, n_docs=args.baseline_steps)
         except torch.OutOfMemoryError:
             row["baseline_tok_s"], row["baseline_peak_gib"] = "OOM", "OOM"
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -86,27 +65,31 @@ def main():
     peaks = [r["folded_peak_gib"] for r in rows]
     if device.type == "cuda":
         print(f"folded peak memory spread: {(max(peaks) - min(peaks)) / min(peaks):.2%} of the smallest")
-    write_json(args.json, rows, model=args.model, streams=args.streams, command=" ".join(["python"] + sys.argv))
+    write_json(args.json, rows, model=args.model, streams=args.streams)
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        xs = [r["doc_tokens"] for r in rows]
-        for key, label in (("folded", f"folded (l={folded.segment_len})"), ("baseline", "full attention, window = doc")):
-            pts = [(x, r[f"{key}_peak_gib"], r[f"{key}_tok_s"]) for x, r in zip(xs, rows)
-                   if not isinstance(r[f"{key}_peak_gib"], str)]
-            a.plot([x for x, _, _ in pts], [m for _, m, _ in pts], marker="o", label=label)
-            b.plot([x for x, _, _ in pts], [t for _, _, t in pts], marker="o", label=label)
-        for ax, ylabel in ((a, "peak GPU memory (GiB)"), (b, "training tokens/s")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("document length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"{args.model} on {device_name()}: baseline points stop where it ran out of memory")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        plot(rows, folded, args.model, args.plot)
+
+
+def plot(rows, folded, model, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["doc_tokens"] for r in rows]
+    for key, label in (("folded", f"folded (l={folded.segment_len})"), ("baseline", "full attention, window = doc")):
+        pts = [(x, r[f"{key}_peak_gib"], r[f"{key}_tok_s"]) for x, r in zip(xs, rows)
+               if not isinstance(r[f"{key}_peak_gib"], str)]
+        a.plot([x for x, _, _ in pts], [m for _, m, _ in pts], marker="o", label=label)
+        b.plot([x for x, _, _ in pts], [t for _, _, t in pts], marker="o", label=label)
+    for ax, ylabel in ((a, "peak GPU memory (GiB)"), (b, "training tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("document length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{model} on {device_name()}: baseline points stop where it ran out of memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data pipeline throughput: default corpus build, tokenizer training, prepare, sampler.
 
-    python tools/bench_data.py [--quick] [--json tools/results/bench_data.json]
+    python -m benchmarks.bench_data [--quick] [--json benchmarks/results/bench_data.json]
 
 The default corpus is built cold into a temporary cache (or --cache DIR, reused if there), so
 the build time is the one a first-time user waits. --quick uses 40 files and a 512-token
@@ -9,18 +9,15 @@ vocabulary: a smoke test for CI, its figures mean nothing.
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import write_json  # noqa: E402
-from foldscale.data import SegmentStreamSampler, TokenStore, default_store, prepare, train_tokenizer  # noqa: E402
-from foldscale.data.corpus import stdlib_files  # noqa: E402
-from foldscale.data.tokenizer import available_cores  # noqa: E402
+from benchmarks.benchlib import write_json
+from foldscale.data import SegmentStreamSampler, TokenStore, default_store, prepare, stdlib_files, train_tokenizer
+from foldscale.data.tokenizer import available_cores
 
 
 def timed(fn):
@@ -73,8 +70,8 @@ def main():
     print(f"\n{'measure':{width}s}  {'value':>12s}  unit      detail")
     for r in rows:
         print(f"{r['name']:{width}s}  {r['value']:>12,}  {r['unit']:8s}  {r['detail']}")
-    write_json(args.json, rows, command=" ".join(["python", "tools/bench_data.py", *sys.argv[1:]]),
-               cores=available_cores(), python=platform.python_version(), quick=args.quick)
+    write_json(args.json, rows, cores=available_cores(), python=platform.python_version(), quick=args.quick)
+
 
 if __name__ == "__main__":
     main()

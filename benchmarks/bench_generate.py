@@ -1,23 +1,21 @@
 """Streaming generation: prompt tokens/s, new tokens/s and peak memory against prompt length,
-through FoldedLM.stream_generate (the path `foldscale generate` takes: key/value caches, and on a
-GPU one CUDA graph replay per new token), side by side with the uncached reference that re-runs
-the current segment for every new token. Greedy, random weights: speed and memory do not depend
-on them.
+through foldscale.generate.stream_generate (the path `foldscale generate` takes: key/value caches,
+and on a GPU one CUDA graph replay per new token), side by side with the uncached reference that
+re-runs the current segment for every new token. Greedy, random weights: speed and memory do not
+depend on them.
 
-    python tools/bench_generate.py --model 350m --prompts 10000,100000 --json tools/results/generate.json
-    python tools/bench_generate.py --quick
+    python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
+    python -m benchmarks.bench_generate --quick
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import torch
 
-from benchlib import cuda_sync, device_name, print_table, write_json  # noqa: E402
-from foldscale.config import ModelConfig  # noqa: E402
-from foldscale.model import FoldedLM  # noqa: E402
+from benchmarks.benchlib import cuda_sync, device_name, print_table, write_json
+from foldscale.config import ModelConfig
+from foldscale.generate import stream_generate
+from foldscale.model import FoldedLM
 
 
 def uncached_generate(model: FoldedLM, ids, max_new_tokens):
@@ -39,7 +37,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="350m")
     p.add_argument("--prompts", default="10000,100000")
-    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--new-tokens", "--new_tokens", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -50,7 +48,7 @@ def main():
     device = torch.device("cuda" if cuda else "cpu")
     cfg = ModelConfig.load(args.model)
     model = FoldedLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
-    paths = {"cached": lambda ids: model.stream_generate(ids, args.new_tokens, temperature=0),
+    paths = {"cached": lambda ids: stream_generate(model, ids, args.new_tokens, temperature=0),
              "uncached": lambda ids: uncached_generate(model, ids, args.new_tokens)}
     rows = []
     for n in map(int, args.prompts.split(",")):
@@ -75,14 +73,14 @@ def main():
         from torch.profiler import ProfilerActivity, profile
         ids = torch.randint(0, cfg.vocab_size, (1, 3 * cfg.segment_len + 5), device=device)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for _ in model.stream_generate(ids, 16):
+            for _ in stream_generate(model, ids, 16):
                 pass
             cuda_sync()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
           f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, greedy")
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])
-    write_json(args.json, rows, model=args.model, command=" ".join(["python"] + sys.argv))
+    write_json(args.json, rows, model=args.model)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,31 @@
 """Training throughput, model TFLOP/s and MFU through the real DeepSpeed engine and trainer loop:
-each folded preset side by side with its full-attention baseline (n_global = 0, the same blocks
-as local blocks, window 2l), in one run.
+each folded preset side by side with its full-attention baseline (ModelConfig.full_attention:
+the same blocks, all local, window 2l), in one run.
 
-    python tools/bench_throughput.py --presets 125m,350m,1b --json tools/results/throughput.json
-    python tools/bench_throughput.py --quick          # CPU smoke test at toy size
+    python -m benchmarks.bench_throughput --presets 125m,350m,1b --json benchmarks/results/throughput.json
+    python -m benchmarks.bench_throughput --quick     # CPU smoke test at toy size
 
 MFU = model FLOPs (ModelConfig.flops_per_token, DESIGN.md §1: 6 x matmul parameters with the
-global stack counted twice, plus causal attention) x trained tokens/s / 800 TFLOP/s (bf16
-ceiling measured on the H100). Tokens counted are all positions of every segment.
+global stack counted twice, plus causal attention) x trained tokens/s / --peak-tflops (800:
+the bf16 ceiling measured on the H100). Tokens counted are all positions of every segment.
+The learning-rate schedule is left out of the DeepSpeed JSON: speed does not depend on it.
 """
 import argparse
 import contextlib
-import dataclasses
 import gc
 import itertools
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import torch
 
-from benchlib import cuda_sync, device_name, print_table, synthetic_store, write_json  # noqa: E402
-from foldscale.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from foldscale.engine import init_distributed, load_ds_config  # noqa: E402
-from foldscale.metrics import PEAK_TFLOPS, PositionLoss  # noqa: E402
-from foldscale.trainer import Trainer  # noqa: E402
-
-
-def baseline_of(cfg: ModelConfig) -> ModelConfig:
-    """The full-attention GPT of the same parameter count (up to S0) and window 2l."""
-    return dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0, segment_len=2 * cfg.segment_len)
+from benchmarks.benchlib import cuda_sync, device_name, print_table, speed_ds_config, synthetic_store, write_json
+from foldscale.config import DataConfig, ModelConfig, TrainConfig
+from foldscale.engine import init_distributed, load_ds_config
+from foldscale.metrics import PositionLoss
+from foldscale.trainer import Trainer
 
 
 def profiler(enabled):
@@ -59,11 +52,11 @@ def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
 
 
 def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work, rank, world, compile_,
-            profile=False):
-    ds = load_ds_config(ds_path, world, steps + warmup)
-    ds["train_micro_batch_size_per_gpu"] = max(1, tokens_per_rank // cfg.segment_len)
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds.pop("train_batch_size", None)
+            peak_tflops, profile=False):
+    streams = max(1, tokens_per_rank // cfg.segment_len)
+    ds_file = speed_ds_config(ds_path, work / "ds.json", train_micro_batch_size_per_gpu=streams,
+                              gradient_accumulation_steps=grad_accum)
+    ds = load_ds_config(ds_file, world, steps + warmup)
     store = synthetic_store(work / f"store-v{cfg.vocab_size}", cfg.vocab_size, 512, 16 * 1024)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -73,11 +66,12 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
     # failed an assertion in its tiling analysis for the 125m after the 350m).
     torch._dynamo.reset()
     train_cfg = TrainConfig(out=str(work / name), steps=steps + warmup, log_every=10**9, eval_every=10**9,
-                            save_every=10**9, compile=compile_)
-    trainer = Trainer(cfg, DataConfig(), train_cfg, ds, store, rank, world)
+                            save_every=10**9, compile=compile_, peak_tflops=peak_tflops)
+    trainer = Trainer(cfg, DataConfig(str(store.path)), train_cfg, ds, store, rank, world)
     window = PositionLoss(trainer.device)
     for _ in range(warmup):
         trainer.train_step(window)
+    window = PositionLoss(trainer.device)
     cuda_sync()
     t0 = time.perf_counter()
     with profiler(profile) as prof:
@@ -92,16 +86,15 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
             print(f"{name}: GPU kernel ms per optimizer step by kind "
                   + ", ".join(f"{k} {v:.1%}" if k == "gpu_busy" else f"{k} {v:.1f}"
                               for k, v in kernel_breakdown(prof, steps, dt).items()))
-    B = ds["train_micro_batch_size_per_gpu"]
-    tokens = steps * world * ds["gradient_accumulation_steps"] * cfg.bptt_segments * B * cfg.segment_len
-    tok_s = tokens / dt
+    tok_s = steps * trainer.tokens_per_step / dt
     tflops = tok_s * cfg.flops_per_token() / 1e12 / world
-    row = {"model": name, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len, "streams": B,
+    row = {"model": name, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len, "streams": streams,
            "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * dt / steps,
-           "loss": trainer.position_loss.summary()[0]}
+           "loss": window.summary()[0]}
     if torch.cuda.is_available():
-        row["mfu"] = tflops / PEAK_TFLOPS
+        row["mfu"] = tflops / peak_tflops
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    trainer.close()
     trainer.engine.destroy()
     del trainer, window
     gc.collect()
@@ -111,14 +104,17 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="125m,350m,1b")
-    p.add_argument("--ds_config", default="ds_configs/dp-zero2.json")
-    p.add_argument("--tokens_per_rank", default="8192", help="tokens per micro-step per rank (a list: each)")
-    p.add_argument("--grad_accum", default="1",
+    p.add_argument("--ds-config", "--ds_config", default="ds_configs/dp-zero2.json")
+    p.add_argument("--tokens-per-rank", "--tokens_per_rank", default="8192",
+                   help="tokens per micro-step per rank (a list: each)")
+    p.add_argument("--grad-accum", "--grad_accum", default="1",
                    help="micro-steps per optimizer step, amortising the optimizer as nanoGPT's 40 do (a list: each)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="engine.compile() (torch.compile) each model")
-    p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--no-baseline", "--no_baseline", action="store_true")
+    p.add_argument("--peak-tflops", "--peak_tflops", type=float, default=TrainConfig.peak_tflops,
+                   help="per-GPU matrix-product ceiling for MFU (800: bf16 measured on the H100)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of the timed steps")
     p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
     p.add_argument("--json", help="also write the table here")
@@ -133,10 +129,11 @@ def main():
             folded = ModelConfig.load(preset)
             pairs = [(f"{preset} folded", folded)]
             if not args.no_baseline:
-                pairs.append((f"{preset} baseline (n_global=0, window 2l)", baseline_of(folded)))
+                pairs.append((f"{preset} baseline (full attention, window 2l)",
+                              folded.full_attention(2 * folded.segment_len)))
             for name, cfg in pairs:
-                row = measure(name, cfg, args.ds_config, tokens, accum, args.steps,
-                              args.warmup, Path(tmp), rank, world, args.compile, args.profile)
+                row = measure(name, cfg, args.ds_config, tokens, accum, args.steps, args.warmup, Path(tmp),
+                              rank, world, args.compile, args.peak_tflops, args.profile)
                 row.update(tokens_per_micro_step=tokens, grad_accum=accum)
                 rows.append(row)
                 if rank == 0:
@@ -144,11 +141,11 @@ def main():
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
     if rank == 0:
         print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
-              f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s; step = one optimizer step")
+              f"MFU against {args.peak_tflops:.0f} TFLOP/s; step = one optimizer step")
         print_table(rows, ["model", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
                            "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "loss"])
         write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
-                   command=" ".join(["python"] + sys.argv))
+                   peak_tflops=args.peak_tflops)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
-"""Small helpers the benchmarks share: a synthetic token store, a table, a JSON record."""
+"""What every benchmark and experiment shares: a synthetic token store, a table, a JSON record,
+and plain PyTorch training segment by segment."""
 import datetime
 import json
 import platform
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from foldscale.config import read_json
+from foldscale.model import segments
 
 
 def synthetic_store(path, vocab_size: int, n_docs: int, doc_len: int, seed: int = 0):
@@ -24,6 +30,13 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+def command_line() -> str:
+    """How this process was started, as `python -m package.module ARGS` when run that way."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None else sys.argv[0]
+    return " ".join(["python", program, *sys.argv[1:]])
+
+
 def print_table(rows: list[dict], columns: list[str]):
     def fmt(v):
         if isinstance(v, float):
@@ -38,13 +51,49 @@ def print_table(rows: list[dict], columns: list[str]):
 
 
 def write_json(path, rows: list[dict], **meta):
+    """PATH (if given): {"date", "device", "torch", "command", **meta, "rows": rows}."""
     if path:
         record = {"date": datetime.date.today().isoformat(), "device": device_name(),
-                  "torch": torch.__version__, **meta, "rows": rows}
+                  "torch": torch.__version__, "command": command_line(), **meta, "rows": rows}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def speed_ds_config(path, out, **overrides) -> Path:
+    """A copy of the DeepSpeed JSON at PATH, written to OUT, with OVERRIDES, train_batch_size left
+    to be derived and no learning-rate schedule: a few timed steps are shorter than any warm-up,
+    and speed does not depend on the rate."""
+    cfg = read_json(path, "no such DeepSpeed config; see ds_configs/")
+    for key in ("scheduler", "train_batch_size"):
+        cfg.pop(key, None)
+    Path(out).write_text(json.dumps({**cfg, **overrides}, indent=2) + "\n")
+    return Path(out)
 
 
 def cuda_sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def train_by_segment(model, ids, targets, device) -> float:
+    """Plain PyTorch: one AdamW step per segment of `model.segments`' loop (bptt 1: the state is
+    carried detached), bf16 autocast on a GPU. Returns trained tokens/s, leaving out the first
+    step, which pays for allocation and kernel selection."""
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+
+    def step(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            return model(*args, **kwargs)
+    t0, tokens = None, 0
+    for i, out in enumerate(segments(step, ids, model.cfg.segment_len, targets)):
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i == 0:
+            cuda_sync()
+            t0 = time.perf_counter()
+        else:
+            tokens += out.token_loss.numel()
+    cuda_sync()
+    return tokens / (time.perf_counter() - t0) if tokens else float("nan")

@@ -1,26 +1,34 @@
 """How much context does the folded model really use? Loss by distance on real text.
 
-Three models of one shape are trained for the same number of tokens on one token store, each
-through `launch/pretrain.py` (the DeepSpeed trainer), then exported and evaluated on exactly the
-same held-out documents (what `foldscale eval --compare` does):
+Models of one shape are trained on one token store, each through `launch/pretrain.py` (the
+DeepSpeed trainer), then exported and evaluated on exactly the same held-out documents (what
+`foldscale eval --compare` does):
 
     folded          the preset as it is
-    local_only      the same with use_state=False: every segment starts from S0
-    full_Wl         n_global=0, the same blocks all local, window W x l (no carried state), for each
-                    W of --windows (the first is the reference for the gap)
+    local_only      ModelConfig.local_only(): every segment starts from S0
+    full_Wl         ModelConfig.full_attention(W x l): the same blocks all local, window W x l, no
+                    carried state, for each W of --windows (the first is the reference for the gap)
+    full_Wl_flops   the reference again, trained for the folded model's training FLOPs
+
+Every model reads the folded model's real (non-padding) training tokens per step, for the same
+number of steps. The sampler pads a document's last segment, so a window of 8l pads up to 8l
+tokens per document where the folded model pads up to l: at equal positions per step the baseline
+would read fewer real tokens. Each model's streams are set from the padding its window gives on
+the store (rounded to whole streams); the measured padding and real tokens are reported.
+full_Wl_flops trains the reference with its streams for more (or fewer) steps, until
+flops_per_token x positions read (padding included) equals the folded model's.
 
 The report is the loss in each position bucket (segment index p // l of a token at position
 p), the largest distance at which the folded model is still >= --margin (1%) better than the
-local-only ablation, and its gap to full attention. A gain at position p does not say the help
-comes from p tokens back, so --reach also reads the documents with the folded model's context
-cut to K segments (a fresh state every K segments, `foldscale eval --context`): the loss on
-tokens past the largest K shows how far back the model's useful context reaches.
+local-only ablation, and its gap to full attention at equal tokens and at equal FLOPs. A gain at
+position p does not say the help comes from p tokens back, so --reach also reads the documents
+with the folded model's context cut to K segments (a fresh state every K segments, `foldscale
+eval --context`): the loss on tokens past the largest K shows how far back its context reaches.
 
-    python tools/context_use.py --model default --data STORE --steps 1000 --json tools/results/context_use.json
-    python tools/context_use.py --quick              # CPU smoke test in about a minute
+    python -m experiments.context_use --model default --data STORE --steps 1000 --json experiments/results/context_use.json
+    python -m experiments.context_use --quick         # CPU smoke test in a few minutes
 """
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -28,78 +36,119 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchlib import device_name, print_table, write_json  # noqa: E402
-from foldscale.config import ModelConfig, read_json  # noqa: E402
-from foldscale.data import TokenStore  # noqa: E402
-from foldscale.evaluate import evaluate  # noqa: E402
-from foldscale.export import export  # noqa: E402
-from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss  # noqa: E402
-from foldscale.model import FoldedLM  # noqa: E402
+from benchmarks.benchlib import device_name, print_table, write_json
+from foldscale.config import ModelConfig, read_json
+from foldscale.data import TokenStore
+from foldscale.evaluate import evaluate
+from foldscale.export import export
+from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss
+from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def variants(cfg: ModelConfig, windows: list[int]) -> dict[str, ModelConfig]:
-    full = {f"full_{w}l": dataclasses.replace(cfg, n_local=cfg.n_local + cfg.n_global, n_global=0,
-                                              segment_len=w * cfg.segment_len, bptt_segments=1) for w in windows}
-    return {"folded": cfg, "local_only": dataclasses.replace(cfg, use_state=False), **full}
+    full = {f"full_{w}l": cfg.full_attention(w * cfg.segment_len) for w in windows}
+    return {"folded": cfg, "local_only": cfg.local_only(), **full}
 
 
-def launch(name: str, cfg: ModelConfig, ds: dict, args, work: Path) -> tuple[subprocess.Popen, Path]:
-    """Start one training run; its console goes to WORK/NAME/train.log."""
-    run = work / name
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.to_json(run / "model.json")
-    (run / "ds.json").write_text(json.dumps(ds, indent=2))
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(run / "ds.json"),
-           "--model", str(run / "model.json"), "--data", args.data, "--out", str(run / "run"),
-           "--steps", str(args.steps), "--save_every", str(args.steps), "--eval_every", str(args.steps + 1),
-           "--log_every", str(max(1, args.steps // 20)), "--seed", str(args.seed)]
-    log = run / "train.log"
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT), log
+def real_fraction(store: TokenStore, window: int) -> float:
+    """Share of training positions that hold a real target when every training document is read
+    in windows of `window` tokens, its last window padded, as the sampler reads it."""
+    n = store.doc_lengths[store.docs("train")].astype(np.float64)
+    return float((n - 1).sum() / (np.ceil(n / window) * window).sum())
 
 
-def train_all(configs: dict[str, ModelConfig], args, work: Path):
-    """Train every variant for the same tokens per step, --jobs at a time, showing progress."""
+def plan(configs: dict[str, ModelConfig], store: TokenStore, streams: int, steps: int) -> dict[str, dict]:
+    """{run name: {"cfg", "streams", "steps"}}: equal real tokens per step for every model (see the
+    module docstring), and the first full-attention model again at the folded model's FLOPs."""
+    def positions(cfg, s):
+        return s * cfg.segment_len * cfg.bptt_segments
+
+    folded = configs["folded"]
+    real = positions(folded, streams) * real_fraction(store, folded.segment_len)
+    runs = {name: {"cfg": cfg, "steps": steps,
+                   "streams": max(1, round(real / positions(cfg, 1) / real_fraction(store, cfg.segment_len)))}
+            for name, cfg in configs.items()}
+    ref = next(name for name in configs if name.startswith("full_"))
+    cfg, s = runs[ref]["cfg"], runs[ref]["streams"]
+    flops = folded.flops_per_token() * positions(folded, streams) * steps
+    runs[f"{ref}_flops"] = {"cfg": cfg, "streams": s, "steps": max(1, round(flops / cfg.flops_per_token() / positions(cfg, s)))}
+    return runs
+
+
+def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.Popen:
+    """Start one training run in WORK/NAME; its console goes to train.log, its metrics to run/metrics.jsonl."""
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    run["cfg"].to_json(d / "model.json")
+    ds = {**base_ds, "train_micro_batch_size_per_gpu": run["streams"], "gradient_accumulation_steps": 1}
+    ds.pop("train_batch_size", None)
+    (d / "ds.json").write_text(json.dumps(ds, indent=2))
+    steps = run["steps"]
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds-config", str(d / "ds.json"),
+           "--model", str(d / "model.json"), "--data", args.data, "--out", str(d / "run"),
+           "--steps", str(steps), "--save-every", str(steps), "--eval-every", str(steps + 1),
+           "--log-every", str(max(1, steps // 20)), "--seed", str(args.seed)]
+    return subprocess.Popen(cmd, stdout=open(d / "train.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def metrics(work: Path, name: str) -> list[dict]:
+    """The run's metrics.jsonl: one {"step": N, "train/loss": ...} per log."""
+    path = work / name / "run" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def train_all(runs: dict[str, dict], args, work: Path):
+    """Train every run, --jobs at a time, with a progress line per run every --poll seconds."""
     base = read_json(args.ds_config, "no such DeepSpeed config")
-    tokens_per_step = args.streams * configs["folded"].segment_len * configs["folded"].bptt_segments
-    queue, running = list(configs.items()), {}
+    queue, running = list(runs), {}
     t0 = time.perf_counter()
     while queue or running:
         while queue and len(running) < args.jobs:
-            name, cfg = queue.pop(0)
-            streams, rest = divmod(tokens_per_step, cfg.segment_len * cfg.bptt_segments)
-            if rest or streams < 1:
-                raise SystemExit(f"{name}: {tokens_per_step} tokens per step is not a whole number of "
-                                 f"{cfg.segment_len * cfg.bptt_segments}-token micro-batches; change --streams")
-            ds = {**base, "train_micro_batch_size_per_gpu": streams, "gradient_accumulation_steps": 1}
-            ds.pop("train_batch_size", None)
-            running[name] = launch(name, cfg, ds, args, work)
+            name = queue.pop(0)
+            running[name] = launch(name, runs[name], base, args, work)
             time.sleep(1)  # each lone process picks a free port: do not race them
         time.sleep(args.poll)
-        for name, (proc, log) in list(running.items()):
-            lines = log.read_text().splitlines()
-            progress = next((x for x in reversed(lines) if x.startswith("step ")), "starting")
+        for name, proc in list(running.items()):
+            last = next((m for m in reversed(metrics(work, name)) if "train/loss" in m), None)
+            progress = (f"step {last['step']}/{runs[name]['steps']} loss {last['train/loss']:.4f}"
+                        if last else "starting")
             print(f"[{name} {(time.perf_counter() - t0) / 60:.1f} min] {progress}", flush=True)
             if proc.poll() is not None:
                 del running[name]
                 if proc.returncode:
-                    print("\n".join(lines[-30:]), file=sys.stderr)
+                    log = work / name / "train.log"
+                    print("\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr)
                     raise SystemExit(f"{name}: training failed (exit {proc.returncode}); log in {log}")
-    return tokens_per_step * args.steps
+
+
+def training_rows(runs: dict[str, dict], work: Path) -> list[dict]:
+    """What each run read and cost, from its metrics.jsonl: positions (padding included), the
+    padding fraction, real tokens, training FLOPs, and the last logged training loss."""
+    rows = []
+    for name, run in runs.items():
+        last = [m for m in metrics(work, name) if "train/loss" in m][-1]
+        positions, pad = last["train/tokens_seen"], last["train/padding_fraction"]
+        rows.append({"model": name, "window": run["cfg"].segment_len, "streams": run["streams"],
+                     "steps": last["step"], "positions": positions, "padding": pad,
+                     "real_tokens": round(positions * (1 - pad)),
+                     "pflops": positions * run["cfg"].flops_per_token() / 1e15, "train_loss": last["train/loss"]})
+    return rows
 
 
 def analyse(result: dict, margin: float) -> dict:
     """Gains by bucket and the largest distance where folded beats local-only by >= margin; the
-    gap is to the first full-attention model."""
-    by_name = {r["model"]: r for r in result["models"]}
-    folded, local = by_name["folded"]["by_position"], by_name["local_only"]["by_position"]
-    others = {k: v["by_position"] for k, v in by_name.items() if k.startswith("full_")}
-    full = next(iter(others.values()))
-    counts = by_name["folded"]["tokens_by_position"]
+    gaps are to the first full-attention model, at equal tokens and at equal FLOPs."""
+    by_name = {r["model"]: r["by_position"] for r in result["models"]}
+    folded, local = by_name["folded"], by_name["local_only"]
+    others = {k: v for k, v in by_name.items() if k.startswith("full_")}
+    ref = next(iter(others))
+    references = {"gap_to_full": others[ref], "gap_to_full_flops": others.get(f"{ref}_flops", {})}
+    counts = next(r["tokens_by_position"] for r in result["models"] if r["model"] == "folded")
     l, rows, reach = result["position_unit"], [], None
     for b in range(N_BUCKETS):
         label = bucket_label(b)
@@ -109,7 +158,8 @@ def analyse(result: dict, margin: float) -> dict:
         rows.append({"bucket": label, "from_token": bucket_first(b) * l, "tokens": counts[label],
                      "folded": folded[label], "local_only": local[label],
                      **{k: v.get(label) for k, v in others.items()}, "gain_vs_local": gain,
-                     "gap_to_full": (folded[label] - full[label]) / full[label] if label in full else None})
+                     **{k: (folded[label] - v[label]) / v[label] if label in v else None
+                        for k, v in references.items()}})
         if gain >= margin:
             reach = rows[-1]
     return {"rows": rows, "full": list(others), "reach_bucket": reach and reach["bucket"],
@@ -138,16 +188,17 @@ def reach(model: FoldedLM, unlimited: dict, store, args, device) -> list[dict]:
     return rows
 
 
-QUICK = dict(model="tiny", steps=30, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8, poll=2.0,
-             ds_config=str(ROOT / "ds_configs" / "cpu.json"))
+QUICK = dict(model="tiny", steps=60, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8,
+             poll=2.0, ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="preset or model .json (the folded model)")
-    p.add_argument("--bptt_segments", type=int, default=None, help="override the folded model's bptt_segments")
+    p.add_argument("--bptt-segments", "--bptt_segments", type=int, default=None,
+                   help="override the folded model's bptt_segments")
     p.add_argument("--data", help="token store (default: the built-in corpus)")
-    p.add_argument("--ds_config", default=None,
+    p.add_argument("--ds-config", "--ds_config", default=None,
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--streams", type=int, default=32, help="streams of the folded model per step")
@@ -155,8 +206,8 @@ def main(argv=None):
     p.add_argument("--margin", type=float, default=0.01, help="relative gain that counts as using the context")
     p.add_argument("--reach", default="1,2,4,8,16,32",
                    help="context cuts K (segments) for the folded model; '' skips this part")
-    p.add_argument("--max_tokens", type=int, default=500_000, help="held-out tokens evaluated")
-    p.add_argument("--eval_streams", type=int, default=16)
+    p.add_argument("--max-tokens", "--max_tokens", type=int, default=500_000, help="held-out tokens evaluated")
+    p.add_argument("--eval-streams", "--eval_streams", type=int, default=16)
     p.add_argument("--jobs", type=int, default=3, help="training runs at once (they share the GPU)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--seed", type=int, default=0)
@@ -173,17 +224,17 @@ def main(argv=None):
         from foldscale.data import default_store
         args.data = str(default_store(max_files=40 if args.quick else None, vocab_size=512 if args.quick else 8192))
     store = TokenStore.open(args.data)
-    cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments)
-    cfg.vocab_size = store.vocab_size
-    configs = variants(cfg, [int(w) for w in args.windows.split(",")])
+    cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=store.vocab_size)
+    runs = plan(variants(cfg, [int(w) for w in args.windows.split(",")]), store, args.streams, args.steps)
     work = Path(args.work)
     print(f"context use: {args.model} (l={cfg.segment_len}, {cfg.num_params():,} parameters), "
-          f"{args.steps} steps, {len(configs)} models, on {device_name()}", flush=True)
+          f"{args.steps} steps, {len(runs)} runs, on {device_name()}", flush=True)
     t0 = time.perf_counter()
-    tokens = train_all(configs, args, work)
+    train_all(runs, args, work)
     train_minutes = (time.perf_counter() - t0) / 60
+    training = training_rows(runs, work)
     models = {}
-    for name in configs:
+    for name in runs:
         export(work / name / "run", work / name / "export")
         models[name] = FoldedLM.from_pretrained(work / name / "export")
     device = "cuda" if gpu else "cpu"
@@ -191,10 +242,13 @@ def main(argv=None):
     report = analyse(result, args.margin)
     if args.reach:
         report["reach"] = reach(models["folded"], result["models"][0], store, args, device)
-    print(f"\n{result['tokens']:,} held-out tokens of {result['documents']} documents; every model trained "
-          f"on {tokens:,} tokens; position buckets in segments of l = {result['position_unit']} tokens")
+    print("\ntraining (positions include padding; FLOPs = flops_per_token x positions):")
+    print_table(training, ["model", "window", "streams", "steps", "positions", "padding", "real_tokens", "pflops",
+                           "train_loss"])
+    print(f"\n{result['tokens']:,} held-out tokens of {result['documents']} documents; position buckets in "
+          f"segments of l = {result['position_unit']} tokens")
     print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", *report["full"],
-                                 "gain_vs_local", "gap_to_full"])
+                                 "gain_vs_local", "gap_to_full", "gap_to_full_flops"])
     print("overall loss: " + ", ".join(f"{r['model']} {r['loss']:.4f}" for r in result["models"]))
     if report["reach_bucket"] is None:
         print(f"the folded model is nowhere >= {args.margin:.0%} better than the local-only ablation")
@@ -214,12 +268,11 @@ def main(argv=None):
                                  title=f"{args.model}: loss by position (segments of {result['position_unit']})")
         fig.savefig(args.plot, dpi=120)
     write_json(args.json, report["rows"], task="context_use", model=cfg.to_dict(), steps=args.steps,
-               tokens_per_model=tokens, train_minutes=round(train_minutes, 2), margin=args.margin,
+               training=training, train_minutes=round(train_minutes, 2), margin=args.margin,
                reach_bucket=report["reach_bucket"], reach_tokens=report["reach_tokens"],
                context_cuts=report.get("reach"),
                evaluation={k: v for k, v in result.items() if k != "models"},
-               overall={r["model"]: r["loss"] for r in result["models"]},
-               args={k: v for k, v in vars(args).items()}, command=" ".join(["python"] + sys.argv))
+               overall={r["model"]: r["loss"] for r in result["models"]}, args=vars(args))
     return report
 
 

@@ -1,11 +1,17 @@
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import context_use  # noqa: E402
-from foldscale.config import ModelConfig  # noqa: E402
+from experiments import context_use
+from foldscale.config import ModelConfig
+from foldscale.data import write_store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_variants_share_the_shape_and_differ_only_where_they_should():
@@ -20,23 +26,85 @@ def test_variants_share_the_shape_and_differ_only_where_they_should():
         assert full.num_params() == cfg.num_params() - cfg.segment_len * cfg.d_model  # all but S0
 
 
-def result(folded, local, full, l=10):
+@pytest.fixture
+def store(tmp_path):
+    """Three training documents, of 20, 100 and 50 tokens."""
+    return write_store([np.arange(20), np.arange(100), np.arange(50)], tmp_path / "store", vocab_size=128,
+                       val_fraction=0.0)
+
+
+def test_real_fraction_counts_the_sampler_padding(store):
+    lengths = store.doc_lengths[store.docs("train")]
+    targets = (lengths - 1).sum()
+    for window in (16, 64, 1000):
+        positions = sum(-(-n // window) * window for n in lengths)
+        assert context_use.real_fraction(store, window) == pytest.approx(targets / positions)
+    assert context_use.real_fraction(store, 64) < context_use.real_fraction(store, 16)
+
+
+def test_plan_gives_every_model_the_real_tokens_of_the_folded_model(store):
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8, bptt_segments=2)
+    runs = context_use.plan(context_use.variants(cfg, [4, 1]), store, streams=8, steps=100)
+    assert list(runs) == ["folded", "local_only", "full_4l", "full_1l", "full_4l_flops"]
+    real = {name: r["streams"] * r["cfg"].segment_len * r["cfg"].bptt_segments
+            * context_use.real_fraction(store, r["cfg"].segment_len) for name, r in runs.items()}
+    for name in runs:
+        assert abs(real[name] - real["folded"]) <= 0.5 * runs[name]["cfg"].segment_len  # up to rounding a stream
+    assert runs["full_1l"]["streams"] == 16 and runs["full_4l"]["steps"] == 100
+    full, flops = runs["full_4l"], runs["full_4l_flops"]
+    assert flops["cfg"] == full["cfg"] and flops["streams"] == full["streams"]
+    folded_flops = cfg.flops_per_token() * 8 * 8 * 2 * 100
+    full_flops = full["cfg"].flops_per_token() * full["streams"] * 32 * flops["steps"]
+    assert flops["steps"] > 100 and full_flops == pytest.approx(folded_flops, rel=0.01)
+
+
+def result(folded, local, full, full_flops=None, l=10):
     labels = ["0", "1", "2-3", "4-7"]
     model = lambda name, losses: {"model": name, "by_position": dict(zip(labels, losses)),  # noqa: E731
                                   "tokens_by_position": dict(zip(labels, [10, 10, 20, 40]))}
-    return {"position_unit": l, "models": [model("folded", folded), model("local_only", local),
-                                           model("full_8l", full), model("full_1l", local)]}
+    models = [model("folded", folded), model("local_only", local), model("full_8l", full), model("full_1l", local)]
+    if full_flops:
+        models.append(model("full_8l_flops", full_flops))
+    return {"position_unit": l, "models": models}
 
 
 def test_reach_is_the_last_bucket_with_the_margin():
-    report = context_use.analyse(result([3.0, 2.0, 2.0, 2.0], [3.0, 2.5, 2.03, 2.01], [2.9, 1.9, 1.8, 1.9]), 0.01)
+    report = context_use.analyse(result([3.0, 2.0, 2.0, 2.0], [3.0, 2.5, 2.03, 2.01], [2.9, 1.9, 1.8, 1.9],
+                                        [2.5, 1.6, 1.6, 1.6]), 0.01)
     assert [r["bucket"] for r in report["rows"]] == ["0", "1", "2-3", "4-7"]
     assert report["reach_bucket"] == "2-3" and report["reach_tokens"] == 20  # 2.03 -> 2.0 is 1.5%; 4-7 is 0.5%
     assert report["rows"][1]["gain_vs_local"] == pytest.approx(0.2)
     assert report["rows"][1]["gap_to_full"] == pytest.approx(0.1 / 1.9)  # to the first window
-    assert report["full"] == ["full_8l", "full_1l"] and report["rows"][1]["full_1l"] == 2.5
+    assert report["rows"][1]["gap_to_full_flops"] == pytest.approx(0.4 / 1.6)
+    assert report["full"] == ["full_8l", "full_1l", "full_8l_flops"] and report["rows"][1]["full_1l"] == 2.5
 
 
 def test_no_reach_when_the_state_never_helps():
     report = context_use.analyse(result([3.0, 2.0], [3.0, 2.0], [3.0, 2.0]), 0.01)
     assert report["reach_bucket"] is None and report["reach_tokens"] is None
+    assert report["rows"][0]["gap_to_full_flops"] is None
+
+
+def test_quick_run_on_the_cpu(tmp_path):
+    """The whole experiment at toy size, as `python -m experiments.context_use --quick`."""
+    out = tmp_path / "table.json"
+    env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_use", "--quick", "--json", str(out),
+                           "--work", str(tmp_path / "runs"), "--plot", str(tmp_path / "u.png")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows, names = record["rows"], ["folded", "local_only", "full_4l", "full_1l", "full_4l_flops"]
+    assert rows[0]["bucket"] == "0" and all(r["folded"] > 0 and r["local_only"] > 0 and r["full_4l_flops"] > 0
+                                            for r in rows)
+    assert sum(r["tokens"] for r in rows) > 1000
+    assert [t["model"] for t in record["training"]] == names
+    training = {t["model"]: t for t in record["training"]}
+    assert all(0 <= t["padding"] < 0.5 and t["real_tokens"] > 0 and t["steps"] > 0 for t in training.values())
+    assert training["full_4l_flops"]["pflops"] == pytest.approx(training["folded"]["pflops"], rel=0.05)
+    assert training["full_4l"]["steps"] == training["folded"]["steps"] < training["full_4l_flops"]["steps"]
+    for name in names:
+        assert (tmp_path / "runs" / name / "export" / "model.safetensors").is_file()
+    assert "better than" in proc.stdout and (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+    assert [c["context_tokens"] for c in record["context_cuts"]] == [16, 64, "all"]
+    assert record["context_cuts"][-1]["worse_than_all"] == 0 and all(c["loss_past"] > 0 for c in record["context_cuts"])
