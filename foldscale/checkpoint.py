@@ -1,85 +1,318 @@
-"""Checkpoint layout (DESIGN.md §4), completeness and retention.
+"""Checkpoints (DESIGN.md §4): the one module that writes, finds, verifies, loads and prunes them.
 
-    RUN/checkpoints/step00001000/      as DeepSpeed writes it (client_state: trainer state, rank 0)
-        foldscale_rank{r}.pt            each rank's sampler state, carried state and RNG states
-        model.json ds_config.json train.json   the resolved configs
-        COMPLETE                        written last, by rank 0, after every rank has finished
+    RUN/checkpoints/step00001000/
+        mp_rank_00_model_states.pt, ...optim_states.pt   as DeepSpeed writes them; the trainer's
+                                        state (step, tokens seen) is their client state
+        foldscale_rank{r}.pt            rank r's sampler position, carried state and RNG states
+        model.json train.json data.json ds_config.json    the resolved configs (the resolved
+                                        learning-rate schedule is ds_config.json's "scheduler")
+        tokenizer.model                 the token store's tokenizer, when it has one
+        COMPLETE                        written last, by rank 0: tag, step, world size, and the
+                                        size and sha256 of every other file (the manifest)
 
-A checkpoint without COMPLETE is ignored by `--resume auto` (a crash mid-save), so the previous
-one stays the one to load.
+Nothing in a checkpoint is read before its manifest is checked. foldscale's own files load with
+`torch.load(weights_only=True)`; DeepSpeed's are unpickled by DeepSpeed itself, so the manifest
+is what refuses a file changed after the save. It is a checksum, not a signature.
 """
+import contextlib
+import dataclasses
+import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from foldscale.config import ConfigError
+from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 
 _TAG = re.compile(r"^step(\d{8})$")
+TOKENIZER = "tokenizer.model"
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+class CheckpointError(FoldscaleError):
+    """A checkpoint that is missing, incomplete or damaged; the message names the file."""
 
 
-def complete_checkpoints(root) -> list[Path]:
-    """Complete checkpoints under RUN/checkpoints, oldest first."""
+def configs(model_cfg, train_cfg, data_cfg, ds_config: dict) -> dict[str, dict]:
+    """The resolved configs a checkpoint records, by file name (for `save` and `load`)."""
+    return {"model.json": dataclasses.asdict(model_cfg), "train.json": dataclasses.asdict(train_cfg),
+            "data.json": dataclasses.asdict(data_cfg), "ds_config.json": ds_config}
+
+
+def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: dict, rank_state: dict,
+         configs: dict[str, dict], tokenizer, keep_last: int) -> Path:
+    """Write checkpoint ROOT/stepNNNNNNNN; every rank calls it. Returns its path.
+
+    Every rank writes its DeepSpeed files and foldscale_rank{r}.pt (RANK_STATE and its RNG
+    states); then rank 0 writes CONFIGS and the tokenizer, COMPLETE last, and prunes to the
+    newest KEEP_LAST checkpoints up to this one. A directory already at this tag (an interrupted
+    save, or a later checkpoint of a run resumed from an earlier one) is moved aside, not deleted.
+    """
     root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _TAG.match(p.name) and (p / "COMPLETE").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def resolve(resume: str, root) -> Path | None:
-    """`auto` -> newest complete checkpoint (or None: start fresh); else a checkpoint directory."""
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "COMPLETE").is_file():
-        hint = "it has no COMPLETE marker (interrupted save?)" if path.is_dir() else "no such directory"
-        raise ConfigError(f"--resume {path}: not a complete foldscale checkpoint: {hint}. "
-                          f"Complete ones: {[str(p) for p in complete_checkpoints(path.parent)] or 'none'}")
+    path = root / f"step{step:08d}"
+    if rank == 0 and path.exists():
+        aside = _move_aside(path)
+        print(f"moved the earlier {path} aside to {aside}", flush=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
+    _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        for name, cfg in configs.items():
+            _atomic_write_text(path / name, json.dumps(cfg, indent=2))
+        if tokenizer and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, path / TOKENIZER)
+        record = {"tag": path.name, "step": step, "world_size": world_size,
+                  "files": {name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for name, f in _files(path).items()}}
+        _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
+        _prune(root, keep_last, path)
+    dist.barrier()
     return path
 
 
-def read_meta(path) -> dict:
-    return json.loads((Path(path) / "COMPLETE").read_text())
+def find(resume: str, root, warn=print) -> Path | None:
+    """The checkpoint to resume from, verified.
+
+    `auto`: the newest checkpoint under ROOT that verifies; each newer one that does not is
+    skipped with a warning (through WARN) naming its damaged file, and none is deleted. None when
+    there is nothing to resume (no checkpoint, or only interrupted saves); CheckpointError when
+    there are complete checkpoints but none verifies. Otherwise RESUME is a checkpoint directory,
+    refused unless it verifies.
+    """
+    if resume != "auto":
+        verify(resume)
+        return Path(resume)
+    damaged = 0
+    for path in reversed(_checkpoint_dirs(root)):
+        problem = _problem(path)
+        if problem is None:
+            return path
+        warn(f"warning: --resume auto skips {path.name}: {problem}")
+        damaged += (path / "COMPLETE").is_file()
+    if damaged:
+        raise CheckpointError(f"{root}: none of its checkpoints verifies (see the warnings above); move the "
+                              f"damaged ones out of {root} to start afresh")
+    return None
 
 
-def atomic_torch_save(obj, path):
+def newest(root) -> Path:
+    """The newest checkpoint directory under ROOT, complete or not (check it with `verify`)."""
+    found = _checkpoint_dirs(root)
+    if not found:
+        raise CheckpointError(f"{root}: no checkpoint here (is {Path(root).parent} a run directory of "
+                              "launch/pretrain.py?)")
+    return found[-1]
+
+
+def verify(path) -> dict:
+    """The checkpoint's COMPLETE record, once every file in it is as saved: none missing, none
+    added, none of another size or content. Otherwise CheckpointError naming the first file at
+    fault and the other checkpoints there are."""
     path = Path(path)
+    problem = _problem(path)
+    if problem is not None:
+        others = [p.name for p in _checkpoint_dirs(path.parent) if p != path]
+        hint = (f"other checkpoints in {path.parent}: {', '.join(others)} (export one with --tag {others[-1]}, "
+                f"or resume from one with --resume {path.parent / others[-1]})" if others
+                else f"there is no other checkpoint in {path.parent}")
+        raise CheckpointError(f"{problem}; {hint}")
+    return _record(path)
+
+
+def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> tuple[dict, dict]:
+    """Load checkpoint PATH (verified by `find`) into ENGINE and restore this rank's RNG states;
+    returns (trainer state, this rank's state as saved).
+
+    Refused before anything is loaded, with a ConfigError saying what to pass, when the world
+    size, the number of streams, the model or the schedule differ from EXPECT (the `configs` this
+    run would save).
+    """
+    path = Path(path)
+    _check_same_run(path, world_size, expect)
+    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load there")
+    mine = _torch_load(path / f"foldscale_rank{rank}.pt")
+    _set_rng_state(mine.pop("rng"))
+    return client["trainer"], mine
+
+
+def read_config(path, name: str) -> dict:
+    """Config NAME (e.g. model.json) of checkpoint PATH."""
+    f = Path(path) / name
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot be read ({e})") from None
+
+
+def tokenizer(path) -> Path | None:
+    f = Path(path) / TOKENIZER
+    return f if f.is_file() else None
+
+
+def model_weights(path) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights in checkpoint PATH (verified), whatever the ZeRO stage.
+
+    ZeRO 0 keeps the whole module state dict in mp_rank_00_model_states.pt. ZeRO 1-3 keep the
+    fp32 master weights in the optimizer partitions (under ZeRO 3 the module file holds only
+    placeholders), which DeepSpeed's own zero_to_fp32 consolidates.
+    """
+    path = Path(path)
+    if read_config(path, "ds_config.json").get("zero_optimization", {}).get("stage", 0) == 0:
+        state = _torch_load(path / "mp_rank_00_model_states.pt")["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress on stdout
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k: v.float() for k, v in state.items()}
+
+
+def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
+    """Refuse, saying what to pass, a run that cannot continue checkpoint PATH."""
+    saved_world = _record(path)["world_size"]
+    if saved_world != world_size:
+        raise ConfigError(f"{path} was written by {saved_world} rank(s) but this run has {world_size}: resume "
+                          f"with {saved_world} ranks (each rank's streams and carried state live in its own file)")
+    saved_model = dataclasses.asdict(ModelConfig.from_dict(read_config(path, "model.json")))
+    changed = _differences(saved_model, expect["model.json"], "model")
+    if changed:
+        raise ConfigError(f"this run's model differs from {path / 'model.json'} ({_described(changed)}): resume "
+                          f"with --model {path / 'model.json'}")
+    saved_ds, ds = read_config(path, "ds_config.json"), expect["ds_config.json"]
+    streams = "train_micro_batch_size_per_gpu"
+    changed = _differences(saved_ds.get(streams), ds.get(streams), streams)
+    if changed:
+        raise ConfigError(f"the streams per rank differ from {path / 'ds_config.json'} ({_described(changed)}): set "
+                          f"{streams} to {saved_ds.get(streams)} in the DeepSpeed JSON (each stream's position and "
+                          "carried state are in the checkpoint)")
+    changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
+    if changed:
+        saved = {key: old for key, old, _ in changed}
+        fix = "set " + ", ".join(f"{k} to {json.dumps(v)}" for k, v in saved.items()) + " in the DeepSpeed JSON"
+        total = saved.get("scheduler.params.total_num_steps")
+        if total is not None:
+            fix = f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}"
+        raise ConfigError(f"the learning-rate schedule differs from the one in {path / 'ds_config.json'} "
+                          f"({_described(changed)}): {fix}; a run keeps the schedule it started with")
+
+
+def _differences(old, new, key: str) -> list[tuple]:
+    """(dotted key, old value, new value) for every leaf where OLD and NEW differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [(key, old, new)]
+
+
+def _described(changed: list[tuple]) -> str:
+    return "; ".join(f"{key} is {json.dumps(new)} in this run but {json.dumps(old)}" for key, old, new in changed)
+
+
+def _checkpoint_dirs(root) -> list[Path]:
+    """Checkpoint directories under ROOT, complete or not, oldest first."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if _TAG.match(p.name) and p.is_dir()) if root.is_dir() else []
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """Every file of checkpoint PATH but COMPLETE, by its path relative to PATH."""
+    found = {f.relative_to(path).as_posix(): f for f in path.rglob("*") if f.is_file()}
+    found.pop("COMPLETE", None)
+    return dict(sorted(found.items()))
+
+
+def _record(path: Path) -> dict | None:
+    """PATH/COMPLETE as rank 0 wrote it, or None when it is malformed."""
+    try:
+        record = json.loads((path / "COMPLETE").read_bytes())
+        good = (record["tag"] == f"step{record['step']:08d}" and isinstance(record["world_size"], int)
+                and all(isinstance(f["bytes"], int) and isinstance(f["sha256"], str) for f in record["files"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        good = False
+    return record if good else None
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with checkpoint PATH, naming the file; None when every file is as saved."""
+    if not path.is_dir():
+        return f"{path}: no such checkpoint directory"
+    if not (path / "COMPLETE").is_file():
+        return f"{path}: no COMPLETE marker (the save was interrupted, or is still running)"
+    record = _record(path)
+    if record is None:
+        return (f"{path / 'COMPLETE'}: damaged, or written by a foldscale that did not record checksums "
+                "(it must hold the tag, step, world size and every file's size and sha256)")
+    saved, found = record["files"], _files(path)
+    for name, f in saved.items():
+        if name not in found:
+            return f"{path / name}: missing"
+        if found[name].stat().st_size != f["bytes"]:
+            return f"{path / name}: {found[name].stat().st_size} bytes, not the {f['bytes']} saved (truncated?)"
+    for name in found:
+        if name not in saved:
+            return f"{path / name}: not part of the checkpoint as saved"
+    for name, f in saved.items():
+        if _sha256(found[name]) != f["sha256"]:
+            return f"{path / name}: altered since it was saved (its sha256 differs from the one in COMPLETE)"
+    return None
+
+
+def _sha256(f: Path) -> str:
+    with open(f, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _prune(root: Path, keep_last: int, newest: Path):
+    """Delete complete checkpoints older than the newest KEEP_LAST up to NEWEST; later ones (left
+    by a run resumed from an earlier checkpoint) and incomplete ones are left alone."""
+    done = [p for p in _checkpoint_dirs(root) if p.name <= newest.name and (p / "COMPLETE").is_file()]
+    for old in done[:-keep_last]:
+        (old / "COMPLETE").unlink()  # first, so a crash mid-delete never leaves a "complete" husk
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_aside(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.replaced{n}").exists():
+        n += 1
+    aside = path.with_name(f"{path.name}.replaced{n}")
+    os.rename(path, aside)
+    return aside
+
+
+def _torch_load(f: Path):
+    """A file foldscale wrote, or DeepSpeed's module file: tensors and plain python only."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def atomic_write_text(path, text: str):
-    path = Path(path)
+def _atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
+def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict):
+def _set_rng_state(state: dict[str, torch.Tensor]):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def prune(root, keep_last: int):
-    """Delete complete checkpoints beyond the newest `keep_last`; incomplete ones are left alone."""
-    for old in complete_checkpoints(root)[:-keep_last]:
-        (old / "COMPLETE").unlink()  # first, so a crash mid-delete never leaves a "complete" husk
-        shutil.rmtree(old, ignore_errors=True)

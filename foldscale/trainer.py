@@ -207,51 +207,26 @@ class Trainer:
         self.log(f"signal {signum}: saving a checkpoint at the end of this step")
 
     def save(self):
-        """Every rank writes its part; rank 0 marks the checkpoint COMPLETE last, then prunes."""
-        tag = ckpt.tag_for(self.step)
-        path = self.ckpt_root / tag
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"trainer": self.state_dict()},
-                                    save_latest=False)
-        ckpt.atomic_torch_save({"sampler": self.sampler.state_dict(),
-                                "state": None if self.state is None else self.state.cpu(),
-                                "rng": ckpt.rng_state()}, path / f"foldscale_rank{self.rank}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            for name, obj in (("model.json", self.model_cfg), ("train.json", self.cfg), ("data.json", self.data_cfg)):
-                ckpt.atomic_write_text(path / name, json.dumps(dataclasses.asdict(obj), indent=2))
-            ckpt.atomic_write_text(path / "ds_config.json", json.dumps(self.ds_config, indent=2))
-            tok = getattr(self.store, "tokenizer_path", None)
-            if tok and Path(tok).is_file():
-                shutil.copyfile(tok, path / "tokenizer.model")
-            ckpt.atomic_write_text(path / "COMPLETE", json.dumps({**self.state_dict(), "tag": tag}))
-            ckpt.prune(self.ckpt_root, self.cfg.keep_last)
-            self.log(f"saved checkpoint {path}")
-        dist.barrier()
+        """Write this step's checkpoint (checkpoint.save); a step is saved once."""
+        rank_state = {"sampler": self.sampler.state_dict(), "state": None if self.state is None else self.state.cpu()}
+        path = ckpt.save(self.engine, self.ckpt_root, self.step, self.rank, self.world_size,
+                         trainer_state=self.state_dict(), rank_state=rank_state,
+                         configs=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config),
+                         tokenizer=getattr(self.store, "tokenizer_path", None), keep_last=self.cfg.keep_last)
+        self.log(f"saved checkpoint {path}")
         self.saved_step = self.step
 
     def resume(self, resume: str) -> bool:
-        """Load `auto` (newest complete, if any) or a given checkpoint directory."""
-        path = ckpt.resolve(resume, self.ckpt_root)
+        """Load `auto` (the newest checkpoint that verifies, if any) or a given checkpoint directory."""
+        path = ckpt.find(resume, self.ckpt_root, warn=self.log)
         if path is None:
-            self.log(f"no complete checkpoint in {self.ckpt_root}: starting fresh")
+            self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return False
-        meta = ckpt.read_meta(path)
-        if meta["world_size"] != self.world_size:
-            raise ConfigError(f"{path} was written by {meta['world_size']} rank(s) but this run has "
-                              f"{self.world_size}: resume with {meta['world_size']} ranks (each rank's "
-                              "streams and carried state live in its own file)")
-        saved_model = ModelConfig.from_json(path / "model.json")
-        if saved_model != self.model_cfg:
-            raise ConfigError(f"{path / 'model.json'} differs from this run's model config: resume with "
-                              f"--model {path / 'model.json'}")
-        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        if loaded is None:
-            raise ConfigError(f"{path}: DeepSpeed could not load this checkpoint")
-        self.step, self.tokens_seen = client["trainer"]["step"], client["trainer"]["tokens_seen"]
-        mine = torch.load(path / f"foldscale_rank{self.rank}.pt", weights_only=False)
+        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size,
+                                        expect=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config))
+        self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)
-        ckpt.set_rng_state(mine["rng"])
         self.saved_step = self.step
         self.log(f"resumed from {path} at step {self.step}")
         return True

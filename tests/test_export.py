@@ -6,23 +6,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from foldscale.cli import main
-from foldscale.data import SegmentStreamSampler, TokenStore, write_store
+from foldscale.data import SegmentStreamSampler, TokenStore, prepare, train_tokenizer
 from foldscale.export import load_torch_export
 from foldscale.metrics import PositionLoss
 from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
+MODEL = dict(vocab_size=300, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
 ZERO = {"0": {"stage": 0}, "2": {"stage": 2}, "3": {"stage": 3}, "3off": {"stage": 3, **OFFLOAD}}
 STEPS, STREAMS, EVAL_SEGMENTS = 4, 2, 6
+
+
+def tokenized_store(out: Path) -> TokenStore:
+    """A token store made with its own tokenizer (vocab_size 300), so that a run's checkpoints
+    carry tokenizer.model: 40 short Python-like documents of 1 to 7 segments."""
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 5) for i in range(40)]
+    tok = train_tokenizer(iter(texts), MODEL["vocab_size"], out.with_name(out.name + ".tokenizer.model"))
+    docs = out.with_name(out.name + ".jsonl")
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return prepare(str(docs), tok, out, val_fraction=0.25, num_proc=1)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +39,7 @@ def runs(tmp_path_factory):
     """One 4-step run per ZeRO stage, and ZeRO 3 with offload (checkpoints at steps 2 and 4,
     validation at step 4), trained side by side to keep the module fast."""
     tmp = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(0)
-    docs = [np.append((rng.integers(0, 60) + np.arange(int(rng.integers(10, 100)))) % 60 + 4, 3)
-            for _ in range(40)]
-    write_store(docs, tmp / "store", vocab_size=64, val_fraction=0.25)
+    tokenized_store(tmp / "store")
     (tmp / "model.json").write_text(json.dumps(MODEL))
     base = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
     base["scheduler"]["params"]["warmup_num_steps"] = 1
@@ -94,7 +100,7 @@ def test_export_reproduces_the_engines_validation_loss(runs, tmp_path, stage):
 def test_zero0_export_holds_the_module_weights(runs, tmp_path):
     export(runs / "run0", "--out", tmp_path / "m")
     module = torch.load(runs / "run0" / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
+                        weights_only=True)["module"]
     tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert set(tensors) == set(module) - {"lm_head.weight"}
     for k, v in tensors.items():
@@ -117,29 +123,26 @@ def test_tag_bf16_torch_format_and_tokenizer(runs, tmp_path):
     older = export(run, "--tag", "step00000002", "--out", tmp_path / "old")
     newest = export(run, "--out", tmp_path / "new")
     assert older["step"] == 2 and older["loss_deepspeed"] != newest["loss_deepspeed"]
-    assert not (tmp_path / "new" / "tokenizer.model").exists()
+    assert newest["tokenizer"] and (tmp_path / "new" / "tokenizer.model").read_bytes() == \
+        (runs / "store" / "tokenizer.model").read_bytes()
 
     half = export(run, "--dtype", "bf16", "--out", tmp_path / "half")
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "half" / "model.safetensors")).values())
     assert half["loss_exported"] == pytest.approx(newest["loss_deepspeed"], rel=3e-2)
     assert half["loss_exported"] != newest["loss_exported"]  # rounded, yet within the tolerance
 
-    export(run, "--format", "torch", "--out", tmp_path / "m.pt")
+    assert not export(run, "--format", "torch", "--out", tmp_path / "m.pt")["tokenizer"]
     as_torch = load_torch_export(tmp_path / "m.pt").state_dict()
     for k, v in FoldedLM.from_pretrained(tmp_path / "new").state_dict().items():
         assert torch.equal(v, as_torch[k]), k
 
-    (run / "checkpoints" / "step00000004" / "tokenizer.model").write_bytes(b"sentencepiece bytes")
-    assert export(run, "--out", tmp_path / "tok")["tokenizer"]
-    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
-
 
 def test_random_check_batch_when_the_store_is_gone(runs, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(runs / "run0", run)
-    data = run / "checkpoints" / "step00000004" / "data.json"
-    data.write_text(json.dumps({**json.loads(data.read_text()), "store": str(tmp_path / "gone")}))
-    result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "m")])
+    (runs / "store").rename(tmp_path / "moved")  # the checkpoint's data.json still names it
+    try:
+        result = CliRunner().invoke(main, ["export", str(runs / "run0"), "--out", str(tmp_path / "m")])
+    finally:
+        (tmp_path / "moved").rename(runs / "store")
     assert result.exit_code == 0, result.output
     assert "self-check on random ids" in result.output and "match" in result.output
 
@@ -149,12 +152,12 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("missing run", "no such run directory"),
-    ("unknown tag", "step00000099 in"),
+    ("missing run", "no checkpoint here"),
+    ("unknown tag", "step00000099: no such checkpoint directory"),
     ("incomplete", "no COMPLETE marker"),
-    ("truncated zero0", "unreadable or truncated"),
-    ("truncated zero3", "could not consolidate"),
-    ("tampered model.json", "weights do not match model.json"),
+    ("truncated zero0", "step00000004/mp_rank_00_model_states.pt: "),
+    ("truncated zero3", "step00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt: "),
+    ("tampered model.json", "step00000004/model.json: "),
     ("out is a file", "is a file"),
 ])
 def test_refusals(runs, tmp_path, damage, message):
@@ -179,5 +182,5 @@ def test_refusals(runs, tmp_path, damage, message):
     elif damage == "out is a file":
         (tmp_path / "m").write_text("x")
     result = CliRunner().invoke(main, args)
-    assert result.exit_code != 0 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)

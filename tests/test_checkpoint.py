@@ -1,0 +1,181 @@
+"""checkpoint.py: what a checkpoint holds, and every damage to any of its files refused or recovered from.
+
+One tiny ZeRO 2 run (a token store with its tokenizer; checkpoints at steps 2 and 4) is trained once
+and each case damages a copy of it. The cases are the files of that real checkpoint, so a file the
+trainer starts writing is covered without touching this test.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from foldscale import checkpoint as ckpt
+from foldscale.cli import main
+from foldscale.config import ConfigError
+from test_export import MODEL, tokenized_store
+from test_trainer import run
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS = 2
+KINDS = {"COMPLETE", "foldscale_rank0.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+         "model.json", "train.json", "data.json", "ds_config.json", "tokenizer.model"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A directory as test_trainer.run wants it (model.json, store, z2.json) holding RUN, trained
+    for 4 steps with checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    tokenized_store(tmp / "store")
+    (tmp / "model.json").write_text(json.dumps(MODEL))
+    cfg = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 1
+    cfg.update(train_micro_batch_size_per_gpu=STREAMS, zero_optimization={"stage": 2})
+    (tmp / "z2.json").write_text(json.dumps(cfg))
+    run(tmp, tmp / "run", "--steps", 4, "--save-every", 2, "--eval-every", 100, ds="z2.json")
+    return tmp
+
+
+def damage(f: Path, how: str):
+    if how == "delete":
+        f.unlink()
+    elif how == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+
+def listing(run_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def resume(trained, run_dir, *args, check=True):
+    return run(trained, run_dir, "--steps", 4, "--save-every", 2, "--eval-every", 100, "--resume", *args,
+               ds="z2.json", check=check)
+
+
+def test_a_checkpoint_holds_its_manifest_configs_and_rank_state(trained):
+    path = trained / "run" / "checkpoints" / "step00000004"
+    assert {p.name for p in path.iterdir()} == KINDS
+    record = ckpt.verify(path)
+    assert record["step"] == 4 and record["world_size"] == 1 and set(record["files"]) == KINDS - {"COMPLETE"}
+    assert ckpt.read_config(path, "ds_config.json")["scheduler"]["params"]["total_num_steps"] == 4
+    mine = torch.load(path / "foldscale_rank0.pt", weights_only=True)
+    assert mine["state"].shape == (STREAMS, MODEL["segment_len"], MODEL["d_model"])
+    assert mine["sampler"]["steps"] == 4 and mine["rng"]["torch"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+def test_every_damaged_file_is_passed_over_by_resume_and_refused_by_export(trained, tmp_path, how):
+    """Damage each file of the newest checkpoint in turn: `--resume auto` falls back to the one
+    before and says which file it found damaged; export refuses with exit code 2 and one line
+    naming the file; nothing is deleted."""
+    names = sorted(p.name for p in (trained / "run" / "checkpoints" / "step00000004").iterdir())
+    assert set(names) == KINDS
+    for name in names:
+        run_dir = tmp_path / name
+        shutil.copytree(trained / "run", run_dir)
+        root = run_dir / "checkpoints"
+        damage(root / "step00000004" / name, how)
+        before = listing(run_dir)
+
+        warnings = []
+        assert ckpt.find("auto", root, warn=warnings.append) == root / "step00000002", name
+        named = "step00000004: no COMPLETE marker" if (name, how) == ("COMPLETE", "delete") else f"step00000004/{name}: "
+        assert len(warnings) == 1 and named in warnings[0], (name, warnings)
+        with pytest.raises(ckpt.CheckpointError, match="other checkpoints in .*: step00000002"):
+            ckpt.find(str(root / "step00000004"), root)
+
+        result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "m")])
+        assert result.exit_code == 2 and named in result.output, (name, result.output)
+        assert result.output.count("\n") == 1 and "Traceback" not in result.output, result.output
+        assert listing(run_dir) == before, name
+
+
+def test_resume_auto_falls_back_and_continues_as_if_never_damaged(trained, tmp_path):
+    """The fallback resumes from step 2 bit for bit: its new step 4 holds the weights of the
+    undamaged run's. The damaged checkpoint is moved aside, not deleted."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    root = run_dir / "checkpoints"
+    damage(root / "step00000004" / "foldscale_rank0.pt", "flip")
+    damaged = (root / "step00000004" / "foldscale_rank0.pt").read_bytes()
+    p = resume(trained, run_dir, "auto")
+    assert "--resume auto skips step00000004" in p.stdout and "step00000004/foldscale_rank0.pt: altered" in p.stdout
+    assert f"resumed from {root / 'step00000002'} at step 2" in p.stdout
+    assert (root / "step00000004.replaced1" / "foldscale_rank0.pt").read_bytes() == damaged
+    assert {p.name for p in root.glob("step*")} == {"step00000002", "step00000004", "step00000004.replaced1"}
+    ckpt.verify(root / "step00000004")
+    original = ckpt.model_weights(trained / "run" / "checkpoints" / "step00000004")
+    for k, v in ckpt.model_weights(root / "step00000004").items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_resume_refuses_when_no_checkpoint_verifies(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    root = run_dir / "checkpoints"
+    shutil.rmtree(root / "step00000002")
+    damage(root / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate")
+    before = listing(run_dir)
+    p = resume(trained, run_dir, "auto", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "step00000004/zero_pp_rank_0_mp_rank_00_optim_states.pt: " in p.stdout
+    assert "none of its checkpoints verifies" in p.stderr
+    assert {k: v for k, v in listing(run_dir).items() if k.startswith("checkpoints")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints")}
+
+
+def test_resume_refuses_a_damaged_checkpoint_it_is_given(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    newest = run_dir / "checkpoints" / "step00000004"
+    (newest / "model.json").write_text((newest / "model.json").read_text().replace("32", "64"))
+    p = resume(trained, run_dir, newest, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"{newest / 'model.json'}: altered since it was saved" in p.stderr
+    assert f"--resume {run_dir / 'checkpoints' / 'step00000002'}" in p.stderr
+
+
+class NoEngine:
+    def load_checkpoint(self, *args, **kwargs):
+        raise AssertionError("loaded before the run was checked")
+
+
+@pytest.mark.parametrize("change,message", [
+    ("world size", r"written by 1 rank\(s\) but this run has 2: resume with 1 ranks"),
+    ("model", r"model.d_model is 64 in this run but 32\): resume with --model .*step00000004/model.json"),
+    ("streams", r"train_micro_batch_size_per_gpu is 4 in this run but 2\): set train_micro_batch_size_per_gpu to 2"),
+    ("warmup", r"warmup_num_steps is 2 in this run but 1\): set scheduler.params.warmup_num_steps to 1 in the Deep"),
+    ("steps", r"total_num_steps is 6 in this run but 4\): resume with --steps 4"),
+])
+def test_load_refuses_another_run_before_loading_anything(trained, change, message):
+    path = trained / "run" / "checkpoints" / "step00000004"
+    expect = {name: ckpt.read_config(path, name) for name in ("model.json", "ds_config.json")}
+    world_size, ds = 2 if change == "world size" else 1, expect["ds_config.json"]
+    if change == "model":
+        expect["model.json"]["d_model"] = 64
+    elif change == "streams":
+        ds["train_micro_batch_size_per_gpu"] = 4
+    elif change == "warmup":
+        ds["scheduler"]["params"]["warmup_num_steps"] = 2
+    elif change == "steps":
+        ds["scheduler"]["params"]["total_num_steps"] = 6
+    with pytest.raises(ConfigError, match=message):
+        ckpt.load(NoEngine(), path, 0, world_size, expect)
+
+
+def test_resume_refuses_another_schedule(trained, tmp_path):
+    """--steps 6 would stretch the cosine schedule (total_num_steps "auto") under a run planned
+    for 4 steps: refused, saying what to pass."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "run", run_dir)
+    p = run(trained, run_dir, "--steps", 6, "--resume", "auto", ds="z2.json", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "scheduler.params.total_num_steps is 6 in this run but 4" in p.stderr
+    assert "resume with --steps 4" in p.stderr
