@@ -45,7 +45,8 @@ def launch(ranks: int, launcher: str, port: int, out: Path, args: list[str], tim
     """Run pretrain on `ranks` processes in a process group of its own (a timeout kills every
     child, which would otherwise keep the port and the GPU memory); returns its console."""
     script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FOLDSCALE_MPI_PORT": str(port),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "FOLDSCALE_MPI_PORT": str(port),
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), *script]
