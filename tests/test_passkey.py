@@ -1,14 +1,13 @@
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import passkey  # noqa: E402
-from foldscale.config import ModelConfig  # noqa: E402
-from foldscale.model import FoldedLM  # noqa: E402
+from experiments import passkey
+from experiments.longctx.train import TrainArgs, lr_at, score
+from foldscale.config import ModelConfig
+from foldscale.model import FoldedLM
 
 VOCAB = passkey.Vocab(32)
 L = 8
@@ -50,11 +49,15 @@ def test_generator_filler_is_varied_and_seeds_differ():
     assert not torch.equal(batch(8, seed=0)[0][:, 1:6], batch(8, seed=1)[0][:, 1:6])
 
 
-def model(use_state, dtype=torch.float64, **kw):
+def model(local_only=False, dtype=torch.float64, **kw):
+    """A folded model, or the local-only ablation holding the same weights."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB.size, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L,
-                      use_state=use_state, **kw)
-    return FoldedLM(cfg).to(dtype).eval()
+    cfg = ModelConfig(vocab_size=VOCAB.size, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L, **kw)
+    m = FoldedLM(cfg)
+    if local_only:
+        weights, m = m.state_dict(), FoldedLM(cfg.local_only())
+        m.load_state_dict(weights)
+    return m.to(dtype).eval()
 
 
 def logits_with_other_key(m, distance):
@@ -63,27 +66,32 @@ def logits_with_other_key(m, distance):
     changed[:, 1:6] = changed[:, 1:6] % 10 + 1  # every key digit replaced by another digit
     changed[:, -5:] = ids[:, -5:]  # the answer tokens stay, so only the key upstream differs
     with torch.no_grad():
-        return passkey.answer_logits(m, ids), passkey.answer_logits(m, changed)
+        return m.forward_stream(ids).logits[:, -6:-1], m.forward_stream(changed).logits[:, -6:-1]
 
 
 @pytest.mark.parametrize("multiple", [2, 3, 8])
 def test_local_only_never_sees_the_key(multiple):
-    before, after = logits_with_other_key(model(use_state=False), multiple * L)
+    before, after = logits_with_other_key(model(local_only=True), multiple * L)
     assert before.shape == (2, 5, VOCAB.size)
     assert torch.equal(before, after)
 
 
 def test_carried_state_reaches_the_key():
-    before, after = logits_with_other_key(model(use_state=True), 8 * L)
+    before, after = logits_with_other_key(model(), 8 * L)
     assert (before - after).abs().max() > 1e-9
 
 
-def test_answer_logits_match_forward_stream():
-    m = model(use_state=True)
-    ids, _ = batch(3 * L + 1)  # the answer straddles a segment boundary
+def test_score_matches_forward_stream():
+    m = model()
+    ids, targets = batch(3 * L + 1)  # the answer straddles a segment boundary
+    targets[0, -2] = (targets[0, -2] % 10) + 1  # one row with a wrong last digit
     with torch.no_grad():
-        full = m.forward_stream(ids).logits
-        assert torch.allclose(passkey.answer_logits(m, ids), full[:, -6:-1], atol=1e-12)
+        s = score(m, ids, targets)
+        logits = m.forward_stream(ids).logits[:, -6:-1]
+    answer = targets[:, -6:-1]
+    assert s.n_tokens == answer.numel()
+    assert torch.allclose(s.loss, F.cross_entropy(logits.flatten(0, 1), answer.flatten(), reduction="sum"))
+    assert torch.equal(s.exact, (logits.argmax(-1) == answer).all(1))
 
 
 def test_quick_end_to_end(tmp_path):
@@ -109,18 +117,18 @@ def test_bptt_cuts_the_gradient_back_to_the_key(bptt, key_gets_gradient):
     """The key sits in segment 0 of 5 (answer in segment 4): backpropagating through the last 3
     segments' states cannot reach the key's embedding, through 5 or more it does (untied, so the
     LM head's softmax does not touch that embedding row)."""
-    m = model(use_state=True, tie_embeddings=False)
+    m = model(tie_embeddings=False)
     ids, targets = batch(4 * L - 4)  # sequence_len = 4L + 8: five segments
     key = VOCAB.key
-    passkey.score(m, ids, targets, bptt)[0].backward()
+    score(m, ids, targets, bptt).loss.backward()
     grad = m.tok_emb.weight.grad[key].abs().max()
     assert (grad > 0) == key_gets_gradient
 
 
 def test_lr_warms_up_then_decays_by_cosine():
-    args = passkey.TrainArgs(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    assert passkey.lr_at(args, 0, 0.0) == pytest.approx(1e-4)
-    assert passkey.lr_at(args, 9, 0.0) == pytest.approx(1e-3)
-    assert passkey.lr_at(args, 100, 0.5) == pytest.approx(0.55e-3)
-    assert passkey.lr_at(args, 100, 1.0) == pytest.approx(1e-4)
-    assert passkey.lr_at(passkey.TrainArgs(lr=1e-3, warmup_steps=1), 100, 0.7) == pytest.approx(1e-3)
+    args = TrainArgs(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(args, 0, 0.0) == pytest.approx(1e-4)
+    assert lr_at(args, 9, 0.0) == pytest.approx(1e-3)
+    assert lr_at(args, 100, 0.5) == pytest.approx(0.55e-3)
+    assert lr_at(args, 100, 1.0) == pytest.approx(1e-4)
+    assert lr_at(TrainArgs(lr=1e-3, warmup_steps=1), 100, 0.7) == pytest.approx(1e-3)

@@ -1,0 +1,188 @@
+"""The long-context suite (issue 15): is an answer stated segments back in real text found?
+
+Tasks, one module each in experiments/longctx/: `passkey` (a 5-digit key at any depth),
+`multikey` (RULER: k name -> 7-digit number needles, one asked, at least one distractor closer
+to the question), `qa1` and `qa2` (BABILong: bAbI facts about a small cast in real text, one or
+two supporting facts). Filler is real text from a token store (--data, default the built-in
+corpus): its train split for training, its val split for evaluation.
+
+For each task a FoldedLM is trained on the answer tokens only, from scratch or fine-tuned from
+a model exported after launch/pretrain.py (--init DIR), with a curriculum over the number of
+segments capped at --max-train-segments (gradients through the state over every segment of a
+sequence, or the last --bptt). Every model is then scored by exact match of the answer (argmax
+of every answer token) in rows m of --eval-multiples: the needle ends at least m segments
+before the question (m * l tokens of filler plus up to l more), at any offset within a
+segment, after up to min(m + 1, --max-prefix-segments) segments of filler. Beside the folded
+model: the same weights with the state cut (local-only; past one segment it can only guess,
+which shows the task measures memory) and with --baseline a full-attention GPT of window
+max_train_segments x l, trained the same way from scratch (n/a where a document does not fit
+its window). --far-multiples adds rows scored on --far-samples documents. Documents are read
+chunk by chunk under no_grad, so a million-token row needs no more memory than a short one.
+
+    python -m experiments.suite --state-gate --state-norm --tasks qa2 --baseline
+    python -m experiments.suite --quick          # CPU, seconds
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.benchlib import device_name, print_table, write_json
+from experiments.longctx import TASKS, text
+from experiments.longctx.train import add_train_args, exact_match, train, train_args
+from foldscale.config import ModelConfig
+from foldscale.data import Tokenizer, TokenStore, default_store
+from foldscale.model import FoldedLM
+
+QUICK = dict(d_model=32, n_head=2, n_local=1, n_global=1, segment_len=32, batch_size=4, steps=6,
+             max_train_segments=16, log_every=3, window=3, eval_multiples="1,2,4", eval_samples=4,
+             eval_batch=4, far_multiples="", device="cpu")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--data", help="token store with a tokenizer (default: the built-in corpus)")
+    p.add_argument("--init", help="fine-tune this exported model (foldscale export) instead of training "
+                                  "from scratch; its config replaces the model flags")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-local", type=int, default=2)
+    p.add_argument("--n-global", type=int, default=2)
+    p.add_argument("--segment-len", type=int, default=64)
+    p.add_argument("--state-norm", action="store_true", help="ModelConfig.state_norm")
+    p.add_argument("--state-gate", action="store_true", help="ModelConfig.state_gate")
+    p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
+    add_train_args(p, minutes=1.5, min_lr_ratio=0.1)
+    p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")
+    p.add_argument("--eval-samples", type=int, default=100)
+    p.add_argument("--eval-batch", type=int, default=100)
+    p.add_argument("--far-multiples", default="", help="rows scored on --far-samples documents, e.g. 16384")
+    p.add_argument("--far-samples", type=int, default=16)
+    p.add_argument("--max-prefix-segments", type=int, default=1024,
+                   help="cap on the filler before the needle in evaluation, in segments")
+    p.add_argument("--baseline", action="store_true", help="also train and score full attention")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", help="write the table, configs, seeds and training summaries here")
+    p.add_argument("--quick", action="store_true", help=f"CPU smoke test in seconds; sets {QUICK}")
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+        torch.set_num_threads(1)  # toy tensors gain nothing from threads, which spin on a busy CPU
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        p.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    return args
+
+
+def start_segments(task, l: int, args) -> int:
+    """The curriculum's first stage: room for twice the longest of 200 stories, so that filler
+    surrounds the pieces from the start."""
+    rng = np.random.default_rng(0)
+    longest = max(task.story(rng).size() for _ in range(200))
+    start = max(args.start_segments, math.ceil(2 * longest / l))
+    if start > args.max_train_segments:
+        raise SystemExit(f"{task.name}: stories need up to {longest} tokens, {start} segments of {l} "
+                         f"with filler; raise --max-train-segments or --segment-len")
+    return start
+
+
+def batch_maker(task, corpus):
+    def make_batch(n, length, generator):
+        rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
+        docs = text.training_docs(task, corpus, n, length, rng)
+        return tuple(torch.from_numpy(x) for x in text.batch(docs, 0, length))
+    return make_batch
+
+
+def accuracy(model, docs, batch_size, device, label) -> float:
+    right = sum(int(exact_match(model, docs[i:i + batch_size], device, label=label).sum())
+                for i in range(0, len(docs), batch_size))
+    return right / len(docs)
+
+
+def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
+    """Train the task's models, score every row: (rows, training summaries, model configs)."""
+    train_corpus, val_corpus = text.Corpus(store, "train"), text.Corpus(store, "val")
+    tokenizer = train_corpus.tokenizer
+    task = TASKS[name](tokenizer, args.keys) if name == "multikey" else TASKS[name](tokenizer)
+    torch.manual_seed(args.seed)
+    if args.init:
+        folded = FoldedLM.from_pretrained(args.init)
+        exported = Path(args.init) / "tokenizer.model"  # foldscale export copies the run's tokenizer
+        store.check_compatible(folded.cfg.vocab_size, Tokenizer(exported).hash if exported.is_file() else None)
+    else:
+        folded = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=args.d_model, n_head=args.n_head,
+                                      n_local=args.n_local, n_global=args.n_global, segment_len=args.segment_len,
+                                      state_norm=args.state_norm, state_gate=args.state_gate))
+    folded = folded.to(device)
+    cfg, l = folded.cfg, folded.cfg.segment_len
+    targs = train_args(args)
+    targs.start_segments = start_segments(task, l, args)
+    print(f"{name}: {cfg.num_params():,} parameters, l={l}, curriculum {targs.start_segments} -> "
+          f"{targs.max_train_segments} segments, {targs.minutes} min{' from ' + args.init if args.init else ''}",
+          flush=True)
+    make_batch = batch_maker(task, train_corpus)
+    summaries = {"folded": train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")}
+    local = FoldedLM(cfg.local_only()).to(device).eval()
+    local.load_state_dict(folded.state_dict())
+    models = {"folded": folded, "local_only": local}
+    configs = {k: m.cfg.to_dict() for k, m in models.items()}
+    if args.baseline:
+        torch.manual_seed(args.seed)
+        full = FoldedLM(cfg.full_attention(targs.max_train_segments * l)).to(device)
+        summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full")
+        models["full_attention"], configs["full_attention"] = full, full.cfg.to_dict()
+
+    near = [int(m) for m in args.eval_multiples.split(",") if m]
+    far = [int(m) for m in args.far_multiples.split(",") if m]
+    rows, t0 = [], time.perf_counter()
+    for m in near + far:
+        n = args.far_samples if m in far and m not in near else args.eval_samples
+        docs = [text.eval_doc(task, val_corpus, args.seed + 1000, m, l, i, args.max_prefix_segments) for i in range(n)]
+        row = {"task": name, "multiple": m, "distance": round(float(np.mean([d.distance for d in docs]))),
+               "samples": n}
+        for key, model in models.items():
+            fits = model.cfg.recurrent or max(d.end for d in docs) <= model.cfg.segment_len
+            row[key] = accuracy(model, docs, args.eval_batch, device, f"{name} {m} x l {key}") if fits else None
+        row["chance"] = task.chance
+        rows.append(row)
+        scores = ", ".join(f"{k} {row[k]}" for k in models)
+        print(f"{name} {m} x l (distance {row['distance']:,}): {scores} | {(time.perf_counter() - t0) / 60:.1f} min",
+              flush=True)
+    return rows, summaries, configs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.data:
+        store_path = args.data
+    elif args.quick:
+        store_path = default_store(vocab_size=512, max_files=25, num_proc=1)
+    else:
+        store_path = default_store()
+    store = TokenStore.open(store_path)
+    print(f"long-context suite on {device_name() if device.type == 'cuda' else 'CPU'}, filler from {store.path}",
+          flush=True)
+    rows, summaries, configs = [], {}, {}
+    for name in args.tasks.split(","):
+        task_rows, summaries[name], configs[name] = run_task(name, store, args, device)
+        rows += task_rows
+    columns = ["task", "multiple", "distance", "folded", "local_only", *(["full_attention"] if args.baseline else []),
+               "chance"]
+    print_table([{k: "n/a" if v is None else v for k, v in r.items()} for r in rows], columns)
+    write_json(args.json, rows, suite="long-context", seed=args.seed, eval_seed=args.seed + 1000,
+               store=str(store.path), store_fingerprint=store.fingerprint, args=vars(args), models=configs,
+               train=summaries)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

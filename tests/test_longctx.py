@@ -1,0 +1,346 @@
+"""The long-context suite (experiments/suite.py, experiments/longctx/): documents are laid out as
+they claim, answers are scored as they are tokenized, the local-only ablation cannot see a
+needle, and the runner works end to end, from scratch and from a pretrained export."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments import suite
+from experiments.longctx import TASKS, text
+from experiments.longctx.babi import PLACES
+from experiments.longctx.train import exact_match
+from foldscale.config import ModelConfig
+from foldscale.data import StoreError, TokenStore, default_store
+from foldscale.model import FoldedLM, LMOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+L = 8
+BUILT_IN = dict(vocab_size=512, max_files=25, num_proc=1)  # what --quick reads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    default_store(cache_dir=path, **BUILT_IN)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(cache):
+    return TokenStore.open(default_store(cache_dir=cache, **BUILT_IN))
+
+
+@pytest.fixture(scope="module")
+def corpus(store):
+    return text.Corpus(store, "val")
+
+
+def task(name, corpus):
+    return TASKS[name](corpus.tokenizer)
+
+
+def docs(name, corpus, multiple, n, seed=0):
+    t = task(name, corpus)
+    return [text.eval_doc(t, corpus, seed, multiple, L, i, max_prefix=4) for i in range(n)]
+
+
+def decoded(corpus, doc, roles=("support", "distractor")):
+    """The document's pieces of these roles as text, in document order."""
+    return [(role, corpus.tokenizer.decode(t).strip()) for role, _, t in doc.pieces if role in roles]
+
+
+@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("multiple", [1, 3])
+def test_pieces_lie_where_the_document_says_at_every_offset(name, corpus, multiple):
+    needle_offsets, question_offsets = set(), set()
+    for d in docs(name, corpus, multiple, 150):
+        ids = d.tokens(0, d.end + L)
+        for role, pos, tokens in d.pieces:
+            assert np.array_equal(ids[pos:pos + len(tokens)], tokens), role
+        needle, tokens = [(p, t) for r, p, t in d.pieces if r == "support"][-1]
+        question = d.piece("question")[0]
+        assert multiple * L <= d.distance == question - needle - len(tokens)
+        assert (needle + len(tokens) - 1) // L < question // L  # the whole needle is in an earlier segment
+        assert d.piece("answer")[0] == question + len(d.piece("question")[1]) and d.end == d.piece("answer")[0] + len(
+            d.piece("answer")[1])
+        needle_offsets.add(needle % L)
+        question_offsets.add(question % L)
+    assert needle_offsets == question_offsets == set(range(L))
+
+
+def test_filler_is_the_splits_text_in_order_without_eos(store, corpus):
+    d = docs("passkey", corpus, 2, 1)[0]
+    n_filler = d.end + 5000 - sum(len(t) for _, _, t in d.pieces)
+    ids = d.tokens(0, d.end + 5000)  # past the end of the split: its documents again, reshuffled
+    keep = np.ones(len(ids), bool)
+    for _, pos, tokens in d.pieces:
+        keep[pos:pos + len(tokens)] = False
+    f, tok = d.filler, corpus.tokenizer
+    assert all(store.doc(int(i))[-1] == tok.eos_id for i in corpus.ids)  # prepared stores end documents in eos
+    blank = tok.encode("\n\n")
+    stream = np.concatenate([np.concatenate([store.doc(int(corpus.ids[k]))[:-1], blank])[s:]
+                             for k, s in zip(f.order, f.skip)])
+    assert len(stream) >= n_filler and np.array_equal(ids[keep], stream[:n_filler])
+    assert tok.eos_id not in ids[keep] and set(corpus.ids) == set(store.docs("val"))
+    assert np.array_equal(f.take(0, n_filler), np.concatenate([f.take(a, min(a + 37, n_filler))
+                                                               for a in range(0, n_filler, 37)]))
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_chunks_read_as_the_whole_and_targets_are_the_answer(name, corpus):
+    ds = docs(name, corpus, 2, 3)
+    end = max(d.end for d in ds)
+    ids, targets = text.batch(ds, 0, end)
+    pieces = [text.batch(ds, a, min(a + 13, end)) for a in range(0, end, 13)]
+    assert np.array_equal(ids, np.concatenate([p[0] for p in pieces], 1))
+    assert np.array_equal(targets, np.concatenate([p[1] for p in pieces], 1))
+    for row, d in enumerate(ds):
+        at, answer = d.piece("answer")
+        assert np.array_equal(np.flatnonzero(targets[row] != -100), np.arange(at - 1, at - 1 + len(answer)))
+        assert np.array_equal(targets[row, at - 1:at - 1 + len(answer)], ids[row, at:at + len(answer)])
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_the_scored_answer_is_how_the_text_tokenizes(name, corpus):
+    tok = corpus.tokenizer
+    for d in docs(name, corpus, 1, 30):
+        question, answer = d.piece("question")[1], d.piece("answer")[1]
+        assert tok.encode(tok.decode(question) + tok.decode(answer)) == list(question) + list(answer)
+
+
+def test_passkey_states_the_key_it_asks(corpus):
+    for d in docs("passkey", corpus, 1, 20):
+        key = corpus.tokenizer.decode(d.piece("answer")[1])
+        (role, needle), = decoded(corpus, d)
+        assert re.fullmatch(r"\d{5}", key) and needle == f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def test_multikey_asks_one_of_k_with_a_distractor_closer(corpus):
+    asked_ranks = set()
+    for d in docs("multikey", corpus, 1, 60):
+        found = [(role, *re.fullmatch(r"One of the special magic numbers for (\w+) is: (\d{7})\.", s).groups())
+                 for role, s in decoded(corpus, d)]
+        name = re.search(r"number for (\w+)\?", corpus.tokenizer.decode(d.piece("question")[1])).group(1)
+        assert len(found) == 4 and len({n for _, n, _ in found}) == 4 and len({v for _, _, v in found}) == 4
+        rank = [n for _, n, _ in found].index(name)
+        assert found[rank][0] == "support" and [r for r, _, _ in found].count("support") == 1
+        assert found[rank][2] == corpus.tokenizer.decode(d.piece("answer")[1])
+        assert rank < 3  # at least one distractor between the needle and the question
+        asked_ranks.add(rank)
+    assert asked_ranks == {0, 1, 2}  # nor is the asked needle always the first
+
+
+def simulate(facts, question):
+    """bAbI's world, read from the facts' text: where a person or a thing is."""
+    where, holder, left = {}, {}, {}
+    for line in facts:
+        who, verb, what = re.fullmatch(r"(\w+) (went back to|went to|journeyed to|travelled to|moved to|"
+                                       r"picked up|got|grabbed|took|dropped|put down|discarded|left) the (\w+)\.",
+                                       line).groups()
+        if verb in ("picked up", "got", "grabbed", "took"):
+            assert what not in holder, f"{who} takes the {what}, held by {holder.get(what)}"
+            holder[what] = who
+        elif verb in ("dropped", "put down", "discarded", "left"):
+            assert holder.pop(what) == who
+            left[what] = where.get(who)
+        else:
+            where[who] = what
+    asked = re.fullmatch(r"Question: Where is (the )?(\w+)\? Answer:", question).group(2)
+    return where.get(holder[asked]) if asked in holder else left.get(asked, where.get(asked))
+
+
+@pytest.mark.parametrize("name", ["qa1", "qa2"])
+def test_babi_answers_follow_from_the_facts_and_need_the_supporting_ones(name, corpus):
+    answers = []
+    for d in docs(name, corpus, 1, 80):
+        facts = [s for _, s in decoded(corpus, d)]
+        question = corpus.tokenizer.decode(d.piece("question")[1]).strip()
+        answer = corpus.tokenizer.decode(d.piece("answer")[1]).strip()
+        assert simulate(facts, question) == answer
+        without = [s for role, s in decoded(corpus, d) if role != "support"]
+        assert simulate(without, question) != answer  # the supporting facts are needed
+        answers.append(answer)
+    assert set(answers) == set(PLACES)
+
+
+@pytest.mark.parametrize("name", ["qa1", "qa2"])
+def test_babi_shortcuts_score_about_chance(name, corpus):
+    """Reading the document as a list of facts, answering with the last place named, or with
+    the first place named in a fact about the asked person or thing, is right about 1 in 6."""
+    last = first = 0
+    ds = docs(name, corpus, 1, 300)
+    for d in ds:
+        facts = [s for _, s in decoded(corpus, d)]
+        asked = re.search(r"Where is (?:the )?(\w+)\?", corpus.tokenizer.decode(d.piece("question")[1])).group(1)
+        answer = corpus.tokenizer.decode(d.piece("answer")[1]).strip()
+        places = [p for f in facts for p in PLACES if f.endswith(f" {p}.")]
+        last += places[-1] == answer
+        mine = [p for f in facts for p in PLACES if f.endswith(f" {p}.") and asked in f]
+        first += bool(mine) and mine[0] == answer
+    assert last / len(ds) < 0.25 and first / len(ds) < 0.25
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_seeds_reproduce_and_differ(name, corpus):
+    t = task(name, corpus)
+    a, b = (text.eval_doc(t, corpus, 0, 2, L, 5, 4) for _ in range(2))
+    assert np.array_equal(a.tokens(0, a.end), b.tokens(0, b.end))
+    for other in (text.eval_doc(t, corpus, 1, 2, L, 5, 4), text.eval_doc(t, corpus, 0, 2, L, 6, 4)):
+        assert not np.array_equal(other.tokens(0, 200), a.tokens(0, 200))
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    x, y = (text.batch(text.training_docs(t, corpus, 3, 40 * L, rng()), 0, 40 * L) for _ in range(2))
+    assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+
+
+def test_training_documents_fill_the_length_with_the_needle_at_any_depth(corpus):
+    t = task("qa2", corpus)
+    ds = text.training_docs(t, corpus, 200, 40 * L, np.random.default_rng(0))
+    assert all(d.end == 40 * L for d in ds)
+    depths = [[p for r, p, _ in d.pieces if r == "support"][-1] for d in ds]
+    assert min(depths) < 10 * L and max(depths) > 30 * L
+    with pytest.raises(ValueError, match="stories need more"):
+        text.training_docs(t, corpus, 1, 2 * L, np.random.default_rng(0))
+
+
+def toy(vocab, local_only=False):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L)
+    m = FoldedLM(cfg)
+    if local_only:
+        weights, m = m.state_dict(), FoldedLM(cfg.local_only())
+        m.load_state_dict(weights)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_local_only_cannot_see_the_needle_the_folded_model_can(name, store, corpus):
+    d = docs(name, corpus, 1, 1)[0]
+    ids = d.tokens(0, d.end)
+    changed = ids.copy()
+    rng = np.random.default_rng(0)
+    for role, pos, tokens in d.pieces:
+        if role == "support":
+            changed[pos:pos + len(tokens)] = rng.integers(5, store.vocab_size, len(tokens))
+    assert (changed != ids).sum() > 3
+    at = d.piece("answer")[0]
+    for local_only, same in ((True, True), (False, False)):
+        m = toy(store.vocab_size, local_only)
+        with torch.no_grad():
+            a, b = (m.forward_stream(torch.from_numpy(x)[None]).logits[0, at - 1:d.end - 1] for x in (ids, changed))
+        assert torch.equal(a, b) == same
+
+
+class Oracle(torch.nn.Module):
+    """Reads `ids` (B, T + 1) segment by segment and predicts every next token, except at the
+    (row, position) pairs of `wrong`."""
+
+    def __init__(self, ids, vocab, wrong=()):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab, d_model=8, n_head=2, segment_len=L)
+        self.ids, self.vocab, self.wrong, self.pos = torch.from_numpy(ids), vocab, wrong, 0
+
+    def forward(self, ids, state=None, reset=None, targets=None):
+        B, t = ids.shape
+        assert torch.equal(ids, self.ids[:, self.pos:self.pos + t])  # the walk reads in order
+        nxt = self.ids[:, self.pos + 1:self.pos + t + 1].clone()
+        for row, p in self.wrong:
+            if self.pos <= p < self.pos + t:
+                nxt[row, p - self.pos] = (nxt[row, p - self.pos] + 1) % self.vocab
+        self.pos += t
+        return LMOutput(F.one_hot(nxt, self.vocab).float(), None, torch.zeros(B, L, 8))
+
+
+@pytest.mark.parametrize("name", ["multikey", "qa2"])
+def test_exact_match_needs_every_answer_token_and_nothing_else(name, store, corpus):
+    ds = docs(name, corpus, 2, 4)
+    end = max(d.end for d in ds)
+    ids = text.batch(ds, 0, end + 1)[0]
+    at, answer = ds[0].piece("answer")
+    last = at + len(answer) - 2  # predicts the answer's last token
+    before_question = ds[1].piece("question")[0] - 1
+    cases = [((), [True] * 4), (((0, last),), [False, True, True, True]),
+             (((1, before_question), (2, ds[2].end - 1)), [True] * 4)]  # not answers: not scored
+    for wrong, expected in cases:
+        oracle = Oracle(ids, store.vocab_size, wrong)
+        assert exact_match(oracle, ds, torch.device("cpu"), chunk_tokens=3 * L).tolist() == expected
+        assert oracle.pos == end  # read up to the last answer, no further
+
+
+def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
+    """`python -m experiments.suite --quick --baseline` from the repository root, on the
+    built-in corpus that --quick reads (built once by the fixture)."""
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "FOLDSCALE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.suite", "--quick", "--baseline", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["command"] == f"python -m experiments.suite --quick --baseline --json {out}"
+    assert record["date"] and record["store"] == str(store.path) and record["eval_seed"] == 1000
+    args, rows = record["args"], record["rows"]
+    assert [(r["task"], r["multiple"]) for r in rows] == [(t, m) for t in TASKS for m in (1, 2, 4)]
+    val = text.Corpus(store, "val")
+    l = record["models"]["passkey"]["folded"]["segment_len"]
+    for r in rows:
+        assert r["chance"] == TASKS[r["task"]].chance and r["samples"] == args["eval_samples"]
+        assert r["distance"] >= r["multiple"] * l
+        assert 0 <= r["folded"] <= 1 and 0 <= r["local_only"] <= 1
+        t = TASKS[r["task"]](val.tokenizer)
+        longest = max(text.eval_doc(t, val, 1000, r["multiple"], l, i, args["max_prefix_segments"]).end
+                      for i in range(r["samples"]))
+        window = record["models"][r["task"]]["full_attention"]["segment_len"]
+        assert (r["full_attention"] is None) == (longest > window)
+    assert any(r["full_attention"] is None for r in rows) and any(r["full_attention"] is not None for r in rows)
+    for name in TASKS:
+        models = record["models"][name]
+        assert models["local_only"] == {**models["folded"], "use_state": False} and models["folded"]["use_state"]
+        assert models["full_attention"]["n_global"] == 0 and models["full_attention"]["segment_len"] == 16 * l
+        assert record["train"][name]["folded"]["steps"] == record["train"][name]["full_attention"]["steps"] == 6
+    table = proc.stdout[proc.stdout.index("task "):]
+    assert "local_only" in table and "n/a" in table and "0.167" in table and len(table.splitlines()) == 2 + len(rows)
+
+
+def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, store):
+    """The researcher's path at toy size: launch/pretrain.py, foldscale export, then the suite
+    with --init, which takes the exported model (its shape, not the --quick one)."""
+    model = dict(vocab_size=store.vocab_size, d_model=48, n_head=4, n_local=1, n_global=1, segment_len=32,
+                 state_gate=True, state_norm=True)
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    ds = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    ds["train_micro_batch_size_per_gpu"], ds["scheduler"]["params"]["warmup_num_steps"] = 2, 1
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"),
+                          "--ds-config", str(tmp_path / "ds.json"), "--model", str(tmp_path / "model.json"),
+                          "--data", str(store.path), "--out", str(tmp_path / "run"),
+                          "--steps", "2", "--save-every", "2", "--eval-every", "3"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    from foldscale.export import export
+    export(tmp_path / "run", tmp_path / "export")
+    out = tmp_path / "suite.json"
+    suite.main(["--quick", "--tasks", "passkey", "--data", str(store.path), "--init", str(tmp_path / "export"),
+                "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["models"]["passkey"]["folded"] == ModelConfig(**model).to_dict()
+    assert record["train"]["passkey"]["folded"]["steps"] == 6 and len(record["rows"]) == 3
+
+    FoldedLM(ModelConfig(**{**model, "vocab_size": 300})).save_pretrained(tmp_path / "other")
+    with pytest.raises(StoreError, match="vocab_size 300"):
+        suite.main(["--quick", "--tasks", "passkey", "--data", str(store.path), "--init", str(tmp_path / "other")])
