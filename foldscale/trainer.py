@@ -1,16 +1,15 @@
 """The training loop: segments in, carried state across steps, logs, checkpoints, resume."""
-import dataclasses
 import json
 import math
-import shutil
 import signal
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from foldscale import checkpoint as ckpt
-from foldscale.config import ConfigError, DataConfig, FoldscaleError, ModelConfig, TrainConfig
+from foldscale.config import DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.data import Batch, SegmentStreamSampler
 from foldscale.engine import build_engine
 from foldscale.metrics import MetricsLogger, PositionLoss, Throughput, peak_memory_gib, plot_position_loss
@@ -26,6 +25,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def placement(batch: Batch, rank: int, step: int) -> dict:
+    """What each of this rank's streams read: its global stream number, the segments' indices
+    within their documents, and a checksum of their tokens (comparable across world sizes)."""
+    B = batch.ids.shape[0]
+    ids, seg = batch.ids.view(B, batch.seg_index.shape[1], -1).cpu().numpy(), batch.seg_index.cpu().tolist()
+    return {"step": step, "streams": [{"stream": rank * B + b, "seg_index": seg[b],
+                                       "crc": [zlib.crc32(row.tobytes()) for row in ids[b]]} for b in range(B)]}
+
+
 def take(sampler: SegmentStreamSampler, k: int) -> Batch:
     """The next k segments of every stream as one Batch: ids and targets (B, k * l), reset and
     seg_index (B, k)."""
@@ -37,11 +45,17 @@ def take(sampler: SegmentStreamSampler, k: int) -> Batch:
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
-                 ds_config: dict, store, rank: int, world_size: int):
+                 ds_config: dict, store, rank: int, world_size: int, resume: str | None = None):
+        """RESUME (`auto` or a checkpoint directory) picks the checkpoint `resume` will load now:
+        the engine is built to load it (on another number of ranks, from its universal form)."""
         self.model_cfg, self.data_cfg, self.cfg, self.ds_config = model_cfg, data_cfg, train_cfg, ds_config
         self.store, self.rank, self.world_size = store, rank, world_size
         self.out = Path(train_cfg.out)
         self.ckpt_root = self.out / "checkpoints"
+        self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
+        self.resume_from = ckpt.find(resume, self.ckpt_root, warn=self.log) if resume else None
+        if self.resume_from is not None:
+            ds_config = ckpt.engine_config(self.resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
         torch.manual_seed(train_cfg.seed)
         self.engine = build_engine(FoldedLM(model_cfg), ds_config)
         if train_cfg.compile:
@@ -57,8 +71,10 @@ class Trainer:
         self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
         self.stop_requested = False
         self.train_loss = PositionLoss(self.device)  # since the run (re)started, for the plot
-        self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
         self.summary = {}  # the latest value of every metric logged
+
+    def _configs(self) -> dict[str, dict]:
+        return ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size}
@@ -86,6 +102,8 @@ class Trainer:
 
     def _train(self):
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.log_placement:
+            (self.out / "placement").mkdir(exist_ok=True)
         self.logger.rewind(self.step)
         self.engine.train()
         speed = Throughput(self.model_cfg.flops_per_token(), self.cfg.steps, self.step, self.cfg.peak_tflops)
@@ -130,6 +148,9 @@ class Trainer:
                                                 keep_logits=False, step=self.engine)
         loss, self.state = out.loss, out.state
         loss_window.add(out.token_loss, batch.targets, batch.seg_index)
+        if self.cfg.log_placement:
+            with open(self.out / "placement" / f"rank{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps(placement(batch, self.rank, self.step + 1)) + "\n")
         self.tokens_seen += self.tokens_per_step // self.grad_accum
         # One small all-reduce per micro-step: every rank must take the same branch below.
         flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop_requested), device=self.device)])
@@ -217,13 +238,13 @@ class Trainer:
         self.saved_step = self.step
 
     def resume(self, resume: str) -> bool:
-        """Load `auto` (the newest checkpoint that verifies, if any) or a given checkpoint directory."""
-        path = ckpt.find(resume, self.ckpt_root, warn=self.log)
+        """Load `auto` (the newest checkpoint that verifies, if any) or a given checkpoint
+        directory: the one picked in __init__ when RESUME was passed there too."""
+        path = self.resume_from if self.resume_from is not None else ckpt.find(resume, self.ckpt_root, warn=self.log)
         if path is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return False
-        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size,
-                                        expect=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config))
+        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size, expect=self._configs())
         self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)

@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument(*flag("ds_config"), required=True, help="DeepSpeed JSON: batch, ZeRO, precision, optimizer")
     p.add_argument("--model", default="default", help="a preset (foldscale info PRESET) or a model .json")
     p.add_argument("--data", help="token store from `foldscale prepare` (default: the built-in corpus)")
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out, if any) or a checkpoint dir")
+    p.add_argument("--resume", help="'auto' (the newest checkpoint in --out that verifies, skipping damaged ones "
+                                    "with a warning) or a checkpoint dir")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
     p.add_argument(*flag("collective_timeout"), type=float, default=600.0,
                    help="seconds before a collective fails (so a dead rank stops the others)")
@@ -59,7 +60,8 @@ def run(args):
     vocab = store.vocab_size if args.model in PRESETS else None
     model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=vocab)
     store.check_compatible(model_cfg.vocab_size)
-    trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size)
+    trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
+                      resume=args.resume)
     try:
         if args.resume:
             trainer.resume(args.resume)

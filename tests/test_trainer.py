@@ -40,6 +40,9 @@ def setup(tmp_path_factory):
         for streams in (2, 4):
             cfg = {**base, "train_micro_batch_size_per_gpu": streams, "zero_optimization": {"stage": stage}}
             (tmp / f"z{stage}_b{streams}.json").write_text(json.dumps(cfg))
+    cfg = json.loads((tmp / "z0_b4.json").read_text())
+    cfg["scheduler"]["params"]["total_num_steps"] = 20  # one schedule for runs resumed with other --steps
+    (tmp / "fixed20.json").write_text(json.dumps(cfg))
     return tmp
 
 
@@ -88,9 +91,6 @@ def test_one_process_trains_and_writes_everything(setup, tmp_path):
 
 
 def test_resume_continues_bit_for_bit(setup, tmp_path):
-    cfg = json.loads((setup / "z0_b4.json").read_text())
-    cfg["scheduler"]["params"]["total_num_steps"] = 20  # one schedule for both halves
-    (setup / "fixed20.json").write_text(json.dumps(cfg))
     straight = tmp_path / "straight"
     run(setup, straight, "--steps", 20, "--save_every", 100, "--eval_every", 100, ds="fixed20.json")
     split = tmp_path / "split"
@@ -102,17 +102,18 @@ def test_resume_continues_bit_for_bit(setup, tmp_path):
 
 def test_interrupted_save_and_wrong_world_size(setup, tmp_path):
     out = tmp_path / "run"
-    run(setup, out, "--steps", 4, "--save_every", 2)
+    run(setup, out, "--steps", 4, "--save_every", 2, ds="fixed20.json")
     # A newer checkpoint without COMPLETE (a crash mid-save) is passed over by --resume auto.
     shutil.copytree(out / "checkpoints" / "step00000004", out / "checkpoints" / "step00000006")
     (out / "checkpoints" / "step00000006" / "COMPLETE").unlink()
-    p = run(setup, out, "--steps", 5, "--resume", "auto")
+    p = run(setup, out, "--steps", 5, "--resume", "auto", ds="fixed20.json")
     assert "resumed from" in p.stdout and "step00000004 at step 4" in p.stdout
-    p = run(setup, out, "--steps", 9, "--resume", str(out / "checkpoints" / "step00000006"), check=False)
+    p = run(setup, out, "--steps", 9, "--resume", str(out / "checkpoints" / "step00000006"), check=False,
+            ds="fixed20.json")
     assert p.returncode == 2 and "no COMPLETE marker" in p.stderr
     meta = out / "checkpoints" / "step00000005" / "COMPLETE"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
-    p = run(setup, out, "--steps", 9, "--resume", "auto", check=False)
+    p = run(setup, out, "--steps", 9, "--resume", "auto", check=False, ds="fixed20.json")
     assert p.returncode == 2 and "written by 2 rank(s) but this run has 1" in p.stderr
 
 
@@ -136,9 +137,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
 
 def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
-    run(setup, out, "--steps", 4, "--save_every", 2)
+    run(setup, out, "--steps", 4, "--save_every", 2, ds="fixed20.json")
     # An absurd learning rate drives the weights, then the loss, to inf/NaN within a few steps.
-    bad = json.loads((setup / "z0_b4.json").read_text())
+    bad = json.loads((setup / "fixed20.json").read_text())
     bad["optimizer"]["params"]["lr"] = 1e30
     (setup / "bad.json").write_text(json.dumps(bad))
     p = run(setup, out, "--steps", 50, "--resume", "auto", "--max_bad_steps", 3, "--save_every", 100,
