@@ -3,6 +3,7 @@ and plain PyTorch training segment by segment."""
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ def device_name() -> str:
 def command_line() -> str:
     """How this process was started, as `python -m package.module ARGS` when run that way."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    program = f"-m {spec.name}" if spec is not None else sys.argv[0]
-    return " ".join(["python", program, *sys.argv[1:]])
+    program = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return shlex.join(["python", *program, *sys.argv[1:]])
 
 
 def print_table(rows: list[dict], columns: list[str]):

@@ -7,16 +7,23 @@ DeepSpeed trainer), then exported and evaluated on exactly the same held-out doc
     folded          the preset as it is
     local_only      ModelConfig.local_only(): every segment starts from S0
     full_Wl         ModelConfig.full_attention(W x l): the same blocks all local, window W x l, no
-                    carried state, for each W of --windows (the first is the reference for the gap)
+                    carried state, for each W of --windows (the first is the reference for the gap;
+                    by default bptt_segments, whose rows are the folded model's, then 8)
     full_Wl_flops   the reference again, trained for the folded model's training FLOPs
 
-Every model reads the folded model's real (non-padding) training tokens per step, for the same
-number of steps. The sampler pads a document's last segment, so a window of 8l pads up to 8l
-tokens per document where the folded model pads up to l: at equal positions per step the baseline
-would read fewer real tokens. Each model's streams are set from the padding its window gives on
-the store (rounded to whole streams); the measured padding and real tokens are reported.
-full_Wl_flops trains the reference with its streams for more (or fewer) steps, until
-flops_per_token x positions read (padding included) equals the folded model's.
+Every model trains on the folded model's number of real (non-padding) tokens. The sampler pads a
+document's last segment, so a window of 8l pads up to 8l tokens per document where the folded
+model pads up to l: at equal positions the baseline would read fewer real tokens (8.5% fewer on
+the built-in corpus, BENCHMARKS.md). Each model's streams are set from the padding its window
+gives on the store, rounded to whole streams, and its steps make up the rounding; the measured
+padding and real tokens are reported. full_Wl_flops trains the reference with its streams for
+as many steps as make flops_per_token x positions read (padding included) equal the folded
+model's.
+
+A stream is one document read per step, `row_tokens` (window x bptt_segments) of it at a time, so
+at equal tokens per step a longer row means fewer documents per step. That alone costs a model
+as much as the whole gap of the window-8l baseline (BENCHMARKS.md, "Fair baselines"), so the
+default reference reads the folded model's rows: window bptt_segments x l, as many streams.
 
 The report is the loss in each position bucket (segment index p // l of a token at position
 p), the largest distance at which the folded model is still >= --margin (1%) better than the
@@ -62,21 +69,29 @@ def real_fraction(store: TokenStore, window: int) -> float:
     return float((n - 1).sum() / (np.ceil(n / window) * window).sum())
 
 
+def row_tokens(cfg: ModelConfig) -> int:
+    """Consecutive tokens of its document a stream reads per step."""
+    return cfg.segment_len * cfg.bptt_segments
+
+
 def plan(configs: dict[str, ModelConfig], store: TokenStore, streams: int, steps: int) -> dict[str, dict]:
-    """{run name: {"cfg", "streams", "steps"}}: equal real tokens per step for every model (see the
-    module docstring), and the first full-attention model again at the folded model's FLOPs."""
-    def positions(cfg, s):
-        return s * cfg.segment_len * cfg.bptt_segments
+    """{run name: {"cfg", "streams", "steps"}}. Every model reads about the folded model's real
+    (non-padding) tokens per step, in whole streams, for as many steps as make its real tokens
+    equal; NAME_flops is the first full-attention model again, for the folded run's training FLOPs
+    (flops_per_token x positions read, padding included)."""
+    def real(cfg):
+        return row_tokens(cfg) * real_fraction(store, cfg.segment_len)
 
     folded = configs["folded"]
-    real = positions(folded, streams) * real_fraction(store, folded.segment_len)
-    runs = {name: {"cfg": cfg, "steps": steps,
-                   "streams": max(1, round(real / positions(cfg, 1) / real_fraction(store, cfg.segment_len)))}
-            for name, cfg in configs.items()}
+    per_step = streams * real(folded)
+    runs = {}
+    for name, cfg in configs.items():
+        s = max(1, round(per_step / real(cfg)))
+        runs[name] = {"cfg": cfg, "streams": s, "steps": round(steps * per_step / (s * real(cfg)))}
     ref = next(name for name in configs if name.startswith("full_"))
     cfg, s = runs[ref]["cfg"], runs[ref]["streams"]
-    flops = folded.flops_per_token() * positions(folded, streams) * steps
-    runs[f"{ref}_flops"] = {"cfg": cfg, "streams": s, "steps": max(1, round(flops / cfg.flops_per_token() / positions(cfg, s)))}
+    flops = folded.flops_per_token() * streams * row_tokens(folded) * steps
+    runs[f"{ref}_flops"] = {"cfg": cfg, "streams": s, "steps": round(flops / (cfg.flops_per_token() * s * row_tokens(cfg)))}
     return runs
 
 
@@ -133,10 +148,11 @@ def training_rows(runs: dict[str, dict], work: Path) -> list[dict]:
     for name, run in runs.items():
         last = [m for m in metrics(work, name) if "train/loss" in m][-1]
         positions, pad = last["train/tokens_seen"], last["train/padding_fraction"]
-        rows.append({"model": name, "window": run["cfg"].segment_len, "streams": run["streams"],
-                     "steps": last["step"], "positions": positions, "padding": pad,
-                     "real_tokens": round(positions * (1 - pad)),
-                     "pflops": positions * run["cfg"].flops_per_token() / 1e15, "train_loss": last["train/loss"]})
+        cfg = run["cfg"]
+        rows.append({"model": name, "window": cfg.segment_len, "streams": run["streams"],
+                     "row_tokens": row_tokens(cfg), "steps": last["step"],
+                     "positions": positions, "padding": pad, "real_tokens": round(positions * (1 - pad)),
+                     "pflops": positions * cfg.flops_per_token() / 1e15, "train_loss": last["train/loss"]})
     return rows
 
 
@@ -202,7 +218,8 @@ def main(argv=None):
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--streams", type=int, default=32, help="streams of the folded model per step")
-    p.add_argument("--windows", default="8", help="full-attention windows in segments of l, e.g. 8,1")
+    p.add_argument("--windows", help="full-attention windows in segments of l, e.g. 4,8,1; the first is the "
+                   "reference (default: the folded model's bptt_segments, then 8)")
     p.add_argument("--margin", type=float, default=0.01, help="relative gain that counts as using the context")
     p.add_argument("--reach", default="1,2,4,8,16,32",
                    help="context cuts K (segments) for the folded model; '' skips this part")
@@ -225,7 +242,8 @@ def main(argv=None):
         args.data = str(default_store(max_files=40 if args.quick else None, vocab_size=512 if args.quick else 8192))
     store = TokenStore.open(args.data)
     cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=store.vocab_size)
-    runs = plan(variants(cfg, [int(w) for w in args.windows.split(",")]), store, args.streams, args.steps)
+    windows = [int(w) for w in args.windows.split(",")] if args.windows else list(dict.fromkeys([cfg.bptt_segments, 8]))
+    runs = plan(variants(cfg, windows), store, args.streams, args.steps)
     work = Path(args.work)
     print(f"context use: {args.model} (l={cfg.segment_len}, {cfg.num_params():,} parameters), "
           f"{args.steps} steps, {len(runs)} runs, on {device_name()}", flush=True)
@@ -242,9 +260,9 @@ def main(argv=None):
     report = analyse(result, args.margin)
     if args.reach:
         report["reach"] = reach(models["folded"], result["models"][0], store, args, device)
-    print("\ntraining (positions include padding; FLOPs = flops_per_token x positions):")
-    print_table(training, ["model", "window", "streams", "steps", "positions", "padding", "real_tokens", "pflops",
-                           "train_loss"])
+    print("\ntraining (streams = documents per step; positions include padding; FLOPs = flops_per_token x positions):")
+    print_table(training, ["model", "window", "streams", "row_tokens", "steps", "positions", "padding",
+                           "real_tokens", "pflops", "train_loss"])
     print(f"\n{result['tokens']:,} held-out tokens of {result['documents']} documents; position buckets in "
           f"segments of l = {result['position_unit']} tokens")
     print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", *report["full"],
