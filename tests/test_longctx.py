@@ -26,12 +26,7 @@ L = 8
 BUILT_IN = dict(vocab_size=512, max_files=25, num_proc=1)  # what --quick reads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

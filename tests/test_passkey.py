@@ -13,13 +13,7 @@ VOCAB = passkey.Vocab(32)
 L = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors: threads only spin on a shared CPU (and --quick sets one thread itself)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(distance, seed=0, n=4):
