@@ -1,5 +1,6 @@
-"""Every benchmark runs at toy size on the CPU (--quick), as `python -m benchmarks.NAME`, and writes
-a table whose figures are present and positive: a benchmark that breaks fails here, not on the GPU."""
+"""Every benchmark runs at toy size on the CPU (--quick; scaling_model is analytic), as
+`python -m benchmarks.NAME`, and writes a table whose figures are present and sane: a benchmark
+that breaks fails here, not on the GPU."""
 import json
 import math
 import os
@@ -61,3 +62,21 @@ def test_bench_data(tmp_path):
     rows, _, _ = run_quick("benchmarks.bench_data", tmp_path)
     assert [r["unit"] for r in rows] == ["s", "s", "tokens/s", "tokens/s"]
     assert all(positive(r["value"]) for r in rows)
+
+
+def test_multi_gpu_parity(tmp_path):
+    rows, _, _ = run_quick("benchmarks.multi_gpu", tmp_path, "parity")
+    assert [r["zero"] for r in rows] == [0, 2]
+    assert all(r["ok"] and r["same_segments"] and r["max_rel_diff"] < 1e-3 for r in rows)
+
+
+def test_scaling_model(tmp_path):
+    """Analytic, no --quick: efficiency in (0, 1], falling as the GPUs grow, for each ZeRO stage."""
+    out = tmp_path / "scaling.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling_model", "--presets", "350m", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    for zero in (1, 2, 3):
+        eff = [r["efficiency"] for r in rows if r["zero"] == zero]
+        assert len(eff) == 4 and all(0 < e <= 1 for e in eff) and eff == sorted(eff, reverse=True)
