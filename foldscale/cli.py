@@ -87,7 +87,7 @@ def export(run_dir, tag, out, dtype, fmt, as_json):
       foldscale export runs/small --tag step00001000 --dtype bf16 --format torch --out small.pt
     """
     from foldscale.export import export as run_export
-    result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt)
+    result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

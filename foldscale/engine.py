@@ -3,9 +3,11 @@
 DeepSpeed's JSON owns batch size, ZeRO, precision, clipping, offload, optimizer and schedule;
 foldscale's configs own the model, data and recurrence. Contradictions are refused here.
 """
+import contextlib
 import functools
 import os
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +28,19 @@ def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" and torch.cuda.is_available()
 
 
+@contextlib.contextmanager
+def announced(what: str, rank: int):
+    """Say what is happening before a wait that can be long, and how long it took: on a first
+    launch DeepSpeed compiles its C++/CUDA ops just in time (about a minute each, then cached in
+    ~/.cache/torch_extensions), which otherwise looks like a hang."""
+    if rank == 0:
+        print(f"{what} (a first launch compiles DeepSpeed's ops: about a minute)", flush=True)
+    t0 = time.perf_counter()
+    yield
+    if rank == 0 and time.perf_counter() - t0 > 5:
+        print(f"{what}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def init_distributed(timeout_s: float = 600.0, gpu_mem_gib: float | None = None) -> tuple[int, int]:
     """Join the process group: under the deepspeed launcher, torchrun, mpirun, or alone.
 
@@ -39,9 +54,11 @@ def init_distributed(timeout_s: float = 600.0, gpu_mem_gib: float | None = None)
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=True,
-                               distributed_port=int(os.environ.get("FOLDSCALE_MPI_PORT", 29500)),
-                               timeout=timedelta(seconds=timeout_s), verbose=False)
+    rank = int(next((os.environ[v] for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ), 0))
+    with announced("joining the process group", rank):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=True,
+                                   distributed_port=int(os.environ.get("FOLDSCALE_MPI_PORT", 29500)),
+                                   timeout=timedelta(seconds=timeout_s), verbose=False)
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         cap_memory(gpu_mem_gib)
@@ -137,6 +154,7 @@ def build_engine(model, ds_config: dict):
     """deepspeed.initialize with foldscale's parameter groups and checkpointing choice."""
     model.set_activation_checkpointing(activation_checkpointing_fn(ds_config))
     wd = ds_config["optimizer"].get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd),
-                                           config=ds_config)
+    with announced("building the DeepSpeed engine", deepspeed.comm.get_rank()):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd),
+                                               config=ds_config)
     return engine

@@ -68,9 +68,11 @@ def load_torch_export(path) -> FoldedLM:
                                     f"{path}: weights do not match its config").eval()
 
 
-def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str = "safetensors") -> dict:
+def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str = "safetensors",
+           progress=lambda message: None) -> dict:
     """Write the model of RUN_DIR's newest checkpoint (or TAG) to OUT and check it; returns what was
-    done and both losses. A checkpoint that does not verify is refused, never swapped for another."""
+    done and both losses. A checkpoint that does not verify is refused, never swapped for another.
+    PROGRESS(message) is told before each long wait."""
     out = Path(out)
     if fmt == "safetensors" and out.is_file():
         raise ConfigError(f"--out {out} is a file; safetensors export writes a directory")
@@ -80,6 +82,8 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
     path = root / tag if tag else ckpt.newest(root)
     record = ckpt.verify(path)
     cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
+    progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
+             "zero_to_fp32: seconds per GB), then the loss self-check")
     reference = FoldedLM.from_state_dict(cfg, ckpt.model_weights(path),
                                          f"{path}: weights do not match model.json").eval()
     state = {k: v.to(DTYPES[dtype]) for k, v in reference.export_state_dict().items()}
