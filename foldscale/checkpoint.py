@@ -9,6 +9,13 @@
         tokenizer.model                 the token store's tokenizer, when it has one
         COMPLETE                        written last, by rank 0: tag, step, world size, and the
                                         size and sha256 of every other file (the manifest)
+    RUN/checkpoints/universal/step00001000/   DeepSpeed's universal form of it, made when a
+                                        ZeRO 1-2 run resumes on another number of ranks
+
+A run resumes on another number of ranks when the total number of streams is the same: the
+streams' positions and carried states are re-dealt (`sampler.redeal`), the model and optimizer
+re-sharded through DeepSpeed's universal checkpoint (ZeRO 1-2; ZeRO 0 keeps everything whole;
+ZeRO 3 is refused, see `engine_config`).
 
 Nothing in a checkpoint is read before its manifest is checked. foldscale's own files load with
 `torch.load(weights_only=True)`; DeepSpeed's are unpickled by DeepSpeed itself, so the manifest
@@ -29,9 +36,12 @@ import torch
 import torch.distributed as dist
 
 from foldscale.config import ConfigError, FoldscaleError, ModelConfig
+from foldscale.data.sampler import redeal, streams_to_set
 
 _TAG = re.compile(r"^step(\d{8})$")
 TOKENIZER = "tokenizer.model"
+UNIVERSAL = "universal"
+STREAMS = "train_micro_batch_size_per_gpu"
 
 
 class CheckpointError(FoldscaleError):
@@ -124,22 +134,75 @@ def verify(path) -> dict:
     return _record(path)
 
 
-def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> tuple[dict, dict]:
-    """Load checkpoint PATH (verified by `find`) into ENGINE and restore this rank's RNG states;
-    returns (trainer state, this rank's state as saved).
+def engine_config(path, rank: int, world_size: int, ds_config: dict, expect: dict[str, dict], log=print) -> dict:
+    """The DeepSpeed config to build the engine with that will `load` checkpoint PATH (verified)
+    on WORLD_SIZE ranks; every rank calls it, before deepspeed.initialize.
 
-    Refused before anything is loaded, with a ConfigError saying what to pass, when the world
-    size, the number of streams, the model or the schedule differ from EXPECT (the `configs` this
-    run would save).
+    DS_CONFIG itself when PATH was saved by WORLD_SIZE ranks or under ZeRO 0 (its one module file
+    holds the whole model and optimizer). Otherwise (ZeRO 1-2 on another number of ranks) a copy
+    with checkpoint.load_universal set, once rank 0 has converted PATH with DeepSpeed's
+    ds_to_universal into ROOT/universal/TAG (a complete conversion there is reused). Refused first,
+    like `load`, when the run cannot continue PATH, and for ZeRO 3 on another number of ranks.
     """
     path = Path(path)
     _check_same_run(path, world_size, expect)
-    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    saved_world = _record(path)["world_size"]
+    if saved_world == world_size:
+        return ds_config
+    stage = read_config(path, "ds_config.json").get("zero_optimization", {}).get("stage", 0)
+    total = saved_world * read_config(path, "ds_config.json")[STREAMS]
+    if stage == 3:
+        # Measured on the CPU: resumed from its universal form, even on the same number of ranks,
+        # a ZeRO-3 run's loss departs from the uninterrupted run's after the first step (~2e-3).
+        raise ConfigError(f"{path} is a ZeRO-3 checkpoint of {saved_world} rank(s) and this run has {world_size}: "
+                          f"resume it with {saved_world} ranks (DeepSpeed's universal checkpoint does not restore "
+                          "ZeRO-3's optimizer state exactly, so foldscale re-shards only ZeRO 0-2)")
+    action = "loading the ZeRO-0 model and optimizer whole" if stage == 0 else \
+        f"converting the ZeRO-{stage} checkpoint to DeepSpeed's universal format in {_universal(path)}"
+    log(f"re-dealing {total} streams from {saved_world} rank(s) to {world_size}; {action}")
+    if stage == 0:
+        return ds_config
+    if rank == 0:
+        _convert_to_universal(path, log)
+    dist.barrier()
+    if not (_universal(path) / "DONE").is_file():
+        raise CheckpointError(f"{_universal(path)}: the conversion to DeepSpeed's universal format failed on rank 0 "
+                              "(see its output)")
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> tuple[dict, dict]:
+    """Load checkpoint PATH (verified by `find`) into ENGINE; returns (trainer state, this rank's
+    state: its streams' sampler state and carried state).
+
+    Refused before anything is loaded, with a ConfigError saying what to pass, when the total
+    number of streams, the model or the schedule differ from EXPECT (the `configs` this run would
+    save). On another number of ranks than saved (ENGINE built with `engine_config`), every rank
+    reads all foldscale_rank{r}.pt and takes its own global streams' sampler positions and
+    carried states. RNG states: a rank restores those of the file with its own rank number and,
+    when there is none (more ranks than saved), keeps its own (training with dropout 0 uses none).
+    """
+    path = Path(path)
+    _check_same_run(path, world_size, expect)
+    universal = engine.load_universal_checkpoint()
+    root = _universal(path).parent if universal else path.parent
+    loaded, client = engine.load_checkpoint(str(root), tag=path.name)
     if loaded is None:
-        raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load there")
-    mine = _torch_load(path / f"foldscale_rank{rank}.pt")
-    _set_rng_state(mine.pop("rng"))
-    return client["trainer"], mine
+        raise CheckpointError(f"{root / path.name}: DeepSpeed found no checkpoint to load there")
+    saved_world = _record(path)["world_size"]
+    saved = [_torch_load(path / f"foldscale_rank{r}.pt") for r in range(saved_world)] \
+        if saved_world != world_size else {rank: _torch_load(path / f"foldscale_rank{rank}.pt")}
+    if rank < saved_world:
+        _set_rng_state(saved[rank]["rng"])
+    if saved_world == world_size:
+        mine = saved[rank]
+        mine.pop("rng")
+        return client["trainer"], mine
+    streams = expect["ds_config.json"][STREAMS]
+    states = [s["state"] for s in saved]
+    carried = None if states[0] is None else torch.cat(states)[rank * streams:(rank + 1) * streams]  # (B, l, d)
+    return client["trainer"], {"sampler": redeal([s["sampler"] for s in saved], rank, world_size, streams),
+                               "state": carried}
 
 
 def read_config(path, name: str) -> dict:
@@ -176,20 +239,22 @@ def model_weights(path) -> dict[str, torch.Tensor]:
 def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
     """Refuse, saying what to pass, a run that cannot continue checkpoint PATH."""
     saved_world = _record(path)["world_size"]
-    if saved_world != world_size:
-        raise ConfigError(f"{path} was written by {saved_world} rank(s) but this run has {world_size}: resume "
-                          f"with {saved_world} ranks (each rank's streams and carried state live in its own file)")
+    saved_ds, ds = read_config(path, "ds_config.json"), expect["ds_config.json"]
+    total = saved_world * saved_ds.get(STREAMS)
+    if saved_world != world_size and total != world_size * ds.get(STREAMS):
+        raise ConfigError(f"{path} was written by {saved_world} rank(s) but this run has {world_size}, with "
+                          f"{world_size * ds.get(STREAMS)} streams in all: this checkpoint has {total} streams in all "
+                          f"({saved_world} ranks x {saved_ds.get(STREAMS)}); {streams_to_set(total, world_size)} "
+                          f"(or resume with {saved_world} ranks)")
     saved_model = dataclasses.asdict(ModelConfig.from_dict(read_config(path, "model.json")))
     changed = _differences(saved_model, expect["model.json"], "model")
     if changed:
         raise ConfigError(f"this run's model differs from {path / 'model.json'} ({_described(changed)}): resume "
                           f"with --model {path / 'model.json'}")
-    saved_ds, ds = read_config(path, "ds_config.json"), expect["ds_config.json"]
-    streams = "train_micro_batch_size_per_gpu"
-    changed = _differences(saved_ds.get(streams), ds.get(streams), streams)
-    if changed:
+    changed = _differences(saved_ds.get(STREAMS), ds.get(STREAMS), STREAMS)
+    if saved_world == world_size and changed:
         raise ConfigError(f"the streams per rank differ from {path / 'ds_config.json'} ({_described(changed)}): set "
-                          f"{streams} to {saved_ds.get(streams)} in the DeepSpeed JSON (each stream's position and "
+                          f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
     if changed:
@@ -200,6 +265,31 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
             fix = f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}"
         raise ConfigError(f"the learning-rate schedule differs from the one in {path / 'ds_config.json'} "
                           f"({_described(changed)}): {fix}; a run keeps the schedule it started with")
+
+
+def _universal(path: Path) -> Path:
+    """Where checkpoint PATH's universal form goes: beside the checkpoints, not in PATH (whose
+    manifest refuses extra files)."""
+    return path.parent / UNIVERSAL / path.name
+
+
+def _convert_to_universal(path: Path, log):
+    """Convert checkpoint PATH with DeepSpeed's ds_to_universal into `_universal(PATH)`, marked
+    complete by a DONE file written last; a complete conversion is reused, a partial one redone."""
+    out = _universal(path)
+    if (out / "DONE").is_file():
+        log(f"reusing the universal checkpoint {out}")
+        return
+    import argparse
+    from deepspeed.checkpoint import ds_to_universal
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        ds_to_universal.main(args)
+    (out / "DONE").write_text(path.name)
+    log(f"converted {path} to {out}")
 
 
 def _differences(old, new, key: str) -> list[tuple]:
@@ -274,6 +364,7 @@ def _prune(root: Path, keep_last: int, newest: Path):
     for old in done[:-keep_last]:
         (old / "COMPLETE").unlink()  # first, so a crash mid-delete never leaves a "complete" husk
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_universal(old), ignore_errors=True)
 
 
 def _move_aside(path: Path) -> Path:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from foldscale.config import ConfigError
 from foldscale.data.store import StoreError, TokenStore
 
 IGNORE_INDEX = -100
@@ -183,3 +184,44 @@ class SegmentStreamSampler:
         self._streams = [[int(x) for x in s] for s in state["streams"]]
         self._steps, self._target_tokens = int(state["steps"]), int(state["target_tokens"])
         self._plans = {}
+
+
+def redeal(states: list[dict], rank: int, world_size: int, streams_per_rank: int) -> dict:
+    """Rank RANK's sampler state in a run of WORLD_SIZE x STREAMS_PER_RANK streams, dealt from
+    STATES: the `state_dict()` of every rank of a run with the same total number of streams, in
+    rank order. Streams are numbered globally (stream g of rank r is r * streams_per_rank + g)
+    and the documents are dealt over the total, so the returned state reads exactly what global
+    streams rank * STREAMS_PER_RANK ... + STREAMS_PER_RANK - 1 would have read in the saved run.
+    `target_tokens` (only for the padding fraction) becomes this rank's share of the total.
+
+    ConfigError when STATES are not all ranks of one run (same store, split, segment_len, seed)
+    or when the total number of streams differs, saying what to set.
+    """
+    first = states[0]
+    saved_world, saved_per_rank = first["world_size"], first["streams_per_rank"]
+    same = ("version", "store", "split", "world_size", "streams_per_rank", "segment_len", "seed", "steps")
+    if first.get("version") != STATE_VERSION:
+        raise ConfigError(f"sampler state version {first.get('version')} is not {STATE_VERSION}")
+    if len(states) != saved_world or any(s["rank"] != r or any(s[k] != first[k] for k in same)
+                                         for r, s in enumerate(states)):
+        raise ConfigError(f"cannot re-deal the data sampler: expected the states of ranks 0..{saved_world - 1} "
+                          f"of one run, in order, got ranks {[s['rank'] for s in states]} (or they disagree on "
+                          f"{', '.join(same)})")
+    total = saved_world * saved_per_rank
+    if world_size * streams_per_rank != total:
+        raise ConfigError(f"the saved sampler has {total} streams in all ({saved_world} ranks x {saved_per_rank}) but "
+                          f"this run has {world_size * streams_per_rank} ({world_size} x {streams_per_rank}): "
+                          f"{streams_to_set(total, world_size)}")
+    streams = [s for state in states for s in state["streams"]]
+    mine = streams[rank * streams_per_rank:(rank + 1) * streams_per_rank]
+    target_tokens = sum(int(s["target_tokens"]) for s in states) * streams_per_rank // total
+    return {**first, "rank": rank, "world_size": world_size, "streams_per_rank": streams_per_rank,
+            "streams": [list(s) for s in mine], "target_tokens": target_tokens}
+
+
+def streams_to_set(total: int, world_size: int) -> str:
+    """What to set so that WORLD_SIZE ranks run TOTAL streams in all."""
+    if total % world_size == 0:
+        return f"with {world_size} rank(s) set train_micro_batch_size_per_gpu to {total // world_size}"
+    fits = [n for n in range(1, total + 1) if total % n == 0]
+    return f"{total} streams cannot be shared by {world_size} ranks: run on {', '.join(map(str, fits))} rank(s)"
