@@ -244,7 +244,7 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
     if saved_world != world_size and total != world_size * ds.get(STREAMS):
         raise ConfigError(f"{path} was written by {saved_world} rank(s) but this run has {world_size}, with "
                           f"{world_size * ds.get(STREAMS)} streams in all: this checkpoint has {total} streams in all "
-                          f"({saved_world} ranks x {saved_ds.get(STREAMS)}); {streams_to_set(total, world_size)} "
+                          f"({saved_world} rank(s) x {saved_ds.get(STREAMS)}); {streams_to_set(total, world_size)} "
                           f"(or resume with {saved_world} ranks)")
     saved_model = dataclasses.asdict(ModelConfig.from_dict(read_config(path, "model.json")))
     changed = _differences(saved_model, expect["model.json"], "model")

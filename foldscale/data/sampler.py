@@ -209,7 +209,7 @@ def redeal(states: list[dict], rank: int, world_size: int, streams_per_rank: int
                           f"{', '.join(same)})")
     total = saved_world * saved_per_rank
     if world_size * streams_per_rank != total:
-        raise ConfigError(f"the saved sampler has {total} streams in all ({saved_world} ranks x {saved_per_rank}) but "
+        raise ConfigError(f"the saved sampler has {total} streams in all ({saved_world} rank(s) x {saved_per_rank}) but "
                           f"this run has {world_size * streams_per_rank} ({world_size} x {streams_per_rank}): "
                           f"{streams_to_set(total, world_size)}")
     streams = [s for state in states for s in state["streams"]]
