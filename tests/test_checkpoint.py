@@ -149,7 +149,7 @@ class NoEngine:
 
 @pytest.mark.parametrize("change,message", [
     ("world size", r"written by 1 rank\(s\) but this run has 2, with 4 streams in all: this checkpoint has 2 "
-                   r"streams in all \(1 ranks x 2\); with 2 rank\(s\) set train_micro_batch_size_per_gpu to 1"),
+                   r"streams in all \(1 rank\(s\) x 2\); with 2 rank\(s\) set train_micro_batch_size_per_gpu to 1"),
     ("model", r"model.d_model is 64 in this run but 32\): resume with --model .*step00000004/model.json"),
     ("streams", r"train_micro_batch_size_per_gpu is 4 in this run but 2\): set train_micro_batch_size_per_gpu to 2"),
     ("warmup", r"warmup_num_steps is 2 in this run but 1\): set scheduler.params.warmup_num_steps to 1 in the Deep"),

@@ -70,7 +70,7 @@ def test_a_changed_total_of_streams_is_refused_saying_what_to_set(setup, tmp_pat
     p = run(setup, out, "--steps", 4, "--resume", "auto", ranks=2, launcher="mpirun", ds="z0_b4.json", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr.split("pretrain: error:")[0][-200:]
     assert ("written by 1 rank(s) but this run has 2, with 8 streams in all: this checkpoint has 4 streams in all "
-            "(1 ranks x 4); with 2 rank(s) set train_micro_batch_size_per_gpu to 2") in p.stderr, p.stderr[-3000:]
+            "(1 rank(s) x 4); with 2 rank(s) set train_micro_batch_size_per_gpu to 2") in p.stderr, p.stderr[-3000:]
 
 
 def test_a_zero3_checkpoint_is_refused_on_another_number_of_ranks(tmp_path):
@@ -115,7 +115,7 @@ def test_redeal_gives_each_rank_its_global_streams(store):
 
 def test_redeal_refuses_a_changed_total_or_missing_ranks(store):
     two = [SegmentStreamSampler(store, "train", r, 2, 2, segment_len=5, seed=3).state_dict() for r in range(2)]
-    with pytest.raises(ConfigError, match=r"4 streams in all \(2 ranks x 2\) but this run has 3 \(1 x 3\): "
+    with pytest.raises(ConfigError, match=r"4 streams in all \(2 rank\(s\) x 2\) but this run has 3 \(1 x 3\): "
                                           r"with 1 rank\(s\) set train_micro_batch_size_per_gpu to 4"):
         redeal(two, 0, 1, 3)
     with pytest.raises(ConfigError, match="4 streams cannot be shared by 3 ranks: run on 1, 2, 4 rank"):
