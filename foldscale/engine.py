@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import socket
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -33,11 +34,21 @@ def announced(what: str, rank: int):
     """Say what is happening before a wait that can be long, and how long it took: on a first
     launch DeepSpeed compiles its C++/CUDA ops just in time (about a minute each, then cached in
     ~/.cache/torch_extensions), which otherwise looks like a hang."""
-    if rank == 0:
-        print(f"{what} (a first launch compiles DeepSpeed's ops: about a minute)", flush=True)
+    if rank != 0:
+        yield
+        return
+    print(f"{what} (a first launch compiles DeepSpeed's ops: about a minute)", flush=True)
     t0 = time.perf_counter()
-    yield
-    if rank == 0 and time.perf_counter() - t0 > 5:
+    stuck = threading.Timer(300, print, [f"{what}: still waiting after 5 minutes. A build killed midway leaves "
+                                         "a stale lock (~/.cache/torch_extensions/*/*/lock) that every later "
+                                         "build waits on: delete it if no other launch is building"])
+    stuck.daemon = True
+    stuck.start()
+    try:
+        yield
+    finally:
+        stuck.cancel()
+    if time.perf_counter() - t0 > 5:
         print(f"{what}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
