@@ -189,6 +189,8 @@ def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> t
     loaded, client = engine.load_checkpoint(str(root), tag=path.name)
     if loaded is None:
         raise CheckpointError(f"{root / path.name}: DeepSpeed found no checkpoint to load there")
+    if universal:
+        _fused_steps_beside_parameters(engine.optimizer)
     saved_world = _record(path)["world_size"]
     saved = [_torch_load(path / f"foldscale_rank{r}.pt") for r in range(saved_world)] \
         if saved_world != world_size else {rank: _torch_load(path / f"foldscale_rank{rank}.pt")}
@@ -203,6 +205,18 @@ def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> t
     carried = None if states[0] is None else torch.cat(states)[rank * streams:(rank + 1) * streams]  # (B, l, d)
     return client["trainer"], {"sampler": redeal([s["sampler"] for s in saved], rank, world_size, streams),
                                "state": carried}
+
+
+def _fused_steps_beside_parameters(optimizer):
+    """DeepSpeed's universal load leaves Adam's step counts on the CPU, which torch's fused AdamW
+    refuses on a GPU ("state_steps is on cpu"; seen on the H100): move them to their parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        if group.get("fused"):
+            for p in group["params"]:
+                state = inner.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(p.device)
 
 
 def read_config(path, name: str) -> dict:
