@@ -28,5 +28,5 @@ pa, pb = placement(Path("/tmp/e/straight")), placement(Path("/tmp/e/split"))
 rows = [{"step": s, "uninterrupted_2gpu": a[s], "2gpu_then_1gpu": b[s], "rel_diff": abs(a[s] - b[s]) / a[s]} for s in sorted(a)]
 for r in rows: print(r)
 print("same segments in every (step, stream):", pa == pb, len(pa), len(pb))
-json.dump({"rows": rows, "same_segments": pa == pb}, open(__import__("os").environ["OUT"] + "/elastic_2to1.json", "w"), indent=1)
+json.dump({"rows": rows, "same_segments": pa == pb}, open(__import__("os").environ.get("OUT", ".") + "/elastic_2to1.json", "w"), indent=1)
 PY
