@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_helpers import random_docs
+from foldscale.config import ConfigError
 from foldscale.data.sampler import IGNORE_INDEX, SegmentStreamSampler, assign_documents
 from foldscale.data.store import StoreError, write_store
 
@@ -166,7 +167,7 @@ def test_resume_refuses_a_different_setup(store, tmp_path):
                         (SegmentStreamSampler(store, "train", 0, 2, 2, 7), "streams_per_rank"),
                         (SegmentStreamSampler(store, "train", 0, 2, 3, 8), "segment_len"),
                         (SegmentStreamSampler(other_store, "train", 0, 2, 3, 7), "store")]:
-        with pytest.raises(ValueError, match=f"saved state has {what}="):
+        with pytest.raises(ConfigError, match=f"saved state has {what}="):
             other.load_state_dict(state)
 
 

@@ -176,11 +176,11 @@ class SegmentStreamSampler:
 
     def load_state_dict(self, state: dict):
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"sampler state version {state.get('version')} is not {STATE_VERSION}")
+            raise ConfigError(f"sampler state version {state.get('version')} is not {STATE_VERSION}")
         for key, mine in self._identity().items():
             if state[key] != mine:
-                raise ValueError(f"cannot resume the data sampler: the saved state has {key}="
-                                 f"{state[key]!r} but this run has {key}={mine!r}")
+                raise ConfigError(f"cannot resume the data sampler: the saved state has {key}={state[key]!r} but "
+                                  f"this run has {key}={mine!r}; resume with the --data and --seed the run began with")
         self._streams = [[int(x) for x in s] for s in state["streams"]]
         self._steps, self._target_tokens = int(state["steps"]), int(state["target_tokens"])
         self._plans = {}
