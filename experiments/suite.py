@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.benchlib import device_name, print_table, write_json
-from experiments.longctx import TASKS, text
+from experiments.longctx import TASKS, probe, text
 from experiments.longctx.train import add_train_args, exact_match, train, train_args
 from foldscale.config import ModelConfig
 from foldscale.data import Tokenizer, TokenStore, default_store
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-len", type=int, default=64)
     p.add_argument("--state-norm", action="store_true", help="ModelConfig.state_norm")
     p.add_argument("--state-gate", action="store_true", help="ModelConfig.state_gate")
+    p.add_argument("--state-write", default="aligned", choices=["aligned", "attention"], help="ModelConfig.state_write")
+    p.add_argument("--state-write-rows", type=int, default=0, help="ModelConfig.state_write_rows")
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
     add_train_args(p, minutes=1.5, min_lr_ratio=0.1)
     p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")
@@ -64,6 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--far-samples", type=int, default=16)
     p.add_argument("--max-prefix-segments", type=int, default=1024,
                    help="cap on the filler before the needle in evaluation, in segments")
+    p.add_argument("--short-prefix", action="store_true",
+                   help="also score every row with under one segment of filler before the needle: "
+                        "separates the distance to the needle from the age of the state it is written into")
+    p.add_argument("--probe", action="store_true",
+                   help="also report why needles are missed (experiments/longctx/probe.py): accuracy by the "
+                        "needle's offset in its segment, its footprint in the state and the gate over "
+                        "distance, the gradient reaching its segment")
     p.add_argument("--baseline", action="store_true", help="also train and score full attention")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -99,10 +108,10 @@ def batch_maker(task, corpus):
     return make_batch
 
 
-def accuracy(model, docs, batch_size, device, label) -> float:
-    right = sum(int(exact_match(model, docs[i:i + batch_size], device, label=label).sum())
-                for i in range(0, len(docs), batch_size))
-    return right / len(docs)
+def exact(model, docs, batch_size, device, label) -> torch.Tensor:
+    """(n,) bool: exact match of each document."""
+    return torch.cat([exact_match(model, docs[i:i + batch_size], device, label=label)
+                      for i in range(0, len(docs), batch_size)])
 
 
 def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
@@ -118,7 +127,8 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     else:
         folded = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=args.d_model, n_head=args.n_head,
                                       n_local=args.n_local, n_global=args.n_global, segment_len=args.segment_len,
-                                      state_norm=args.state_norm, state_gate=args.state_gate))
+                                      state_norm=args.state_norm, state_gate=args.state_gate,
+                                      state_write=args.state_write, state_write_rows=args.state_write_rows))
     folded = folded.to(device)
     cfg, l = folded.cfg, folded.cfg.segment_len
     targs = train_args(args)
@@ -141,20 +151,35 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     near = [int(m) for m in args.eval_multiples.split(",") if m]
     far = [int(m) for m in args.far_multiples.split(",") if m]
     rows, t0 = [], time.perf_counter()
-    for m in near + far:
-        n = args.far_samples if m in far and m not in near else args.eval_samples
-        docs = [text.eval_doc(task, val_corpus, args.seed + 1000, m, l, i, args.max_prefix_segments) for i in range(n)]
-        row = {"task": name, "multiple": m, "distance": round(float(np.mean([d.distance for d in docs]))),
-               "samples": n}
-        for key, model in models.items():
-            fits = model.cfg.recurrent or max(d.end for d in docs) <= model.cfg.segment_len
-            row[key] = accuracy(model, docs, args.eval_batch, device, f"{name} {m} x l {key}") if fits else None
-        row["chance"] = task.chance
-        rows.append(row)
-        scores = ", ".join(f"{k} {row[k]}" for k in models)
-        print(f"{name} {m} x l (distance {row['distance']:,}): {scores} | {(time.perf_counter() - t0) / 60:.1f} min",
-              flush=True)
-    return rows, summaries, configs
+    caps = [args.max_prefix_segments] + ([1] if args.short_prefix else [])
+    for cap in caps:
+        for m in near + far:
+            n = args.far_samples if m in far and m not in near else args.eval_samples
+            docs = [text.eval_doc(task, val_corpus, args.seed + 1000, m, l, i, cap) for i in range(n)]
+            row = {"task": name, "multiple": m, "prefix_cap": cap,
+                   "distance": round(float(np.mean([d.distance for d in docs]))), "samples": n}
+            for key, model in models.items():
+                fits = model.cfg.recurrent or max(d.end for d in docs) <= model.cfg.segment_len
+                right = exact(model, docs, args.eval_batch, device, f"{name} {m} x l {key}") if fits else None
+                row[key] = None if right is None else float(right.float().mean())
+                if key == "folded" and args.probe:
+                    row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)
+            row["chance"] = task.chance
+            rows.append(row)
+            scores = ", ".join(f"{k} {row[k]}" for k in models)
+            print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores}"
+                  f"{' | by offset ' + str(row['folded_by_offset']) if args.probe else ''} | "
+                  f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    probes = {}
+    if args.probe and cfg.recurrent:
+        after = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k <= max(near + far)]
+        probes["footprint"] = probe.footprint(folded, task, val_corpus, device, args.seed + 2000, after)
+        probes["gradient"] = probe.gradient(folded, task, val_corpus, device, args.seed + 3000,
+                                            [k for k in (1, 2, 4, 8, 16, 30) if k < targs.max_train_segments])
+        for key, table in probes.items():
+            print(f"{name} probe: {key}")
+            print_table(table, list(table[0]))
+    return rows, summaries, configs, probes
 
 
 def main(argv=None):
@@ -171,16 +196,16 @@ def main(argv=None):
     store = TokenStore.open(store_path)
     print(f"long-context suite on {device_name() if device.type == 'cuda' else 'CPU'}, filler from {store.path}",
           flush=True)
-    rows, summaries, configs = [], {}, {}
+    rows, summaries, configs, probes = [], {}, {}, {}
     for name in args.tasks.split(","):
-        task_rows, summaries[name], configs[name] = run_task(name, store, args, device)
+        task_rows, summaries[name], configs[name], probes[name] = run_task(name, store, args, device)
         rows += task_rows
-    columns = ["task", "multiple", "distance", "folded", "local_only", *(["full_attention"] if args.baseline else []),
+    columns = ["task", "multiple", *(["prefix_cap"] if args.short_prefix else []), "distance", "folded", "local_only", *(["full_attention"] if args.baseline else []),
                "chance"]
     print_table([{k: "n/a" if v is None else v for k, v in r.items()} for r in rows], columns)
     write_json(args.json, rows, suite="long-context", seed=args.seed, eval_seed=args.seed + 1000,
                store=str(store.path), store_fingerprint=store.fingerprint, args=vars(args), models=configs,
-               train=summaries)
+               train=summaries, probes=probes)
     return rows
 
 

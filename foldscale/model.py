@@ -101,27 +101,63 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class SegmentRead(nn.Module):
+    """`state_write = "attention"`: every state row reads the whole segment. Queries come from
+    the incoming state's rows, keys and values from the global stack's output on all the
+    segment's rows, with no mask: the state is written after the segment is read, so nothing
+    reaches a prediction early. Returns the candidate rows S + what they read (B, l, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, d = cfg.n_head, cfg.d_model
+        self.norm_state = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.norm_segment = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, memory, x):
+        B, l, d = memory.shape
+        heads = lambda t: t.view(B, t.shape[1], self.n_head, -1).transpose(1, 2)  # (B, nh, rows, hs)
+        q = heads(self.q(self.norm_state(memory)))
+        k, v = (heads(t) for t in self.kv(self.norm_segment(x)).chunk(2, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return memory + self.proj(y.transpose(1, 2).reshape(B, l, d))
+
+
 class StateCarry(nn.Module):
     """The state carried to the next segment, from the memory rows S the segment read and the
-    global stack's output C on the segment's rows (B, t, d).
+    global stack's output C on the segment's rows (B, l, d).
 
-    The paper carries C. With `state_gate` it carries g * S + (1 - g) * C, g = sigmoid(W [S ; C] + b)
-    per row and channel, so a row whose gate saturates at 1 is carried unchanged for any number
-    of segments. With `state_norm` the result is RMS-normalised with no learned scale, so its
-    norm cannot grow segment after segment and normalising twice changes nothing.
+    The paper carries C. With `state_write = "attention"` the candidate rows are S plus what each
+    row read from all of C (SegmentRead) instead of C. With `state_gate` it carries
+    g * S + (1 - g) * candidate, g = sigmoid(W [S ; candidate] + b) per row and channel, so a row
+    whose gate saturates at 1 is carried unchanged; with `state_write_rows = k` only the k rows of
+    largest mean (1 - g) are written and the others are carried bit for bit. With `state_norm`
+    the written rows are RMS-normalised with no learned scale, so a norm cannot grow segment after
+    segment and normalising twice changes nothing.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.read = SegmentRead(cfg) if cfg.state_write == "attention" else None
         self.gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.state_gate else None
+        self.write_rows = cfg.state_write_rows
         self.norm_eps = cfg.norm_eps if cfg.state_norm else None
 
     def forward(self, memory, x):
+        old = memory
+        x = x if self.read is None else self.read(memory, x)
         if self.gate is not None:
-            old = memory[:, :x.shape[1]]  # the rows aligned with the segment's (all l when t = l)
             g = torch.sigmoid(self.gate(torch.cat([old, x], dim=-1)))
             x = g * old + (1 - g) * x
-        return x if self.norm_eps is None else F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
+        if self.norm_eps is not None:
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
+        if self.write_rows:
+            rewrite = (1 - g).mean(dim=-1)  # (B, l): how much the gate would change each row
+            written = rewrite >= rewrite.topk(self.write_rows, dim=1).values[:, -1:]
+            x = torch.where(written[..., None], x, old.to(x.dtype))
+        return x
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
@@ -232,7 +268,7 @@ class FoldedLM(nn.Module):
             for block in self.global_blocks:
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
-            new_state = self.next_state(memory, x)
+            new_state = self.next_state(memory, x) if t == l else None  # carried from whole segments only
         logits = self.head(x)
         loss = n = token_loss = None
         if targets is not None:

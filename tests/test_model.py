@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from foldscale.config import ModelConfig
+from foldscale.config import ConfigError, ModelConfig
 from foldscale.generate import StreamDecoder, generate
 from foldscale.model import Attention, FoldedLM, ModelFileError, rope_tables, segments
 
@@ -115,7 +115,7 @@ def test_forward_stream_equals_segment_loop():
         out = model(ids[:, s:s + 8], state=state, targets=targets[:, s:s + 8])
         logits.append(out.logits)
         total, n = total + out.loss * out.n_tokens, n + out.n_tokens
-        state = out.state if out.state.shape[1] == 8 else state
+        state = out.state if out.state is not None else state  # a short segment carries nothing
     torch.testing.assert_close(stream.logits, torch.cat(logits, 1))
     torch.testing.assert_close(stream.loss, total / n)
     torch.testing.assert_close(stream.state, state)
@@ -215,7 +215,8 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True),
+                                dict(state_gate=True, state_norm=True, state_write="attention", state_write_rows=3)])
 def test_stream_decoder_gives_forward_stream_logits(kw):
     """Fed in uneven chunks across segment boundaries, the cached decoder gives every logit that
     forward_stream gives for the whole sequence, and carries the same state."""
@@ -291,7 +292,8 @@ def test_tampered_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0),
-                                dict(state_norm=True), dict(state_gate=True, state_norm=True)])
+                                dict(state_norm=True), dict(state_gate=True, state_norm=True),
+                                dict(state_write="attention", state_gate=True, state_write_rows=2)])
 def test_parameter_count_matches_formula(kw):
     model = make(**kw)
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
@@ -343,6 +345,44 @@ def test_state_gate_is_a_highway_between_old_and_new_state(bias, keeps_state):
         assert (gated - paper).abs().max() > 1e-1
     else:
         torch.testing.assert_close(gated, paper)
+
+
+@pytest.mark.parametrize("write, reached", [("aligned", [7]), ("attention", list(range(8)))])
+def test_which_state_rows_a_late_token_reaches(write, reached):
+    """Aligned writes give row i only the segment's tokens up to i, so the segment's last token
+    reaches only the last row; with state_write = "attention" it reaches every row."""
+    model = make(state_gate=True, state_norm=True, state_write=write).double()
+    state = torch.randn(2, 8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ids = randint(2, 8, seed=4)
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    diff = (model(changed, state=state).state - model(ids, state=state).state).abs().amax(dim=(0, 2))
+    assert torch.nonzero(diff > 1e-9).flatten().tolist() == reached
+
+
+@pytest.mark.parametrize("write", ["aligned", "attention"])
+def test_state_write_rows_carries_the_other_rows_bit_for_bit(write):
+    """With state_write_rows = k each segment rewrites exactly k rows per stream, those the gate
+    would change most; every other row leaves the segment bit for bit as it came in."""
+    model = make(state_gate=True, state_norm=True, state_write=write, state_write_rows=3)
+    with torch.no_grad():
+        model.carry.gate.bias.normal_(generator=torch.Generator().manual_seed(5))  # rows differ in how much they'd change
+    state = F.rms_norm(torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3)), (32,))
+    first = state
+    for s in range(6):
+        new = model(randint(2, 8, seed=s), state=state).state
+        same = (new == state).all(dim=-1)  # (B, l)
+        assert same.sum(dim=1).tolist() == [5, 5]
+        state = new
+    kept = (state == first).all(dim=-1)
+    assert kept.any(), "some rows were never chosen: they must still hold the first state exactly"
+
+
+def test_state_write_rows_needs_the_gate():
+    with pytest.raises(ConfigError, match="state_gate"):
+        ModelConfig(state_write_rows=4)
+    with pytest.raises(ConfigError, match="state_write"):
+        ModelConfig(state_write="sideways")
 
 
 def test_state_norm_is_idempotent():

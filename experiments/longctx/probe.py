@@ -1,0 +1,148 @@
+"""Why a needle is missed: instruments for a trained folded model (issue 16).
+
+- `by_offset`: exact match by where the needle ended within its segment (quarters of l). A
+  memory that writes only some rows well misses needles at some offsets more than at others.
+- `footprint`: how much of the needle is still in the carried state k segments later. Each
+  document is read twice, once with its needle and once with a different needle of the same
+  length (same filler, same positions); the relative difference of the two states,
+  ||S - S'|| / ||S||, per row, is the needle's footprint. Its mean over rows and its largest
+  row, against k, show whether the memory forgets (decay), and the gate's values on the same
+  walk (mean, and the share above 0.99) show whether the rows holding it saturate.
+- `gradient`: the norm of the answer loss's gradient with respect to the state carried out of
+  the needle's segment, and out of the segment before the question, for documents whose
+  needle is k segments back: how much training signal reaches the write.
+
+    python -m experiments.suite --tasks passkey --state-gate --state-norm --probe
+"""
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from experiments.longctx import text
+from foldscale.model import FoldedLM, segments
+
+
+def needle_end(doc: text.Document) -> int:
+    """Position just past the needle (the last supporting piece)."""
+    pos, tokens = [(p, t) for r, p, t in doc.pieces if r == "support"][-1]
+    return pos + len(tokens)
+
+
+def by_offset(docs: list, exact, l: int, bins: int = 4) -> list[float | None]:
+    """Exact match of the documents whose needle ended in each of `bins` equal parts of a
+    segment (None for an empty part)."""
+    part = np.array([(needle_end(d) - 1) % l * bins // l for d in docs])
+    exact = np.asarray(exact, bool)
+    return [round(float(exact[part == b].mean()), 3) if (part == b).any() else None for b in range(bins)]
+
+
+def swapped(task, doc: text.Document, rng) -> text.Document | None:
+    """The same document with another story's needle of the same length in place of its own,
+    or None if 100 stories had none."""
+    pos, tokens = [(p, t) for r, p, t in doc.pieces if r == "support"][-1]
+    for _ in range(100):
+        other = task.story(rng).needle
+        if len(other) == len(tokens) and not np.array_equal(other, tokens):
+            twin = copy.copy(doc)
+            twin.spans = [(p, n, other if p == pos and isinstance(src, np.ndarray) else src)
+                          for p, n, src in doc.spans]
+            return twin
+    return None
+
+
+class GateRecorder:
+    """Records sigmoid(gate) of every carry while installed (a forward hook on carry.gate)."""
+
+    def __init__(self, model: FoldedLM):
+        self.values, self.handle = [], None
+        if model.carry is not None and model.carry.gate is not None:
+            self.handle = model.carry.gate.register_forward_hook(
+                lambda m, i, out: self.values.append(torch.sigmoid(out.float())))
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@torch.no_grad()
+def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, after: list[int],
+              n_docs: int = 16, prefix_segments: int = 4) -> list[dict]:
+    """The needle's footprint in the state `k` segments after the needle's segment, for each k
+    in `after`: mean and largest-row relative difference, and the gate's mean and share above
+    0.99 at that segment (None without a gate)."""
+    l, rng = model.cfg.segment_len, np.random.default_rng(seed)
+    docs = []
+    while len(docs) < n_docs:
+        doc = text.layout(task.story(rng), text.Filler(corpus, rng), int(rng.integers(prefix_segments * l)),
+                          (max(after) + 2) * l, rng)
+        twin = swapped(task, doc, rng)
+        if twin is not None:
+            docs += [doc, twin]
+    needle_seg = np.array([(needle_end(d) - 1) // l for d in docs[::2]])
+    length = (int(needle_seg.max()) + max(after) + 1) * l
+    recorder = GateRecorder(model)
+    rows = {k: [] for k in after}
+    state = None
+    try:
+        for a in range(0, length, l):
+            ids = torch.from_numpy(text.batch(docs, a, a + l)[0]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                state = next(segments(model, ids, l, state=state, bptt=1)).state.float()
+            gate = recorder.values.pop() if recorder.values else None
+            recorder.values.clear()
+            seg = a // l
+            for k in after:
+                take = np.flatnonzero(needle_seg + k == seg)
+                if not len(take):
+                    continue
+                s, s2 = state[2 * take], state[2 * take + 1]  # (n, l, d) with and without the needle
+                rel = (s - s2).norm(dim=-1) / s.norm(dim=-1).clamp(min=1e-6)  # (n, l) per row
+                g = None if gate is None else gate[2 * take]
+                rows[k].append((rel.mean(dim=1), rel.max(dim=1).values,
+                                None if g is None else g.mean(dim=(1, 2)), None if g is None else (g > 0.99).float().mean(dim=(1, 2))))
+    finally:
+        recorder.remove()
+    out = []
+    for k in after:
+        parts = list(zip(*rows[k]))
+        mean = lambda i: None if parts[i][0] is None else round(float(torch.cat(parts[i]).mean()), 4)
+        out.append({"after": k, "footprint_mean": mean(0), "footprint_max_row": mean(1), "gate_mean": mean(2),
+                    "gate_above_0.99": mean(3)})
+    return out
+
+
+def gradient(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, distances: list[int],
+             n_docs: int = 16) -> list[dict]:
+    """For needles k segments before the question's segment (k in `distances`): the norm of the
+    answer loss's gradient with respect to the state carried out of the needle's segment, and
+    out of the segment just before the question's, with back-propagation through every segment
+    (as the suite trains)."""
+    l, rng = model.cfg.segment_len, np.random.default_rng(seed)
+    model.eval()  # no dropout; gradients still flow
+    out = []
+    for k in distances:
+        docs = [text.layout(task.story(rng), text.Filler(corpus, rng), int(rng.integers(l)), k * l, rng)
+                for _ in range(n_docs)]
+        end = max(d.end for d in docs)
+        ids, targets = (torch.from_numpy(x) for x in text.batch(docs, 0, end))
+        ids, targets = ids.to(device), targets.to(device)
+        states, loss = [], 0.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i, o in enumerate(segments(model, ids, l, bptt=10**9)):
+                t = targets[:, i * l:(i + 1) * l]
+                loss = loss + F.cross_entropy(o.logits.float().flatten(0, 1), t.flatten(), reduction="sum")
+                if o.state is not None and o.state.requires_grad:
+                    o.state.retain_grad()
+                states.append(o.state)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        needle = [(needle_end(d) - 1) // l for d in docs]
+        question = [(d.piece("question")[0]) // l - 1 for d in docs]
+
+        def norm(segs):
+            return round(float(np.mean([states[s].grad[b].norm().item() if states[s].grad is not None else 0.0
+                                        for b, s in enumerate(segs)])), 6)
+        out.append({"segments": k, "grad_at_needle": norm(needle), "grad_before_question": norm(question)})
+    return out
