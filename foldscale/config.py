@@ -64,6 +64,12 @@ class ModelConfig:
     the global stack's output on the segment (the paper's state), and g = sigmoid(W [S ; C] + b)
     per row and channel: where g saturates at 1 a state row is carried unchanged, for any number
     of segments (model.StateCarry)."""
+    state_gate_hard: bool = False
+    """With `state_gate`: g = clamp(1.2 sigmoid(z) - 0.1, 0, 1), which reaches exactly 0 and 1,
+    and `state_norm` normalises the candidate before the mix instead of the mix (a convex mix of
+    bounded rows stays bounded). A channel whose gate is at 1 is then carried bit for bit, for
+    any number of segments; with a sigmoid gate and the norm after the mix every carried channel
+    leaks a little each segment (g < 1, and the row's norm rescales it)."""
     state_write: str = "aligned"
     """What a state row is written from. "aligned": row i from the global stack's output on the
     segment's row i (the paper's), which has seen only the segment's tokens up to i, so a needle
@@ -96,6 +102,7 @@ class ModelConfig:
              f"state_write must be \"aligned\" or \"attention\", not {self.state_write!r}"),
             (0 <= self.state_write_rows <= self.segment_len,
              f"state_write_rows must be in [0, segment_len={self.segment_len}] (0 writes every row)"),
+            (not self.state_gate_hard or self.state_gate, "state_gate_hard needs state_gate = true"),
             (not self.state_write_rows or self.state_gate,
              "state_write_rows picks the rows by the gate: set state_gate = true too"),
         ]
@@ -112,7 +119,7 @@ class ModelConfig:
         """The baseline: the same blocks, all local (a plain causal GPT), attending over `window`
         tokens with no carried state. Its parameters are the folded model's minus S0 and the carry."""
         return dataclasses.replace(self, n_local=self.n_local + self.n_global, n_global=0, segment_len=window,
-                                   bptt_segments=1, state_gate=False, state_norm=False, state_write="aligned",
+                                   bptt_segments=1, state_gate=False, state_gate_hard=False, state_norm=False, state_write="aligned",
                                    state_write_rows=0)
 
     @property
@@ -221,6 +228,9 @@ class DataConfig:
     number of streams per rank is DeepSpeed's train_micro_batch_size_per_gpu."""
 
 
+KERNELS = ("torch", "liger")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
@@ -235,6 +245,9 @@ class TrainConfig:
     keep_last: int = 3
     compile: bool = False
     """torch.compile the model through DeepSpeed's engine.compile() (GPU; first steps are slow)."""
+    kernels: str = "torch"
+    """`liger`: the LM head and its loss as liger-kernel's chunked kernel (CUDA and Triton), which never
+    materialises the (tokens, vocabulary) logits; speed and memory only (FoldedLM.set_kernels)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated (each skips its update) before the run stops."""
     seed: int = 0
@@ -252,3 +265,5 @@ class TrainConfig:
         for name in ("steps", "log_every", "eval_every", "save_every", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig: {name} must be >= 1")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"TrainConfig: kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")

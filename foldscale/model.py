@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from foldscale import kernels as fused
 from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 
 
@@ -135,23 +136,29 @@ class StateCarry(nn.Module):
     whose gate saturates at 1 is carried unchanged; with `state_write_rows = k` only the k rows of
     largest mean (1 - g) are written and the others are carried bit for bit. With `state_norm`
     the written rows are RMS-normalised with no learned scale, so a norm cannot grow segment after
-    segment and normalising twice changes nothing.
+    segment and normalising twice changes nothing. With `state_gate_hard` the gate reaches exactly
+    0 and 1 and the norm applies to the candidate before the mix, so a channel whose gate is at 1
+    is carried bit for bit.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.read = SegmentRead(cfg) if cfg.state_write == "attention" else None
         self.gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.state_gate else None
-        self.write_rows = cfg.state_write_rows
+        self.hard, self.write_rows = cfg.state_gate_hard, cfg.state_write_rows
         self.norm_eps = cfg.norm_eps if cfg.state_norm else None
 
     def forward(self, memory, x):
         old = memory
         x = x if self.read is None else self.read(memory, x)
+        if self.hard and self.norm_eps is not None:
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
         if self.gate is not None:
             g = torch.sigmoid(self.gate(torch.cat([old, x], dim=-1)))
+            if self.hard:
+                g = (1.2 * g - 0.1).clamp(0.0, 1.0)
             x = g * old + (1 - g) * x
-        if self.norm_eps is not None:
+        if not self.hard and self.norm_eps is not None:
             x = F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
         if self.write_rows:
             rewrite = (1 - g).mean(dim=-1)  # (B, l): how much the gate would change each row
@@ -196,11 +203,13 @@ class FoldedLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_fn = None
+        # Submodules are initialised through Module.apply: ZeRO-3's zero.Init partitions a submodule's
+        # parameters as soon as it is built and gathers them again only for a function applied that way.
         self.apply(self._init_weights)
         depth_scale = cfg.init_std / math.sqrt(2 * (cfg.n_local + cfg.n_global))
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=depth_scale)
+        for block in (*self.local_blocks, *self.global_blocks):
+            for into_residual in (block.attn.proj, block.mlp.down):
+                into_residual.apply(lambda m: nn.init.normal_(m.weight, std=depth_scale))
         if self.s0 is not None:
             nn.init.normal_(self.s0, std=cfg.init_std)
 
@@ -248,6 +257,15 @@ class FoldedLM(nn.Module):
     def head(self, x) -> torch.Tensor:
         return self.lm_head(self.norm(x))  # (B, t, V)
 
+    kernels = "torch"
+
+    def set_kernels(self, kernels: str) -> "FoldedLM":
+        """KERNELS "torch" (the default) or "liger" (a CUDA GPU with liger-kernel): with "liger" a
+        segment with targets runs the head and loss as one chunked kernel (foldscale/kernels.py) and
+        returns logits=None and a detached token_loss. Refuses, saying what to use, where it cannot run."""
+        self.kernels = fused.check(kernels)
+        return self
+
     def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
         """One segment. ids (B, t) with t <= l; state (B, l, d) or None (all streams start a
         document); reset (B,) bool swaps S0 in for those streams; targets (B, t), -100 ignored.
@@ -269,6 +287,10 @@ class FoldedLM(nn.Module):
                 z = self._run(block, z, cos, sin, l)
             x = z[:, l:]  # (B, t, d)
             new_state = self.next_state(memory, x) if t == l else None  # carried from whole segments only
+        if targets is not None and self.kernels == "liger":  # the (B, t, V) logits never exist
+            n = (targets != -100).sum()
+            total, token_loss = fused.linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            return LMOutput(None, total / n.clamp(min=1), new_state, n, token_loss)
         logits = self.head(x)
         loss = n = token_loss = None
         if targets is not None:

@@ -216,7 +216,8 @@ def test_activation_checkpointing_gives_same_gradients():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True),
-                                dict(state_gate=True, state_norm=True, state_write="attention", state_write_rows=3)])
+                                dict(state_gate=True, state_norm=True, state_write="attention", state_write_rows=3),
+                                dict(state_gate=True, state_norm=True, state_gate_hard=True)])
 def test_stream_decoder_gives_forward_stream_logits(kw):
     """Fed in uneven chunks across segment boundaries, the cached decoder gives every logit that
     forward_stream gives for the whole sequence, and carries the same state."""
@@ -234,6 +235,32 @@ def test_stream_decoder_gives_forward_stream_logits(kw):
         torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="do not fit"):
         decoder.feed(randint(2, 4))  # 5 tokens are in the segment, 3 are left
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_global=0)])
+def test_compiled_one_token_step_gives_forward_stream_logits(kw, monkeypatch):
+    """One token at a time through the torch.compile'd step (fullgraph, static shapes), across two
+    segment boundaries, the decoder gives forward_stream's logits and state, from one compiled
+    graph for every position. The backend is aot_eager (Dynamo's trace and the functionalised
+    cache writes, in 2 s); Inductor, which the GPU uses, takes about 30 s to build on this CPU."""
+    import importlib
+    decoding = importlib.import_module("foldscale.generate")  # `foldscale.generate` is also a function
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    compiled = torch.compile(decoding.step, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(decoding, "compiled_step", lambda: compiled)
+    model = make(**kw).double()
+    ids = randint(2, 21)  # 2 whole segments of 8 and 5 tokens
+    full = model.forward_stream(ids)
+    decoder = StreamDecoder(model, compile=True)
+    pieces = [decoder.feed(ids[:, :3])] + [decoder.feed(ids[:, i:i + 1]) for i in range(3, 21)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-9, atol=1e-9)
+    if model.cfg.recurrent:
+        torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
+    assert len(graphs) == 1
 
 
 @pytest.mark.parametrize("n_global", [0, 2])
@@ -376,6 +403,25 @@ def test_state_write_rows_carries_the_other_rows_bit_for_bit(write):
         state = new
     kept = (state == first).all(dim=-1)
     assert kept.any(), "some rows were never chosen: they must still hold the first state exactly"
+
+
+def test_hard_gate_carries_a_shut_channel_bit_for_bit_and_stays_bounded():
+    """With state_gate_hard a channel whose gate is at 1 leaves the segment exactly as it came in,
+    segment after segment (the sigmoid gate with the norm after the mix rescales it every time),
+    and the other channels stay bounded by the candidate's unit RMS."""
+    for hard in (True, False):
+        model = make(state_gate=True, state_norm=True, state_gate_hard=hard)
+        with torch.no_grad():
+            model.carry.gate.weight.zero_()
+            model.carry.gate.bias.fill_(-50.0)
+            model.carry.gate.bias[:4] = 50.0  # channels 0-3 held, the rest rewritten
+        state = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3))
+        first = state
+        for s in range(20):
+            state = model(randint(2, 8, seed=s), state=state).state
+        held = torch.equal(state[..., :4], first[..., :4])
+        assert held == hard
+        assert state[..., 4:].pow(2).mean(-1).sqrt().max() < 2.0
 
 
 def test_state_write_rows_needs_the_gate():

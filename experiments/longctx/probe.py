@@ -53,13 +53,14 @@ def swapped(task, doc: text.Document, rng) -> text.Document | None:
 
 
 class GateRecorder:
-    """Records sigmoid(gate) of every carry while installed (a forward hook on carry.gate)."""
+    """Records the gate g of every carry while installed (a forward hook on carry.gate)."""
 
     def __init__(self, model: FoldedLM):
         self.values, self.handle = [], None
         if model.carry is not None and model.carry.gate is not None:
-            self.handle = model.carry.gate.register_forward_hook(
-                lambda m, i, out: self.values.append(torch.sigmoid(out.float())))
+            hard = model.carry.hard
+            self.handle = model.carry.gate.register_forward_hook(lambda m, i, out: self.values.append(
+                (1.2 * torch.sigmoid(out.float()) - 0.1).clamp(0, 1) if hard else torch.sigmoid(out.float())))
 
     def remove(self):
         if self.handle is not None:
