@@ -1,13 +1,16 @@
 """Streaming generation: prompt tokens/s, new tokens/s and peak memory against prompt length,
 through foldscale.generate.stream_generate (the path `foldscale generate` takes: key/value caches,
 and on a GPU one CUDA graph replay per new token), side by side with the uncached reference that
-re-runs the current segment for every new token. Greedy, random weights: speed and memory do not
-depend on them.
+re-runs the current segment for every new token. Two cached rows: the one-token step eager
+("cached") and through torch.compile ("compiled", by default on a GPU only), so their ratio is
+measured in one run; compilation happens in a warm-up, outside the timing. Greedy, random
+weights: speed and memory do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
     python -m benchmarks.bench_generate --quick
 """
 import argparse
+import functools
 import time
 
 import torch
@@ -38,6 +41,8 @@ def main():
     p.add_argument("--model", default="350m")
     p.add_argument("--prompts", default="10000,100000")
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=256)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the torch.compile row (default: on a GPU)")
     p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -48,12 +53,20 @@ def main():
     device = torch.device("cuda" if cuda else "cpu")
     cfg = ModelConfig.load(args.model)
     model = FoldedLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
-    paths = {"cached": lambda ids: stream_generate(model, ids, args.new_tokens, temperature=0),
-             "uncached": lambda ids: uncached_generate(model, ids, args.new_tokens)}
+    compiled = cuda if args.compile is None else args.compile
+    steps = {"cached": False, "compiled": True} if compiled else {"cached": False}
+    paths = {path: functools.partial(stream_generate, model, max_new_tokens=args.new_tokens, temperature=0,
+                                     compile=on) for path, on in steps.items()}
+    paths["uncached"] = lambda ids: uncached_generate(model, ids, args.new_tokens)
+    for path in steps:  # warm-up, once per process: allocate, tune, compile
+        t0 = time.perf_counter()
+        for _ in paths[path](torch.randint(0, cfg.vocab_size, (1, 5 * cfg.segment_len // 2), device=device)):
+            pass
+        cuda_sync()
+        print(f"warm-up of {path}: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for n in map(int, args.prompts.split(",")):
         ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
-        next(paths["cached"](ids[:, :2 * cfg.segment_len]))  # warm-up: first calls allocate and tune
         for path, generate in paths.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -73,13 +86,17 @@ def main():
         from torch.profiler import ProfilerActivity, profile
         ids = torch.randint(0, cfg.vocab_size, (1, 3 * cfg.segment_len + 5), device=device)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for _ in stream_generate(model, ids, 16):
+            for _ in stream_generate(model, ids, 16, compile=compiled):
                 pass
             cuda_sync()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
           f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, greedy")
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])
+    speed = {(r["prompt_tokens"], r["path"]): r["new_tok_s"] for r in rows}
+    for n, path in speed:
+        if path == "compiled":
+            print(f"prompt {n}: compiled / cached new tokens/s = {speed[n, path] / speed[n, 'cached']:.2f}x")
     write_json(args.json, rows, model=args.model)
 
 

@@ -134,10 +134,12 @@ def _load_model(path, device, need_tokenizer=False):
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the K most likely tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--compile/--no-compile", "compile_step", default=None,
+              help="Compile the one-token step with torch.compile (default: on cuda; the first use compiles for a minute).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"prompt_tokens", "new_tokens", "text", "tokens_per_s"} at the end instead '
                    '(tokens_per_s after the first new token, so reading the prompt is left out).')
-def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, seed, device, as_json):
+def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, seed, device, compile_step, as_json):
     """Continue a prompt with MODEL (an exported directory with tokenizer.model), printing
     text as it comes. The prompt may be far longer than the segment length: whole segments
     only update the carried state, so memory does not grow with it. Stops at end of document.
@@ -167,7 +169,8 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
         raise UserError("the prompt is empty: give at least one character")
     generator = torch.Generator(dev).manual_seed(seed)
     new, times, printed = [], [], ""
-    for token in stream_generate(lm, torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k, generator):
+    for token in stream_generate(lm, torch.tensor([ids], device=dev), max_new_tokens, temperature, top_k, generator,
+                                 compile_step):
         times.append(time.perf_counter())
         if token.item() == tok.eos_id:
             break

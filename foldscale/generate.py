@@ -1,11 +1,13 @@
-"""Streaming decoding in constant memory: key/value caches for the current segment, one CUDA
-graph per one-token step, sampling.
+"""Streaming decoding in constant memory: key/value caches for the current segment, a one-token
+step compiled by torch.compile and replayed as one CUDA graph, sampling.
 
 Whole segments of a prompt only update the carried state (`FoldedLM.forward_stream`); the
 current segment is held as cached keys and values, so a new token costs one row through each
 block. The decoder uses the model's public surface only: embed, local_blocks / global_blocks,
 rotary, memory, next_state, head.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,21 +32,50 @@ def extend(block: Block, x, cos, sin, cache, positions, causal=True):
     return x + block.mlp(block.norm2(x))
 
 
+def step(model: FoldedLM, caches, outputs, ids, positions):
+    """Rows ids (B, n) at `positions` (n,) of the current segment -> logits (B, n, V), through every
+    block with `extend`; caches as StreamDecoder holds them, outputs (B, l, d) the global stack's
+    output on the segment's rows (for the carry). A function of its arguments only, so that one
+    compiled version serves every decoder of the same shapes."""
+    x = model.embed(ids)
+    cos, sin = model.rotary(positions)
+    for block, cache in zip(model.local_blocks, caches[0]):
+        x = extend(block, x, cos, sin, cache, positions)
+    if model.cfg.recurrent:
+        global_positions = positions + model.cfg.segment_len  # after the l memory rows
+        cos, sin = model.rotary(global_positions)
+        for block, cache in zip(model.global_blocks, caches[1]):
+            x = extend(block, x, cos, sin, cache, global_positions)
+        outputs.index_copy_(1, positions, x)
+    return model.head(x)
+
+
+@functools.cache
+def compiled_step():
+    """`step` through torch.compile with static shapes, made once per process: Inductor fuses each
+    block's norms, rotation, mask and SwiGLU into a few kernels, and caches the code by shape."""
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
 class StreamDecoder:
     """Reads a stream a few tokens at a time with key/value caches (eval, no grad): the memory
     rows' keys and values are computed once per segment, each new row is attended from the cache,
     and the state is carried when a segment fills. `feed` returns forward_stream's logits for
     those tokens, up to rounding.
 
-    The caches are buffers of fixed shape, so on a GPU a one-token feed replays a CUDA graph of
-    the whole step, captured on first use: a token costs one launch instead of hundreds.
-    Attention avoids the cuDNN backend, which plans anew for each key length (ms a call)."""
+    The caches are buffers of fixed shape, so a one-token feed is a step of static shapes: on a
+    GPU it is compiled (its small kernels fused) and captured as one CUDA graph on first use, so
+    a token costs one launch. The graph is captured here, around the compiled step, not by
+    mode="reduce-overhead": the step writes the caches in place, and torch.compile's own graphs
+    are skipped for a step that mutates inputs other than parameters and buffers. Attention
+    avoids the cuDNN backend, which plans anew for each key length (ms a call)."""
 
     BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-    def __init__(self, model: FoldedLM, state=None, use_graph=None):
-        """use_graph: replay one-token feeds as a CUDA graph (default: when the ids are on a GPU)."""
-        self.model, self.state, self.use_graph = model, state, use_graph
+    def __init__(self, model: FoldedLM, state=None, use_graph=None, compile=None):
+        """use_graph: replay one-token feeds as a CUDA graph; compile: run them through
+        `compiled_step` (each defaults to whether the ids are on a GPU). Many-token feeds run eagerly."""
+        self.model, self.state, self.use_graph, self.compile = model, state, use_graph, compile
         self.t, self.caches, self.graph = 0, None, None
 
     def _allocate(self, ids, dtype):
@@ -59,6 +90,8 @@ class StreamDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=ids.device)  # the graph's input
         if self.use_graph is None:
             self.use_graph = ids.is_cuda
+        if self.compile is None:
+            self.compile = ids.is_cuda
 
     @torch.no_grad()
     def feed(self, ids) -> torch.Tensor:
@@ -74,7 +107,9 @@ class StreamDecoder:
             if n == 1 and self.use_graph:
                 logits = self._replay(ids)
             else:
-                logits = self._step(ids, torch.arange(self.t, self.t + n, device=ids.device))
+                fn = compiled_step() if n == 1 and self.compile else step
+                logits = fn(self.model, self.caches, self.outputs, ids,
+                            torch.arange(self.t, self.t + n, device=ids.device))
         self.t += n
         if self.t == self.model.cfg.segment_len:
             if self.model.cfg.recurrent:
@@ -93,45 +128,33 @@ class StreamDecoder:
             for block, cache in zip(m.global_blocks, self.caches[1]):
                 z = extend(block, z, cos, sin, cache, positions, causal=False)
 
-    def _step(self, ids, positions):
-        """Rows at `positions` (n,) of the current segment."""
-        m = self.model
-        x = m.embed(ids)
-        cos, sin = m.rotary(positions)
-        for block, cache in zip(m.local_blocks, self.caches[0]):
-            x = extend(block, x, cos, sin, cache, positions)
-        if m.cfg.recurrent:
-            global_positions = positions + m.cfg.segment_len  # after the l memory rows
-            cos, sin = m.rotary(global_positions)
-            for block, cache in zip(m.global_blocks, self.caches[1]):
-                x = extend(block, x, cos, sin, cache, global_positions)
-            self.outputs.index_copy_(1, positions, x)
-        return m.head(x)
-
     def _replay(self, ids):
         """One token through the captured graph (captured on first use). Its inputs are copied
-        into fixed buffers; the step writes the same cache rows and outputs as _step would."""
+        into fixed buffers; the step writes the same cache rows and outputs as `step` would."""
         self.position.fill_(self.t)
         if self.graph is None:
-            self.ids = ids.clone()
+            fn = compiled_step() if self.compile else step
+            args = self.model, self.caches, self.outputs, ids.clone(), self.position
+            self.ids = args[3]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # a warm-up run, as capture requires: it does this token's work
-                self._step(self.ids, self.position)
+            with torch.cuda.stream(stream):  # a warm-up run (it compiles), as capture requires: this token's work
+                fn(*args)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._step(self.ids, self.position)
+                self.logits = fn(*args)
         self.ids.copy_(ids)
         self.graph.replay()
         return self.logits.clone()
 
 
 def sample(logits, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax at temperature 0, else a draw among the top_k."""
+    """(B, V) logits -> (B,) token ids: argmax at temperature 0 (in the logits' own dtype, which
+    picks the same token as fp32), else a draw among the top_k in fp32."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -139,25 +162,27 @@ def sample(logits, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_generate(model: FoldedLM, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+def stream_generate(model: FoldedLM, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                    compile=None):
     """Yield (B,) token ids one at a time, in memory that does not grow with the prompt. The
     tokens are those of forward_stream's logits (a plain GPT's window restarts every l tokens,
-    as in forward_stream)."""
+    as in forward_stream). compile: as StreamDecoder's. Nothing waits for the GPU between
+    tokens: the caller decides when to read one."""
     l = model.cfg.segment_len
     n_whole = (ids.shape[1] - 1) // l * l  # keep >= 1 prompt token for the next-token logits
     state = None
     if n_whole and model.cfg.recurrent:
         state = model.forward_stream(ids[:, :n_whole], keep_logits=False).state
-    decoder = StreamDecoder(model, state)
-    logits = decoder.feed(ids[:, n_whole:])[:, -1].float()
+    decoder = StreamDecoder(model, state, compile=compile)
+    logits = decoder.feed(ids[:, n_whole:])[:, -1]
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, generator)
         yield token
         if i + 1 < max_new_tokens:
-            logits = decoder.feed(token[:, None])[:, -1].float()
+            logits = decoder.feed(token[:, None])[:, -1]
 
 
-def generate(model: FoldedLM, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+def generate(model: FoldedLM, ids, max_new_tokens, temperature=1.0, top_k=None, generator=None, compile=None):
     """ids (B, T) -> (B, T + max_new_tokens)."""
-    new = list(stream_generate(model, ids, max_new_tokens, temperature, top_k, generator))
+    new = list(stream_generate(model, ids, max_new_tokens, temperature, top_k, generator, compile))
     return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids

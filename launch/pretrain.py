@@ -22,7 +22,8 @@ HELP = {"steps": "optimizer steps; a schedule's total_num_steps \"auto\" follows
         "max_bad_steps": "consecutive non-finite losses tolerated before the run stops",
         "seed": "seeds the model's initialisation, dropout and the dealing of documents to streams",
         "peak_tflops": "per-GPU matrix-product ceiling for MFU (800: bf16 measured on the H100)",
-        "gpu_mem_gib": "cap each process's GPU memory to emulate a smaller card, e.g. 24"}
+        "gpu_mem_gib": "cap each process's GPU memory to emulate a smaller card, e.g. 24",
+        "kernels": "torch, or liger: the LM head and loss as liger-kernel's chunked kernel (CUDA; no logits)"}
 
 
 def flag(name: str) -> list[str]:
@@ -63,6 +64,7 @@ def run(args):
     trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
                       resume=args.resume)
     try:
+        trainer.engine.module.set_kernels(train_cfg.kernels)  # before the first forward, which compiles
         if args.resume:
             trainer.resume(args.resume)
         trainer.train()
