@@ -56,8 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--state-norm", action="store_true", help="ModelConfig.state_norm")
     p.add_argument("--state-gate", action="store_true", help="ModelConfig.state_gate")
     p.add_argument("--state-gate-hard", action="store_true", help="ModelConfig.state_gate_hard")
-    p.add_argument("--state-write", default="aligned", choices=["aligned", "attention"], help="ModelConfig.state_write")
-    p.add_argument("--state-write-rows", type=int, default=0, help="ModelConfig.state_write_rows")
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
     add_train_args(p, minutes=1.5, min_lr_ratio=0.1)
     p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")
@@ -128,8 +126,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     else:
         folded = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=args.d_model, n_head=args.n_head,
                                       n_local=args.n_local, n_global=args.n_global, segment_len=args.segment_len,
-                                      state_norm=args.state_norm, state_gate=args.state_gate, state_gate_hard=args.state_gate_hard,
-                                      state_write=args.state_write, state_write_rows=args.state_write_rows))
+                                      state_norm=args.state_norm, state_gate=args.state_gate, state_gate_hard=args.state_gate_hard))
     folded = folded.to(device)
     cfg, l = folded.cfg, folded.cfg.segment_len
     targs = train_args(args)

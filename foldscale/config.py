@@ -70,16 +70,6 @@ class ModelConfig:
     bounded rows stays bounded). A channel whose gate is at 1 is then carried bit for bit, for
     any number of segments; with a sigmoid gate and the norm after the mix every carried channel
     leaks a little each segment (g < 1, and the row's norm rescales it)."""
-    state_write: str = "aligned"
-    """What a state row is written from. "aligned": row i from the global stack's output on the
-    segment's row i (the paper's), which has seen only the segment's tokens up to i, so a needle
-    late in a segment can reach only the last rows. "attention": every row reads the whole
-    segment through one attention (queries from the incoming state's rows, keys and values from
-    the global stack's output on all the segment's rows) and adds what it read to itself."""
-    state_write_rows: int = 0
-    """With `state_gate`: only the k rows the gate would rewrite most are written each segment;
-    every other row is carried bit for bit, so what it holds survives any number of segments.
-    0 writes every row."""
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -98,13 +88,7 @@ class ModelConfig:
             (self.ffn_mult > 0, "ffn_mult must be positive"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.bptt_segments >= 1, "bptt_segments must be >= 1 (1 detaches the state)"),
-            (self.state_write in ("aligned", "attention"),
-             f"state_write must be \"aligned\" or \"attention\", not {self.state_write!r}"),
-            (0 <= self.state_write_rows <= self.segment_len,
-             f"state_write_rows must be in [0, segment_len={self.segment_len}] (0 writes every row)"),
             (not self.state_gate_hard or self.state_gate, "state_gate_hard needs state_gate = true"),
-            (not self.state_write_rows or self.state_gate,
-             "state_write_rows picks the rows by the gate: set state_gate = true too"),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,8 +103,7 @@ class ModelConfig:
         """The baseline: the same blocks, all local (a plain causal GPT), attending over `window`
         tokens with no carried state. Its parameters are the folded model's minus S0 and the carry."""
         return dataclasses.replace(self, n_local=self.n_local + self.n_global, n_global=0, segment_len=window,
-                                   bptt_segments=1, state_gate=False, state_gate_hard=False, state_norm=False, state_write="aligned",
-                                   state_write_rows=0)
+                                   bptt_segments=1, state_gate=False, state_gate_hard=False, state_norm=False)
 
     @property
     def head_dim(self) -> int:
@@ -139,11 +122,6 @@ class ModelConfig:
         d = self.d_model
         return 4 * d * d + 3 * d * self.ffn_dim + 2 * d
 
-    def write_params(self) -> int:
-        """Parameters of the carry: the gate, and the segment-reading attention with its two norms."""
-        d = self.d_model
-        return (2 * d * d + d) * self.state_gate + (4 * d * d + 2 * d) * (self.state_write == "attention")
-
     def param_counts(self) -> dict:
         """Analytic parameter counts, split as the MFU formula needs them."""
         d, V = self.d_model, self.vocab_size
@@ -153,7 +131,7 @@ class ModelConfig:
             "embedding": embed,
             "local": self.n_local * self.block_params(),
             "global": self.n_global * self.block_params()
-            + (self.segment_len * d + self.write_params() if self.recurrent else 0),
+            + (self.segment_len * d + (2 * d * d + d) * self.state_gate if self.recurrent else 0),
             "head": head + d,  # LM head (if untied) + final norm
         }
 

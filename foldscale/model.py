@@ -102,69 +102,35 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class SegmentRead(nn.Module):
-    """`state_write = "attention"`: every state row reads the whole segment. Queries come from
-    the incoming state's rows, keys and values from the global stack's output on all the
-    segment's rows, with no mask: the state is written after the segment is read, so nothing
-    reaches a prediction early. Returns the candidate rows S + what they read (B, l, d)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_head, d = cfg.n_head, cfg.d_model
-        self.norm_state = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.norm_segment = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, memory, x):
-        B, l, d = memory.shape
-        heads = lambda t: t.view(B, t.shape[1], self.n_head, -1).transpose(1, 2)  # (B, nh, rows, hs)
-        q = heads(self.q(self.norm_state(memory)))
-        k, v = (heads(t) for t in self.kv(self.norm_segment(x)).chunk(2, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return memory + self.proj(y.transpose(1, 2).reshape(B, l, d))
-
-
 class StateCarry(nn.Module):
     """The state carried to the next segment, from the memory rows S the segment read and the
     global stack's output C on the segment's rows (B, l, d).
 
-    The paper carries C. With `state_write = "attention"` the candidate rows are S plus what each
-    row read from all of C (SegmentRead) instead of C. With `state_gate` it carries
-    g * S + (1 - g) * candidate, g = sigmoid(W [S ; candidate] + b) per row and channel, so a row
-    whose gate saturates at 1 is carried unchanged; with `state_write_rows = k` only the k rows of
-    largest mean (1 - g) are written and the others are carried bit for bit. With `state_norm`
-    the written rows are RMS-normalised with no learned scale, so a norm cannot grow segment after
-    segment and normalising twice changes nothing. With `state_gate_hard` the gate reaches exactly
-    0 and 1 and the norm applies to the candidate before the mix, so a channel whose gate is at 1
-    is carried bit for bit.
+    The paper carries C. With `state_gate` it carries g * S + (1 - g) * C, g = sigmoid(W [S ; C] + b)
+    per row and channel, so a row whose gate saturates at 1 is carried nearly unchanged. With
+    `state_norm` the result is RMS-normalised with no learned scale, so its norm cannot grow
+    segment after segment and normalising twice changes nothing. With `state_gate_hard` the gate
+    is clamp(1.2 g - 0.1, 0, 1), which reaches exactly 0 and 1, and the norm applies to C before
+    the mix, so a channel whose gate is at 1 is carried bit for bit, for any number of segments.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.read = SegmentRead(cfg) if cfg.state_write == "attention" else None
         self.gate = nn.Linear(2 * cfg.d_model, cfg.d_model) if cfg.state_gate else None
-        self.hard, self.write_rows = cfg.state_gate_hard, cfg.state_write_rows
+        self.hard = cfg.state_gate_hard
         self.norm_eps = cfg.norm_eps if cfg.state_norm else None
 
     def forward(self, memory, x):
-        old = memory
-        x = x if self.read is None else self.read(memory, x)
-        if self.hard and self.norm_eps is not None:
-            x = F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
+        normalise = (lambda t: t) if self.norm_eps is None else (
+            lambda t: F.rms_norm(t, (t.shape[-1],), eps=self.norm_eps))
+        if self.hard:
+            x = normalise(x)  # a convex mix of bounded rows stays bounded: no norm after it
         if self.gate is not None:
-            g = torch.sigmoid(self.gate(torch.cat([old, x], dim=-1)))
+            g = torch.sigmoid(self.gate(torch.cat([memory, x], dim=-1)))
             if self.hard:
                 g = (1.2 * g - 0.1).clamp(0.0, 1.0)
-            x = g * old + (1 - g) * x
-        if not self.hard and self.norm_eps is not None:
-            x = F.rms_norm(x, (x.shape[-1],), eps=self.norm_eps)
-        if self.write_rows:
-            rewrite = (1 - g).mean(dim=-1)  # (B, l): how much the gate would change each row
-            written = rewrite >= rewrite.topk(self.write_rows, dim=1).values[:, -1:]
-            x = torch.where(written[..., None], x, old.to(x.dtype))
-        return x
+            x = g * memory + (1 - g) * x
+        return x if self.hard else normalise(x)
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import suite
-from experiments.longctx import TASKS, text
+from experiments.longctx import TASKS, probe, text
 from experiments.longctx.babi import PLACES
 from experiments.longctx.train import exact_match
 from foldscale.config import ModelConfig
@@ -339,3 +339,29 @@ def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, sto
     FoldedLM(ModelConfig(**{**model, "vocab_size": 300})).save_pretrained(tmp_path / "other")
     with pytest.raises(StoreError, match="vocab_size 300"):
         suite.main(["--quick", "--tasks", "passkey", "--data", str(store.path), "--init", str(tmp_path / "other")])
+
+
+def test_probe_footprint_is_zero_where_the_state_cannot_hold_the_needle(store, corpus):
+    """The footprint is the needle's trace in the state: none past its own segment for the
+    local-only ablation (every segment starts from S0), some for the folded model, whose
+    swapped twin differs only in the needle."""
+    t = task("passkey", corpus)
+    doc = docs("passkey", corpus, 2, 1)[0]
+    twin = probe.swapped(t, doc, np.random.default_rng(1))
+    needle = doc.piece("support")[0]
+    differs = np.flatnonzero(doc.tokens(0, doc.end) != twin.tokens(0, doc.end))
+    assert len(differs) and needle <= differs.min() and differs.max() < needle + len(doc.piece("support")[1])
+    rows = {}
+    for local_only in (True, False):
+        rows[local_only] = probe.footprint(toy(store.vocab_size, local_only).float(), t, corpus, torch.device("cpu"),
+                                           seed=0, after=[0, 1, 3], n_docs=3)
+    assert [r["footprint_mean"] for r in rows[True]][1:] == [0.0, 0.0]
+    assert all(r["footprint_mean"] > 0 for r in rows[False])
+
+
+def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):
+    ds = docs("passkey", corpus, 1, 12)
+    ends = [(probe.needle_end(d) - 1) % L for d in ds]
+    exact = [e < L // 2 for e in ends]  # right exactly when the needle ended in the first half
+    parts = probe.by_offset(ds, exact, L, bins=2)
+    assert parts == [1.0 if any(e < L // 2 for e in ends) else None, 0.0 if any(e >= L // 2 for e in ends) else None]

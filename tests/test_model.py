@@ -216,7 +216,6 @@ def test_activation_checkpointing_gives_same_gradients():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True),
-                                dict(state_gate=True, state_norm=True, state_write="attention", state_write_rows=3),
                                 dict(state_gate=True, state_norm=True, state_gate_hard=True)])
 def test_stream_decoder_gives_forward_stream_logits(kw):
     """Fed in uneven chunks across segment boundaries, the cached decoder gives every logit that
@@ -320,7 +319,7 @@ def test_tampered_files_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0),
                                 dict(state_norm=True), dict(state_gate=True, state_norm=True),
-                                dict(state_write="attention", state_gate=True, state_write_rows=2)])
+                                dict(state_gate=True, state_gate_hard=True)])
 def test_parameter_count_matches_formula(kw):
     model = make(**kw)
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
@@ -374,37 +373,6 @@ def test_state_gate_is_a_highway_between_old_and_new_state(bias, keeps_state):
         torch.testing.assert_close(gated, paper)
 
 
-@pytest.mark.parametrize("write, reached", [("aligned", [7]), ("attention", list(range(8)))])
-def test_which_state_rows_a_late_token_reaches(write, reached):
-    """Aligned writes give row i only the segment's tokens up to i, so the segment's last token
-    reaches only the last row; with state_write = "attention" it reaches every row."""
-    model = make(state_gate=True, state_norm=True, state_write=write).double()
-    state = torch.randn(2, 8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ids = randint(2, 8, seed=4)
-    changed = ids.clone()
-    changed[:, 7] = (changed[:, 7] + 1) % 97
-    diff = (model(changed, state=state).state - model(ids, state=state).state).abs().amax(dim=(0, 2))
-    assert torch.nonzero(diff > 1e-9).flatten().tolist() == reached
-
-
-@pytest.mark.parametrize("write", ["aligned", "attention"])
-def test_state_write_rows_carries_the_other_rows_bit_for_bit(write):
-    """With state_write_rows = k each segment rewrites exactly k rows per stream, those the gate
-    would change most; every other row leaves the segment bit for bit as it came in."""
-    model = make(state_gate=True, state_norm=True, state_write=write, state_write_rows=3)
-    with torch.no_grad():
-        model.carry.gate.bias.normal_(generator=torch.Generator().manual_seed(5))  # rows differ in how much they'd change
-    state = F.rms_norm(torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(3)), (32,))
-    first = state
-    for s in range(6):
-        new = model(randint(2, 8, seed=s), state=state).state
-        same = (new == state).all(dim=-1)  # (B, l)
-        assert same.sum(dim=1).tolist() == [5, 5]
-        state = new
-    kept = (state == first).all(dim=-1)
-    assert kept.any(), "some rows were never chosen: they must still hold the first state exactly"
-
-
 def test_hard_gate_carries_a_shut_channel_bit_for_bit_and_stays_bounded():
     """With state_gate_hard a channel whose gate is at 1 leaves the segment exactly as it came in,
     segment after segment (the sigmoid gate with the norm after the mix rescales it every time),
@@ -424,11 +392,9 @@ def test_hard_gate_carries_a_shut_channel_bit_for_bit_and_stays_bounded():
         assert state[..., 4:].pow(2).mean(-1).sqrt().max() < 2.0
 
 
-def test_state_write_rows_needs_the_gate():
-    with pytest.raises(ConfigError, match="state_gate"):
-        ModelConfig(state_write_rows=4)
-    with pytest.raises(ConfigError, match="state_write"):
-        ModelConfig(state_write="sideways")
+def test_hard_gate_needs_the_gate():
+    with pytest.raises(ConfigError, match="state_gate_hard needs state_gate"):
+        ModelConfig(state_gate_hard=True)
 
 
 def test_state_norm_is_idempotent():
