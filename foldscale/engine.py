@@ -19,7 +19,8 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 
-from foldscale.config import ConfigError, read_json  # noqa: E402
+from foldscale.config import ConfigError, ModelConfig, read_json  # noqa: E402
+from foldscale.model import FoldedLM, rope_tables  # noqa: E402
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 _SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
@@ -71,6 +72,7 @@ def init_distributed(timeout_s: float = 600.0, gpu_mem_gib: float | None = None)
                                    distributed_port=int(os.environ.get("FOLDSCALE_MPI_PORT", 29500)),
                                    timeout=timedelta(seconds=timeout_s), verbose=False)
     if on_gpu():
+        exact_pinned_memory()
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         cap_memory(gpu_mem_gib)
     return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
@@ -88,6 +90,25 @@ def cap_memory(gib):
     if gib:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) * 2**30 / total))
+
+
+def exact_pinned_memory(threshold_mb: int = 64):
+    """Pin host blocks over THRESHOLD_MB at their size, and free them when released.
+
+    DeepSpeed's offload pins its host buffers through PyTorch's caching host allocator, which
+    rounds every block up to a power of two and keeps freed blocks for reuse: the 12 GB of bf16
+    parameters of a 6B model take 16 GiB, its 12 GB gradient buffer another 16 GiB. PyTorch 2.10+
+    reads these two settings (older versions ignore them); settings already made are kept.
+    """
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None or "pinned_max" in get():
+        return
+    try:
+        put(",".join(filter(None, [get(), f"pinned_max_round_threshold_mb:{threshold_mb}",
+                                   f"pinned_max_cached_size_mb:{threshold_mb}"])))
+    except (RuntimeError, ValueError):  # a PyTorch that refuses the keys keeps its rounding
+        pass
 
 
 def load_ds_config(path, world_size: int, steps: int) -> dict:
@@ -118,6 +139,9 @@ def load_ds_config(path, world_size: int, steps: int) -> dict:
         refuse(f"zero_optimization.offload_param needs zero_optimization.stage 3 (it is {stage})")
     if zero.get("offload_optimizer", {}).get("device", "none") != "none" and stage == 0:
         refuse("zero_optimization.offload_optimizer needs zero_optimization.stage 1, 2 or 3")
+    if stage == 3 and zero.get("override_module_apply") is False:
+        refuse("zero_optimization.override_module_apply false would leave the model's initialisation undone under "
+               "ZeRO-3 (build_model): remove it")
     if cfg.get("fp16", {}).get("enabled") and not on_gpu():
         refuse("fp16.enabled is true but there is no GPU: use ds_configs/cpu.json or set fp16.enabled false")
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
@@ -153,11 +177,37 @@ def activation_checkpointing_fn(ds_config: dict):
     return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
+def build_model(cfg: ModelConfig, ds_config: dict) -> FoldedLM:
+    """The FoldedLM to train under DS_CONFIG, initialised as FoldedLM(cfg) is.
+
+    Under ZeRO-3 it is built inside deepspeed.zero.Init: each submodule's parameters are cut into
+    this rank's shard, in the training dtype and on the offload device, as soon as that submodule
+    exists, so the whole model is never held by one process (a 6B model is 24 GB in fp32). The
+    model initialises its weights through Module.apply, which zero.Init gathers for.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage", 0) != 3:
+        return FoldedLM(cfg)
+    if "offload_param" in zero:
+        # Built unpinned: zero.Init would pin each shard on its own, and the engine then copies them
+        # into one pinned buffer; PyTorch keeps the freed pinned blocks (~3 bytes per parameter).
+        zero = {**zero, "offload_param": {**zero["offload_param"], "pin_memory": False}}
+    with deepspeed.zero.Init(config_dict_or_path={**ds_config, "zero_optimization": zero}):
+        model = FoldedLM(cfg)
+    # zero.Init also turns torch.arange into the training dtype, which rounds the rotary positions
+    # (bf16 holds integers exactly only up to 256), and leaves buffers where they were made, since
+    # the engine does not move a model built this way: rebuild the tables in fp32 on the device.
+    device = deepspeed.get_accelerator().current_device_name()
+    model.rope_cos, model.rope_sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, device)
+    return model
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Matrices decay; norms, the learned initial state and the embedding do not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim == 2 and name not in ("s0", "tok_emb.weight") else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter holds an empty tensor between uses
+        (decay if ndim == 2 and name not in ("s0", "tok_emb.weight") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -11,9 +11,8 @@ import torch.distributed as dist
 from foldscale import checkpoint as ckpt
 from foldscale.config import DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.data import Batch, SegmentStreamSampler
-from foldscale.engine import build_engine
+from foldscale.engine import build_engine, build_model
 from foldscale.metrics import MetricsLogger, PositionLoss, Throughput, peak_memory_gib, plot_position_loss
-from foldscale.model import FoldedLM
 
 
 class TrainingError(FoldscaleError):
@@ -57,7 +56,8 @@ class Trainer:
         if self.resume_from is not None:
             ds_config = ckpt.engine_config(self.resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
         torch.manual_seed(train_cfg.seed)
-        self.engine = build_engine(FoldedLM(model_cfg), ds_config)
+        self.engine = build_engine(build_model(model_cfg, ds_config), ds_config)
+        self.engine.module.set_kernels(train_cfg.kernels)  # before the first forward, which compiles
         if train_cfg.compile:
             self.engine.compile()
         self.device = self.engine.device

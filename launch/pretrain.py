@@ -64,7 +64,6 @@ def run(args):
     trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
                       resume=args.resume)
     try:
-        trainer.engine.module.set_kernels(train_cfg.kernels)  # before the first forward, which compiles
         if args.resume:
             trainer.resume(args.resume)
         trainer.train()

@@ -47,7 +47,7 @@ def test_bench_context(tmp_path):
 
 def test_bench_24gb(tmp_path):
     rows, _, _ = run_quick("benchmarks.bench_24gb", tmp_path)
-    assert [r["system"].split()[0] for r in rows] == ["deepspeed", "plain"]
+    assert [r["system"] for r in rows] == ["deepspeed 24gb.json", "deepspeed 24gb-zero3.json", "plain PyTorch AdamW"]
     assert all(r["status"] == "ok" and positive(r["tokens_per_s"], r["tflops"]) for r in rows)
 
 
