@@ -20,14 +20,23 @@ def extend(block: Block, x, cos, sin, cache, positions, causal=True):
     are written into `cache`, (k, v) buffers (B, nh, L, hs). Each row attends to the cached keys
     at or before its own position (causal), or to every key up to the last new row (not causal:
     the memory rows, which see each other whole). The whole buffer is read and later keys masked,
-    so shapes do not depend on the position (what a CUDA graph needs)."""
+    so shapes do not depend on the position (what a CUDA graph needs).
+
+    One new row attends through two matrix products and a softmax: for a masked single query SDPA
+    picks the memory-efficient kernel, which tiles 64 queries and took 44 us a block of a 2 ms
+    step on the H100 (58% of the step's GPU time)."""
     B, n, d = x.shape
     q, k, v = block.attn.rotated_qkv(block.norm1(x), cos, sin)
     cache[0].index_copy_(2, positions, k)
     cache[1].index_copy_(2, positions, v)
     keys = torch.arange(cache[0].shape[2], device=x.device)
     visible = keys <= (positions[:, None] if causal else positions[-1:, None])  # (n or 1, L)
-    y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=visible)
+    if n == 1:
+        scores = torch.matmul(q, cache[0].transpose(-1, -2))  # (B, nh, 1, L), softmax in fp32 at least
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
+        y = torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype), cache[1])
+    else:
+        y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=visible)
     x = x + block.attn.proj(y.transpose(1, 2).reshape(B, n, d))
     return x + block.mlp(block.norm2(x))
 
