@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from experiments import suite
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.babi import PLACES
-from experiments.longctx.train import exact_match
+from experiments.longctx.train import TrainArgs, exact_match, train
 from foldscale.config import ModelConfig
 from foldscale.data import StoreError, TokenStore, default_store
 from foldscale.model import FoldedLM, LMOutput
@@ -365,3 +365,26 @@ def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):
     exact = [e < L // 2 for e in ends]  # right exactly when the needle ended in the first half
     parts = probe.by_offset(ds, exact, L, bins=2)
     assert parts == [1.0 if any(e < L // 2 for e in ends) else None, 0.0 if any(e >= L // 2 for e in ends) else None]
+
+
+@pytest.mark.parametrize("bad_steps, fails", [({2}, False), (set(range(1, 100)), True)])
+def test_a_non_finite_gradient_skips_the_step_and_too_many_stop_training(store, corpus, bad_steps, fails):
+    """A step whose gradient is not finite changes no weight; max_bad_steps of them in a row stop
+    training with an error that says what to change."""
+    model = toy(store.vocab_size).float().train()
+    calls = {"n": 0}
+
+    def poison(grad):  # the embedding's gradient is NaN on the steps in bad_steps
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] in bad_steps else grad
+    model.tok_emb.weight.register_hook(poison)
+    args = TrainArgs(batch_size=2, steps=4, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=3,
+                     log_every=100)
+    make_batch = suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))
+    if fails:
+        with pytest.raises(FloatingPointError, match="3 non-finite gradients in a row.*--lr"):
+            train(model, make_batch, args, L, torch.device("cpu"), 0, "toy")
+        return
+    summary = train(model, make_batch, args, L, torch.device("cpu"), 0, "toy")
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -92,6 +92,8 @@ class TrainArgs:
     window: int = 50
     log_every: int = 25
     """Steps between progress lines, which are also when the curriculum gate is checked."""
+    max_bad_steps: int = 10
+    """Non-finite gradients in a row (each step skipped) before training stops with an error."""
 
 
 def add_train_args(parser, **defaults):
@@ -133,7 +135,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                             fused=device.type == "cuda")
     max_segments, recent = args.start_segments, []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
-    step, tokens, t0 = 0, 0, time.perf_counter()
+    step, tokens, skipped, bad_in_a_row, t0 = 0, 0, 0, 0, time.perf_counter()
     budget = args.minutes * 60
     model.train()
     while time.perf_counter() - t0 < budget and (args.steps is None or step < args.steps):
@@ -148,8 +150,16 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             s = score(model, ids, targets, args.bptt)
         loss = s.loss / max(s.n_tokens, 1)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if torch.isfinite(norm):  # a host sync a step: one non-finite gradient would poison every weight
+            opt.step()
+            bad_in_a_row = 0
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            print(f"[{name}] step {step + 1}: non-finite gradient, step skipped ({skipped} so far)", flush=True)
+            if bad_in_a_row >= args.max_bad_steps:
+                raise FloatingPointError(f"{name}: {bad_in_a_row} non-finite gradients in a row at step {step + 1}; "
+                                         "lower --lr or raise --warmup-steps")
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
         if n_seg == max_segments:
@@ -168,4 +178,4 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                       f"stage {max_segments} segments", flush=True)
     model.eval()
     return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments}
+            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped}
