@@ -126,11 +126,15 @@ class StateCarry(nn.Module):
         if self.hard:
             x = normalise(x)  # a convex mix of bounded rows stays bounded: no norm after it
         if self.gate is not None:
-            g = torch.sigmoid(self.gate(torch.cat([memory, x], dim=-1)))
-            if self.hard:
-                g = (1.2 * g - 0.1).clamp(0.0, 1.0)
+            g = self.opening(self.gate(torch.cat([memory, x], dim=-1)))
             x = g * memory + (1 - g) * x
         return x if self.hard else normalise(x)
+
+    def opening(self, z):
+        """The gate g from its pre-activation z: sigmoid(z), or with `state_gate_hard` the
+        stretched clamp(1.2 sigmoid(z) - 0.1, 0, 1)."""
+        g = torch.sigmoid(z)
+        return (1.2 * g - 0.1).clamp(0.0, 1.0) if self.hard else g
 
 
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside

@@ -26,7 +26,7 @@ from foldscale.model import FoldedLM, segments
 
 def needle_end(doc: text.Document) -> int:
     """Position just past the needle (the last supporting piece)."""
-    pos, tokens = [(p, t) for r, p, t in doc.pieces if r == "support"][-1]
+    pos, tokens = doc.piece("support")
     return pos + len(tokens)
 
 
@@ -41,7 +41,7 @@ def by_offset(docs: list, exact, l: int, bins: int = 4) -> list[float | None]:
 def swapped(task, doc: text.Document, rng) -> text.Document | None:
     """The same document with another story's needle of the same length in place of its own,
     or None if 100 stories had none."""
-    pos, tokens = [(p, t) for r, p, t in doc.pieces if r == "support"][-1]
+    pos, tokens = doc.piece("support")
     for _ in range(100):
         other = task.story(rng).needle
         if len(other) == len(tokens) and not np.array_equal(other, tokens):
@@ -57,10 +57,9 @@ class GateRecorder:
 
     def __init__(self, model: FoldedLM):
         self.values, self.handle = [], None
-        if model.carry is not None and model.carry.gate is not None:
-            hard = model.carry.hard
-            self.handle = model.carry.gate.register_forward_hook(lambda m, i, out: self.values.append(
-                (1.2 * torch.sigmoid(out.float()) - 0.1).clamp(0, 1) if hard else torch.sigmoid(out.float())))
+        carry = model.carry
+        if carry is not None and carry.gate is not None:
+            self.handle = carry.gate.register_forward_hook(lambda m, i, z: self.values.append(carry.opening(z.float())))
 
     def remove(self):
         if self.handle is not None:

@@ -127,7 +127,7 @@ class Document:
     @property
     def distance(self) -> int:
         """Tokens from the end of the needle to the start of the question."""
-        needle, tokens = [(p, t) for r, p, t in self.pieces if r == "support"][-1]
+        needle, tokens = self.piece("support")
         return self.piece("question")[0] - needle - len(tokens)
 
     def tokens(self, a: int, b: int) -> np.ndarray:
