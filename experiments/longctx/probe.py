@@ -89,7 +89,7 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
         for a in range(0, length, l):
             ids = torch.from_numpy(text.batch(docs, a, a + l)[0]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                state = next(segments(model, ids, l, state=state, bptt=1)).state.float()
+                state = model(ids, state=state).state.float()
             gate = recorder.values.pop() if recorder.values else None
             recorder.values.clear()
             seg = a // l
@@ -97,7 +97,7 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
                 take = np.flatnonzero(needle_seg + k == seg)
                 if not len(take):
                     continue
-                s, s2 = state[2 * take], state[2 * take + 1]  # (n, l, d) with and without the needle
+                s, s2 = state[2 * take], state[2 * take + 1]  # (n, l, d) with the needle and with its twin's
                 rel = (s - s2).norm(dim=-1) / s.norm(dim=-1).clamp(min=1e-6)  # (n, l) per row
                 g = None if gate is None else gate[2 * take]
                 rows[k].append((rel.mean(dim=1), rel.max(dim=1).values,
