@@ -6,7 +6,7 @@ always at the start and the filler random tokens; the loss counts only the five 
 The long-context suite (experiments/suite.py) holds the hard forms: the key at any depth in
 real text, several keys, bAbI facts. A small FoldedLM is trained with the suite's curriculum
 trainer (experiments/longctx/train.py: backpropagation through every segment of a sequence, or
-the last --bptt, over 2 -> 4 -> ... -> --max-train-segments segments), then evaluated at
+the last --bptt-segments, over 2 -> 4 -> ... -> --max-train-segments segments), then evaluated at
 distances far past the training length. The same weights with the state cut
 (`ModelConfig.local_only()`) must fall to chance (1e-5) once the key is in an earlier segment:
 that is what shows the test measures memory. `--baseline` also trains a plain GPT
@@ -25,8 +25,9 @@ import time
 import torch
 
 from benchmarks.benchlib import device_name, print_table, write_json
-from experiments.longctx.train import add_train_args, score, train, train_args
+from experiments.longctx.train import TrainArgs, score, train
 from foldscale.config import ModelConfig
+from foldscale.flags import add_fields, from_args
 from foldscale.model import FoldedLM
 
 KEY_LEN = 5
@@ -92,17 +93,9 @@ QUICK = dict(d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8, batch_s
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab-size", "--vocab_size", type=int, default=32)
-    p.add_argument("--d-model", "--d_model", type=int, default=256)
-    p.add_argument("--n-head", "--n_head", type=int, default=4)
-    p.add_argument("--n-local", "--n_local", type=int, default=2)
-    p.add_argument("--n-global", "--n_global", type=int, default=2)
-    p.add_argument("--segment-len", "--segment_len", type=int, default=64)
-    p.add_argument("--state-norm", "--state_norm", action="store_true",
-                   help="RMS-normalise the carried state (ModelConfig.state_norm)")
-    p.add_argument("--state-gate", "--state_gate", action="store_true",
-                   help="gated carry of the state (ModelConfig.state_gate)")
-    add_train_args(p)
+    add_fields(p, ModelConfig, skip=("use_state",), vocab_size=32, d_model=256, n_head=4, n_local=2, n_global=2,
+               segment_len=64, bptt_segments=None)
+    add_fields(p, TrainArgs)
     p.add_argument("--eval-multiples", "--eval_multiples", default="1,2,4,8,16,32,64,128,256,512,1024",
                    help="distances D as multiples of segment_len")
     p.add_argument("--eval-samples", "--eval_samples", type=int, default=100)
@@ -126,10 +119,9 @@ def main(argv=None):
                           else "cpu" if args.device == "auto" else args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     vocab = Vocab(args.vocab_size)
-    targs = train_args(args)
-    l = args.segment_len
-    cfg = ModelConfig(vocab_size=vocab.size, d_model=args.d_model, n_head=args.n_head, n_local=args.n_local,
-                      n_global=args.n_global, segment_len=l, state_norm=args.state_norm, state_gate=args.state_gate)
+    targs = from_args(TrainArgs, args)
+    cfg = from_args(ModelConfig, args, bptt_segments=args.bptt_segments or args.max_train_segments)
+    l = cfg.segment_len
     print(f"passkey on {device_name() if device.type == 'cuda' else 'CPU'}: {cfg.num_params():,} parameters, "
           f"l={l}, training up to {args.max_train_segments} segments for {args.minutes} min", flush=True)
 

@@ -9,7 +9,7 @@ corpus): its train split for training, its val split for evaluation.
 For each task a FoldedLM is trained on the answer tokens only, from scratch or fine-tuned from
 a model exported after launch/pretrain.py (--init DIR), with a curriculum over the number of
 segments capped at --max-train-segments (gradients through the state over every segment of a
-sequence, or the last --bptt). Every model is then scored by exact match of the answer (argmax
+sequence, or the last --bptt-segments). Every model is then scored by exact match of the answer (argmax
 of every answer token) in rows m of --eval-multiples: the needle ends at least m segments
 before the question (m * l tokens of filler plus up to l more), at any offset within a
 segment, after up to min(m + 1, --max-prefix-segments) segments of filler. Beside the folded
@@ -23,6 +23,7 @@ chunk by chunk under no_grad, so a million-token row needs no more memory than a
     python -m experiments.suite --quick          # CPU, seconds
 """
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ import torch
 
 from benchmarks.benchlib import device_name, print_table, write_json
 from experiments.longctx import TASKS, probe, text
-from experiments.longctx.train import add_train_args, exact_match, train, train_args
+from experiments.longctx.train import TrainArgs, exact_match, segment_step, train
 from foldscale.config import ModelConfig
+from foldscale.flags import add_fields, from_args
 from foldscale.data import Tokenizer, TokenStore, default_store
 from foldscale.model import FoldedLM
 
@@ -48,16 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--data", help="token store with a tokenizer (default: the built-in corpus)")
     p.add_argument("--init", help="fine-tune this exported model (foldscale export) instead of training "
                                   "from scratch; its config replaces the model flags")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-local", type=int, default=2)
-    p.add_argument("--n-global", type=int, default=2)
-    p.add_argument("--segment-len", type=int, default=64)
-    p.add_argument("--state-norm", action="store_true", help="ModelConfig.state_norm")
-    p.add_argument("--state-gate", action="store_true", help="ModelConfig.state_gate")
-    p.add_argument("--state-gate-hard", action="store_true", help="ModelConfig.state_gate_hard")
+    add_fields(p, ModelConfig, skip=("vocab_size", "use_state"), d_model=256, n_head=4, n_local=2, n_global=2,
+               segment_len=64, bptt_segments=None)
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
-    add_train_args(p, minutes=1.5, min_lr_ratio=0.1)
+    add_fields(p, TrainArgs, minutes=1.5, min_lr_ratio=0.1)
     p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=100)
@@ -107,9 +103,9 @@ def batch_maker(task, corpus):
     return make_batch
 
 
-def exact(model, docs, batch_size, device, label) -> torch.Tensor:
+def exact(model, docs, batch_size, device, label, step=None) -> torch.Tensor:
     """(n,) bool: exact match of each document."""
-    return torch.cat([exact_match(model, docs[i:i + batch_size], device, label=label)
+    return torch.cat([exact_match(model, docs[i:i + batch_size], device, label=label, step=step)
                       for i in range(0, len(docs), batch_size)])
 
 
@@ -119,17 +115,17 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     tokenizer = train_corpus.tokenizer
     task = TASKS[name](tokenizer, args.keys) if name == "multikey" else TASKS[name](tokenizer)
     torch.manual_seed(args.seed)
+    bptt = args.bptt_segments or args.max_train_segments  # default: through every segment of a sequence
     if args.init:
         folded = FoldedLM.from_pretrained(args.init)
         exported = Path(args.init) / "tokenizer.model"  # foldscale export copies the run's tokenizer
         store.check_compatible(folded.cfg.vocab_size, Tokenizer(exported).hash if exported.is_file() else None)
+        folded.cfg = dataclasses.replace(folded.cfg, bptt_segments=bptt)
     else:
-        folded = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=args.d_model, n_head=args.n_head,
-                                      n_local=args.n_local, n_global=args.n_global, segment_len=args.segment_len,
-                                      state_norm=args.state_norm, state_gate=args.state_gate, state_gate_hard=args.state_gate_hard))
+        folded = FoldedLM(from_args(ModelConfig, args, vocab_size=store.vocab_size, bptt_segments=bptt))
     folded = folded.to(device)
     cfg, l = folded.cfg, folded.cfg.segment_len
-    targs = train_args(args)
+    targs = from_args(TrainArgs, args)
     targs.start_segments = start_segments(task, l, args)
     print(f"{name}: {cfg.num_params():,} parameters, l={l}, curriculum {targs.start_segments} -> "
           f"{targs.max_train_segments} segments, {targs.minutes} min{' from ' + args.init if args.init else ''}",
@@ -146,6 +142,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
         summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full")
         models["full_attention"], configs["full_attention"] = full, full.cfg.to_dict()
 
+    steps = {key: segment_step(model, targs, device) for key, model in models.items()}
     near = [int(m) for m in args.eval_multiples.split(",") if m]
     far = [int(m) for m in args.far_multiples.split(",") if m]
     rows, t0 = [], time.perf_counter()
@@ -158,7 +155,8 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
                    "distance": round(float(np.mean([d.distance for d in docs]))), "samples": n}
             for key, model in models.items():
                 fits = model.cfg.recurrent or max(d.end for d in docs) <= model.cfg.segment_len
-                right = exact(model, docs, args.eval_batch, device, f"{name} {m} x l {key}") if fits else None
+                right = exact(model, docs, args.eval_batch, device, f"{name} {m} x l {key}",
+                              steps[key]) if fits else None
                 row[key] = None if right is None else float(right.float().mean())
                 if key == "folded" and args.probe:
                     row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)

@@ -47,10 +47,13 @@ class ModelConfig:
     ffn_mult: float = 8 / 3
     """SwiGLU hidden width as a multiple of d_model (8/3 keeps a block at 12 d^2 parameters)."""
     dropout: float = 0.0
+    """Dropout on embeddings, attention and residual branches (training only)."""
     bptt_segments: int = 1
     """Segments a gradient may flow back through the carried state (1 = detach every segment)."""
     rope_theta: float = 10000.0
+    """Rotary embeddings' base."""
     norm_eps: float = 1e-5
+    """RMSNorm's epsilon."""
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
     use_state: bool = True
@@ -71,6 +74,7 @@ class ModelConfig:
     any number of segments; with a sigmoid gate and the norm after the mix every carried channel
     leaks a little each segment (g < 1, and the row's norm rescales it)."""
     init_std: float = 0.02
+    """Standard deviation of the initial weights (residual outputs scaled down by depth)."""
 
     def __post_init__(self):
         checks = [
@@ -214,13 +218,17 @@ class TrainConfig:
     out: str = "runs/default"
     """Run directory: checkpoints, TensorBoard events, resolved configs."""
     steps: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for; a schedule's total_num_steps "auto" follows it."""
     log_every: int = 10
+    """Steps between console lines and logged metrics."""
     eval_every: int = 200
+    """Steps between validation losses."""
     eval_segments: int = 32
     """Validation segments per stream at each evaluation."""
     save_every: int = 500
+    """Steps between checkpoints (one is also written at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 3
+    """Checkpoints kept in RUN/checkpoints; older ones are deleted."""
     compile: bool = False
     """torch.compile the model through DeepSpeed's engine.compile() (GPU; first steps are slow)."""
     kernels: str = "torch"

@@ -265,8 +265,8 @@ class FoldedLM(nn.Module):
         loss = n = token_loss = None
         if targets is not None:
             n = (targets != -100).sum()  # a tensor: no host sync in the training step
-            token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                         reduction="none").view(B, t)  # 0 where ignored
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+            token_loss = F.cross_entropy(wide.flatten(0, 1), targets.flatten(), reduction="none").view(B, t)  # 0 where ignored
             loss = token_loss.sum() / n.clamp(min=1)
         return LMOutput(logits, loss, new_state, n, token_loss)
 

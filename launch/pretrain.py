@@ -9,26 +9,13 @@ With no --data, the built-in corpus (the Python standard library's source) is bu
 Flags are spelled with dashes; the underscore spellings (--ds_config) work too.
 """
 import argparse
-import dataclasses
 import sys
 
 from foldscale.config import PRESETS, DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.data import TokenStore, default_store
 from foldscale.engine import close_distributed, init_distributed, load_ds_config
+from foldscale.flags import add_fields, flag, from_args
 from foldscale.trainer import Trainer
-
-HELP = {"steps": "optimizer steps; a schedule's total_num_steps \"auto\" follows it",
-        "eval_segments": "validation segments per stream at each evaluation",
-        "max_bad_steps": "consecutive non-finite losses tolerated before the run stops",
-        "seed": "seeds the model's initialisation, dropout and the dealing of documents to streams",
-        "peak_tflops": "per-GPU matrix-product ceiling for MFU (800: bf16 measured on the H100)",
-        "gpu_mem_gib": "cap each process's GPU memory to emulate a smaller card, e.g. 24",
-        "kernels": "torch, or liger: the LM head and loss as liger-kernel's chunked kernel (CUDA; no logits)"}
-
-
-def flag(name: str) -> list[str]:
-    """--dashed-name and its underscore alias."""
-    return [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
 
 
 def parse_args(argv=None):
@@ -42,17 +29,12 @@ def parse_args(argv=None):
     p.add_argument(*flag("collective_timeout"), type=float, default=600.0,
                    help="seconds before a collective fails (so a dead rank stops the others)")
     p.add_argument(*flag("bptt_segments"), type=int, help="override the model's bptt_segments")
-    for f in dataclasses.fields(TrainConfig):
-        if f.type is bool:
-            p.add_argument(*flag(f.name), action="store_true", help=f.name)
-        else:
-            kind = {int: int, str: str}.get(f.type, float)
-            p.add_argument(*flag(f.name), type=kind, default=f.default, help=HELP.get(f.name))
+    add_fields(p, TrainConfig)
     return p.parse_args(argv)
 
 
 def run(args):
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    train_cfg = from_args(TrainConfig, args)
     rank, world_size = init_distributed(args.collective_timeout, train_cfg.gpu_mem_gib)
     ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps)
     # --data is hashed in full (~1 s per GB); the built-in corpus is verified by default_store()

@@ -18,7 +18,6 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from experiments.longctx import text
 from foldscale.model import FoldedLM, segments
@@ -130,9 +129,8 @@ def gradient(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, dist
         ids, targets = ids.to(device), targets.to(device)
         states, loss = [], 0.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            for i, o in enumerate(segments(model, ids, l, bptt=10**9)):
-                t = targets[:, i * l:(i + 1) * l]
-                loss = loss + F.cross_entropy(o.logits.float().flatten(0, 1), t.flatten(), reduction="sum")
+            for o in segments(model, ids, l, targets, bptt=10**9):
+                loss = loss + o.token_loss.sum()
                 if o.state is not None and o.state.requires_grad:
                     o.state.retain_grad()
                 states.append(o.state)

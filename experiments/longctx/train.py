@@ -10,7 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from experiments.longctx import text
+from foldscale.engine import param_groups
 from foldscale.model import FoldedLM, segments
+
+
+class NonFiniteGuard:  # provisional: replaced by the Trainer's shared rule
+    def __init__(self, max_bad_steps):
+        self.max_bad_steps, self.in_a_row, self.skipped = max_bad_steps, 0, 0
+
+    def check(self, finite, where):
+        if bool(finite):
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        print(f"[{where}] non-finite gradient, step skipped ({self.skipped} so far)", flush=True)
+        if self.in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(f"{where}: {self.in_a_row} non-finite gradients in a row; lower --lr or raise --warmup-steps")
+        return False
 
 
 class Score(NamedTuple):
@@ -20,46 +36,47 @@ class Score(NamedTuple):
     state: torch.Tensor | None  # after the last complete segment, to carry into the next call
 
 
-def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bptt: int = 0, state=None) -> Score:
-    """Walk ids (B, T) on the model's device segment by segment and score the positions where
-    targets (B, T), kept on the CPU, are not -100.
-
-    Gradients flow back through the state over the last `bptt` segments (0: all of them).
-    Only segments that hold a target compute a loss (the CPU targets say which, so the host
-    never waits for the GPU); under no_grad nothing of a segment outlives it but the state.
-    """
+def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None, step=None) -> Score:
+    """Walk ids (B, T) on the model's device segment by segment (`segments`, through `step`,
+    default the model) and score the positions where targets (B, T), kept on the CPU, are not
+    -100, with the model's own loss. Gradients flow back through the state over the last
+    cfg.bptt_segments segments. Only segments that hold a target are checked for exact match
+    (the CPU targets say which, so the host never waits for the GPU); under no_grad nothing of
+    a segment outlives it but the state."""
     l = model.cfg.segment_len
-    n_seg = -(-ids.shape[1] // l)
+    holds = [bool((targets[:, a:a + l] != -100).any()) for a in range(0, targets.shape[1], l)]
+    cuda = ids.device.type == "cuda"
+    on_device = (targets.pin_memory() if cuda else targets).to(ids.device, non_blocking=cuda)
     loss = torch.zeros((), device=ids.device)
     exact = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    cuda = ids.device.type == "cuda"
-    for i, out in enumerate(segments(model, ids, l, state=state, bptt=bptt or n_seg)):
-        t = targets[:, i * l:(i + 1) * l]
-        if (t != -100).any():
-            t = (t.pin_memory() if cuda else t).to(ids.device, non_blocking=cuda)
-            logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
-            exact &= ((logits.argmax(-1) == t) | (t == -100)).all(dim=1)
-        if out.state is not None and out.state.shape[1] == l:
+    for i, out in enumerate(segments(model if step is None else step, ids, l, on_device, state,
+                                     bptt=model.cfg.bptt_segments)):
+        loss = loss + out.token_loss.sum()
+        if holds[i]:
+            t = on_device[:, i * l:(i + 1) * l]
+            exact &= ((out.logits.argmax(-1) == t) | (t == -100)).all(dim=1)
+        if out.state is not None:
             state = out.state
     return Score(loss, int((targets != -100).sum()), exact, state)
 
 
 @torch.no_grad()
-def exact_match(model: FoldedLM, docs: list, device, chunk_tokens: int = 16384, label: str = "") -> torch.Tensor:
+def exact_match(model: FoldedLM, docs: list, device, chunk_tokens: int = 16384, label: str = "",
+                step=None) -> torch.Tensor:
     """(B,) bool: is every answer token of each document right by argmax? The documents are
-    read chunk by chunk and only up to the last answer: memory does not grow with their length.
-    A line with the rate and the time left every 30 s."""
+    read chunk by chunk and only up to the last answer, in whole segments (the filler goes on
+    past an answer, unscored), so that every segment has one shape for a compiled `step`; memory
+    does not grow with their length. A line with the rate and the time left every 30 s."""
     l = model.cfg.segment_len
     chunk = l * max(1, chunk_tokens // l)
-    end = max(d.end for d in docs)
+    end = -(-max(d.end for d in docs) // l) * l
     state, exact = None, torch.ones(len(docs), dtype=torch.bool, device=device)
     t0 = last = time.perf_counter()
     for a in range(0, end, chunk):
         ids, targets = (torch.from_numpy(x) for x in text.batch(docs, a, min(end, a + chunk)))
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            s = score(model, ids, targets, state=state)
+            s = score(model, ids, targets, state=state, step=step)
         state, exact = s.state, exact & s.exact
         if time.perf_counter() - last > 30:
             last, done = time.perf_counter(), a + ids.shape[1]
@@ -72,40 +89,36 @@ def exact_match(model: FoldedLM, docs: list, device, chunk_tokens: int = 16384, 
 @dataclasses.dataclass
 class TrainArgs:
     batch_size: int = 64
+    """Sequences per step."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
     warmup_steps: int = 100
+    """Linear warm-up of the learning rate over this many steps."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay, on matrices only (not on norms, biases, S0 or the embedding: engine.param_groups)."""
     grad_clip: float = 1.0
+    """Clip the gradient's global norm to this."""
     minutes: float = 8.0
     """Wall-time budget for training; evaluation comes after it."""
     steps: int | None = None
-    """Stop after this many steps even if time is left."""
+    """Stop after this many steps even if time is left; the schedule then follows steps, not time."""
     start_segments: int = 2
+    """The curriculum's first stage, in segments (raised to fit the task's stories)."""
     max_train_segments: int = 32
     """Training sequences are never longer than this many segments of the folded model."""
-    bptt: int = 0
-    """Backpropagate through the state over the last this many segments (0: all)."""
     min_lr_ratio: float = 1.0
-    """Cosine decay of the learning rate over the time budget down to lr * this (1: constant)."""
+    """Cosine decay of the learning rate over the budget down to lr * this (1: constant)."""
     advance_at: float = 0.95
     """Exact-answer training accuracy over the last `window` steps that unlocks the next stage."""
     window: int = 50
+    """Steps of the curriculum's moving accuracy."""
     log_every: int = 25
     """Steps between progress lines, which are also when the curriculum gate is checked."""
     max_bad_steps: int = 10
     """Non-finite gradients in a row (each step skipped) before training stops with an error."""
-
-
-def add_train_args(parser, **defaults):
-    """A --dashed flag (and its --underscore alias) per TrainArgs field."""
-    for f in dataclasses.fields(TrainArgs):
-        kind = int if f.name == "steps" else type(f.default)
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, type=kind, default=defaults.get(f.name, f.default))
-
-
-def train_args(args) -> TrainArgs:
-    return TrainArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)})
+    compile: bool = True
+    """torch.compile the segment step on a GPU (every segment has one shape: sequences are padded
+    to whole segments after the answer); ignored on the CPU."""
 
 
 def sample_segments(max_segments: int, start_segments: int, generator: torch.Generator) -> int:
@@ -123,43 +136,54 @@ def lr_at(args: TrainArgs, step: int, progress: float) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) * cosine
 
 
+def segment_step(model: FoldedLM, args: TrainArgs, device):
+    """What runs one segment: the model, compiled on a GPU unless args.compile is off. Each shape,
+    grad mode and model variant is a graph of its own: the suite needs more than dynamo's default 8."""
+    if not (args.compile and device.type == "cuda"):
+        return model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model, dynamic=False)
+
+
+def whole_segments(ids: torch.Tensor, targets: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and targets padded on the right to a multiple of l (token 0, target -100): after the
+    answer, so causal attention leaves every scored position as it was."""
+    pad = -ids.shape[1] % l
+    return F.pad(ids, (0, pad)), F.pad(targets, (0, pad), value=-100)
+
+
 def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: int, name: str) -> dict:
     """Train on sequences of up to args.max_train_segments * l tokens with a curriculum over the
-    number of segments (of the folded model's length l, also for a baseline).
+    number of segments (of the folded model's length l, also for a baseline, whose segments
+    are its whole window), back-propagating through the state over the model's bptt_segments.
 
     `make_batch(n, length, generator)` returns CPU (ids, targets), both (n, length), targets
     -100 except at the answer. Returns a summary: steps, minutes, the stages reached and when.
     """
     generator = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
+    guard = NonFiniteGuard(args.max_bad_steps)
+    step_fn = segment_step(model, args, device)
     max_segments, recent = args.start_segments, []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
-    step, tokens, skipped, bad_in_a_row, t0 = 0, 0, 0, 0, time.perf_counter()
+    step, tokens, t0 = 0, 0, time.perf_counter()
     budget = args.minutes * 60
     model.train()
     while time.perf_counter() - t0 < budget and (args.steps is None or step < args.steps):
         n_seg = sample_segments(max_segments, args.start_segments, generator)
         length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
-        ids, targets = make_batch(args.batch_size, length, generator)
+        ids, targets = whole_segments(*make_batch(args.batch_size, length, generator), model.cfg.segment_len)
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
         progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            s = score(model, ids, targets, args.bptt)
+            s = score(model, ids, targets, step=step_fn)
         loss = s.loss / max(s.n_tokens, 1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if torch.isfinite(norm):  # a host sync a step: one non-finite gradient would poison every weight
+        if guard.check(torch.isfinite(norm), f"{name} step {step + 1}"):
             opt.step()
-            bad_in_a_row = 0
-        else:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            print(f"[{name}] step {step + 1}: non-finite gradient, step skipped ({skipped} so far)", flush=True)
-            if bad_in_a_row >= args.max_bad_steps:
-                raise FloatingPointError(f"{name}: {bad_in_a_row} non-finite gradients in a row at step {step + 1}; "
-                                         "lower --lr or raise --warmup-steps")
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
         if n_seg == max_segments:
@@ -178,4 +202,4 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                       f"stage {max_segments} segments", flush=True)
     model.eval()
     return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped}
+            "stages": stages, "max_segments": max_segments, "skipped_steps": guard.skipped}
