@@ -279,6 +279,26 @@ def test_exact_match_needs_every_answer_token_and_nothing_else(name, store, corp
         assert oracle.pos == -(-end // L) * L  # to the end of the last answer's segment, no further
 
 
+@pytest.mark.parametrize("local_only", [True, False])
+def test_exact_match_equals_argmax_over_the_whole_document(local_only, store, corpus):
+    """Chunked, and for a model that carries nothing skipping the chunks without an answer,
+    exact match is still the argmax of forward_stream over the whole documents; only the
+    local-only model skips."""
+    model = toy(store.vocab_size, local_only)
+    ds = docs("passkey", corpus, 4, 6)
+    end = -(-max(d.end for d in ds) // L) * L
+    ids, targets = (torch.from_numpy(x) for x in text.batch(ds, 0, end))
+    with torch.no_grad():
+        right = model.forward_stream(ids).logits.argmax(-1)
+    answer = targets != -100
+    expected = ((right == targets) | ~answer).all(dim=1)
+    read = []
+    model.register_forward_pre_hook(lambda m, inputs: read.append(1))
+    assert exact_match(model, ds, torch.device("cpu"), chunk_tokens=2 * L).tolist() == expected.tolist()
+    chunks_with_answers = {a // (2 * L) for a in answer.any(dim=0).nonzero().flatten().tolist()}
+    assert len(read) == (2 * len(chunks_with_answers) if local_only else end // L)
+
+
 def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
     """`python -m experiments.suite --quick --baseline` from the repository root, on the
     built-in corpus that --quick reads (built once by the fixture)."""

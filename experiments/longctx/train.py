@@ -66,14 +66,19 @@ def exact_match(model: FoldedLM, docs: list, device, chunk_tokens: int = 16384, 
     """(B,) bool: is every answer token of each document right by argmax? The documents are
     read chunk by chunk and only up to the last answer, in whole segments (the filler goes on
     past an answer, unscored), so that every segment has one shape for a compiled `step`; memory
-    does not grow with their length. A line with the rate and the time left every 30 s."""
+    does not grow with their length. A model that carries no state (local-only, full attention)
+    skips the chunks without an answer: nothing in them can reach one. A line with the rate and
+    the time left every 30 s."""
     l = model.cfg.segment_len
     chunk = l * max(1, chunk_tokens // l)
     end = -(-max(d.end for d in docs) // l) * l
     state, exact = None, torch.ones(len(docs), dtype=torch.bool, device=device)
+    carries = model.cfg.recurrent and model.cfg.use_state  # else a segment depends on itself alone
     t0 = last = time.perf_counter()
     for a in range(0, end, chunk):
         ids, targets = (torch.from_numpy(x) for x in text.batch(docs, a, min(end, a + chunk)))
+        if not carries and (targets == -100).all():
+            continue
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             s = score(model, ids, targets, state=state, step=step)
