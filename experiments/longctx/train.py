@@ -171,7 +171,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     step_fn = segment_step(model, args, device)
     max_segments, recent = args.start_segments, []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
-    step, tokens, t0 = 0, 0, time.perf_counter()
+    step, tokens, t0, last = 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
     model.train()
     while time.perf_counter() - t0 < budget and (args.steps is None or step < args.steps):
@@ -196,9 +196,11 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         if step % args.log_every == 0:  # the only host sync: the GPU runs ahead between log lines
             acc = torch.stack(recent).mean().item() if recent else 0.0
             elapsed = time.perf_counter() - t0
+            rate = (tokens - last[1]) / (elapsed - last[0])  # over the last log_every steps
+            last = (elapsed, tokens)
             print(f"[{name}] step {step} | stage {max_segments} seg | loss {loss.item():.3f} | "
                   f"acc@{max_segments} {acc:.3f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                  f"{tokens / elapsed:,.0f} tok/s | {elapsed / 60:.1f}/{args.minutes:.1f} min", flush=True)
+                  f"{rate:,.0f} tok/s | {elapsed / 60:.1f}/{args.minutes:.1f} min", flush=True)
             if len(recent) == args.window and acc >= args.advance_at and max_segments < args.max_train_segments:
                 max_segments = min(2 * max_segments, args.max_train_segments)
                 recent = []
