@@ -172,8 +172,8 @@ class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the ten
 class FoldedLM(nn.Module):
     """`model(ids, state, reset, targets)` reads one segment; `forward_stream` a whole document.
 
-    The surface decoding uses (generate.py): `embed`, `local_blocks`, `global_blocks`, `rotary`,
-    `memory`, `next_state`, `head`.
+    The surface decoding uses (generate.py): `embed`, `local_blocks`, `global_blocks` (called with
+    a KVCache), `rotary`, `memory`, `next_state`, `head`.
     """
 
     def __init__(self, cfg: ModelConfig):
