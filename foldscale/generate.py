@@ -8,12 +8,22 @@ buffers, the CUDA graph and the segment boundaries, and uses the model's public 
 embed, local_blocks / global_blocks, rotary, memory, next_state, head.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from foldscale.model import FoldedLM, KVCache
+from foldscale.model import FoldedLM
+
+
+class KVCache(NamedTuple):
+    """What a Block's attention reads and writes while decoding (`Attention.attend_cached`): one
+    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place, and
+    positions (n,), the new rows' places in them."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
 
 
 def step(model: FoldedLM, caches, outputs, ids, positions):

@@ -38,14 +38,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache(NamedTuple):
-    """One attention's keys and values while decoding (generate.py): k, v (B, nh, L, hs), buffers of
-    fixed size written in place, and positions (n,), the new rows' places in them."""
-    k: torch.Tensor
-    v: torch.Tensor
-    positions: torch.Tensor
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,15 +46,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, n_mem: int = 0, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, n_mem: int = 0, cache=None):
         """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
 
         The t current rows see every memory key and the current keys causally: row n_mem + i sees
         keys 0..n_mem + i, which is the plain causal mask over all n_mem + t rows. So one causal
         call (a fused kernel, and no graph break under torch.compile, which a lower-right
         CausalBias causes) gives the current rows; its memory rows are replaced by a second,
-        unmasked call over the memory keys. With a cache (decoding), x holds only the new rows,
-        at cache.positions, and they attend to the cached keys by the same rule (`attend_cached`).
+        unmasked call over the memory keys. With a cache (decoding, generate.KVCache) x holds only
+        the new rows, at cache.positions, and they attend to the cached keys by the same rule.
         """
         B, T, d = x.shape
         # The rotation runs in the layout the projection writes (B, T, nh, hs), before the transpose, so
@@ -82,7 +74,7 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
     @staticmethod
-    def attend_cached(q, k, v, n_mem: int, cache: KVCache):
+    def attend_cached(q, k, v, n_mem: int, cache):
         """The new rows' k, v are written into the cache; a row at position i sees the cached keys
         0..max(i, n_mem - 1). The whole buffer is read and later keys masked, so shapes do not
         depend on the position (what a CUDA graph needs). One new row attends through two matrix
@@ -121,7 +113,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, n_mem: int = 0, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, n_mem: int = 0, cache=None):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -173,7 +165,7 @@ class FoldedLM(nn.Module):
     """`model(ids, state, reset, targets)` reads one segment; `forward_stream` a whole document.
 
     The surface decoding uses (generate.py): `embed`, `local_blocks`, `global_blocks` (called with
-    a KVCache), `rotary`, `memory`, `next_state`, `head`.
+    a generate.KVCache), `rotary`, `memory`, `next_state`, `head`.
     """
 
     def __init__(self, cfg: ModelConfig):
