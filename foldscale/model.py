@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, n_mem: int = 0, cache=None):
+    def forward(self, x, cos, sin, n_mem: int, cache=None):
         """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
 
         The t current rows see every memory key and the current keys causally: row n_mem + i sees
