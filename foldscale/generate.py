@@ -3,58 +3,44 @@ step compiled by torch.compile and replayed as one CUDA graph, sampling.
 
 Whole segments of a prompt only update the carried state (`FoldedLM.forward_stream`); the
 current segment is held as cached keys and values, so a new token costs one row through each
-block. The decoder uses the model's public surface only: embed, local_blocks / global_blocks,
-rotary, memory, next_state, head.
+block. The blocks are the model's own (`Block` with a `KVCache`): the decoder holds the cache
+buffers, the CUDA graph and the segment boundaries, and uses the model's public surface only:
+embed, local_blocks / global_blocks, rotary, memory, next_state, head.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from foldscale.model import Block, FoldedLM
+from foldscale.model import FoldedLM
 
 
-def extend(block: Block, x, cos, sin, cache, positions, causal=True):
-    """block(x) for new rows only: x (B, n, d) are rows at `positions` (n,), whose keys and values
-    are written into `cache`, (k, v) buffers (B, nh, L, hs). Each row attends to the cached keys
-    at or before its own position (causal), or to every key up to the last new row (not causal:
-    the memory rows, which see each other whole). The whole buffer is read and later keys masked,
-    so shapes do not depend on the position (what a CUDA graph needs).
-
-    One new row attends through two matrix products and a softmax: for a masked single query SDPA
-    picks the memory-efficient kernel, which tiles 64 queries and took 44 us a block of a 2 ms
-    step on the H100 (58% of the step's GPU time)."""
-    B, n, d = x.shape
-    q, k, v = block.attn.rotated_qkv(block.norm1(x), cos, sin)
-    cache[0].index_copy_(2, positions, k)
-    cache[1].index_copy_(2, positions, v)
-    keys = torch.arange(cache[0].shape[2], device=x.device)
-    visible = keys <= (positions[:, None] if causal else positions[-1:, None])  # (n or 1, L)
-    if n == 1:
-        scores = torch.matmul(q, cache[0].transpose(-1, -2))  # (B, nh, 1, L), softmax in fp32 at least
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
-        y = torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype), cache[1])
-    else:
-        y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=visible)
-    x = x + block.attn.proj(y.transpose(1, 2).reshape(B, n, d))
-    return x + block.mlp(block.norm2(x))
+class KVCache(NamedTuple):
+    """What a Block's attention reads and writes while decoding (`Attention.attend_cached`): one
+    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place, and
+    positions (n,), the new rows' places in them."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
 
 
 def step(model: FoldedLM, caches, outputs, ids, positions):
     """Rows ids (B, n) at `positions` (n,) of the current segment -> logits (B, n, V), through every
-    block with `extend`; caches as StreamDecoder holds them, outputs (B, l, d) the global stack's
-    output on the segment's rows (for the carry). A function of its arguments only, so that one
-    compiled version serves every decoder of the same shapes."""
+    block with its key/value cache; caches as StreamDecoder holds them, outputs (B, l, d) the global
+    stack's output on the segment's rows (for the carry). A function of its arguments only, so that
+    one compiled version serves every decoder of the same shapes."""
     x = model.embed(ids)
     cos, sin = model.rotary(positions)
-    for block, cache in zip(model.local_blocks, caches[0]):
-        x = extend(block, x, cos, sin, cache, positions)
+    for block, (k, v) in zip(model.local_blocks, caches[0]):
+        x = block(x, cos, sin, 0, KVCache(k, v, positions))
     if model.cfg.recurrent:
-        global_positions = positions + model.cfg.segment_len  # after the l memory rows
+        l = model.cfg.segment_len
+        global_positions = positions + l  # after the l memory rows
         cos, sin = model.rotary(global_positions)
-        for block, cache in zip(model.global_blocks, caches[1]):
-            x = extend(block, x, cos, sin, cache, global_positions)
+        for block, (k, v) in zip(model.global_blocks, caches[1]):
+            x = block(x, cos, sin, l, KVCache(k, v, global_positions))
         outputs.index_copy_(1, positions, x)
     return model.head(x)
 
@@ -134,8 +120,8 @@ class StreamDecoder:
             self.memory_rows = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
             positions = torch.arange(m.cfg.segment_len, device=z.device)
             cos, sin = m.rotary(positions)
-            for block, cache in zip(m.global_blocks, self.caches[1]):
-                z = extend(block, z, cos, sin, cache, positions, causal=False)
+            for block, (k, v) in zip(m.global_blocks, self.caches[1]):
+                z = block(z, cos, sin, m.cfg.segment_len, KVCache(k, v, positions))
 
     def _replay(self, ids):
         """One token through the captured graph (captured on first use). Its inputs are copied

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from foldscale.config import ConfigError, ModelConfig
 from foldscale.generate import StreamDecoder, generate
-from foldscale.model import Attention, FoldedLM, ModelFileError, rope_tables, segments
+from foldscale.model import Attention, Block, FoldedLM, ModelFileError, rope_tables, segments
 
 
 def make(**kw):
@@ -234,6 +234,26 @@ def test_stream_decoder_gives_forward_stream_logits(kw):
         torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="do not fit"):
         decoder.feed(randint(2, 4))  # 5 tokens are in the segment, 3 are left
+
+
+def test_decoder_runs_the_blocks_training_runs():
+    """The decoder goes through the model's own Block and Attention modules: changed outputs of
+    both (forward hooks here, as an edited forward would) change its logits and carried state exactly
+    as they change forward_stream's. A decoder with its own copy of the block math misses them."""
+    model = make().double()
+    ids = randint(2, 21)  # 2 whole segments of 8 and 5 tokens
+    plain = model.forward_stream(ids).logits
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.register_forward_hook(lambda mod, args, out: 1.5 * out)
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda mod, args, out: out + 0.1)
+    full = model.forward_stream(ids)
+    assert not torch.allclose(full.logits, plain)
+    decoder = StreamDecoder(model)
+    pieces = [decoder.feed(ids[:, a:b]) for a, b in [(0, 3), (3, 8), (8, 11)] + [(i, i + 1) for i in range(11, 21)]]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_global=0)])
