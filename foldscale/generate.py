@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from foldscale.model import Block, FoldedLM
+from .model import Block, FoldedLM
 
 
 def extend(block: Block, x, cos, sin, cache, positions, causal=True):
