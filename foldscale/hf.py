@@ -80,4 +80,4 @@ def load(directory, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype).eval()
     has_tokenizer = (Path(directory) / "tokenizer.json").is_file()
-    return model, AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    return model, AutoTokenizer.from_pretrained(directory, trust_remote_code=True) if has_tokenizer else None
