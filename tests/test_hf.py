@@ -130,3 +130,45 @@ def test_padding_and_tag_refused(exported):
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
     result = export(tmp / "default", "--format", "hf", "--tag", "step1", "--out", tmp / "x")
     assert result.exit_code == 2 and "exported model, not a run directory" in result.output
+
+
+def test_lm_eval_scores_the_suite_documents_as_the_suite_does(tmp_path):
+    """tools.lm_eval_tasks writes the suite's documents; lm-eval (model type foldscale) scores each
+    answer with the suite's log-likelihood and exact match; the perplexity task runs too."""
+    pytest.importorskip("lm_eval")
+    from experiments.longctx import TASKS, text
+    from experiments.longctx.train import score
+    from foldscale.data import TokenStore, default_store
+    from tools.lm_eval_tasks import main as write_tasks
+    store = TokenStore.open(default_store(cache_dir=tmp_path / "cache", vocab_size=512, max_files=25, num_proc=1))
+    torch.manual_seed(0)
+    model = FoldedLM(VARIANTS["state_gate_hard"]).eval()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.model").write_bytes(Path(store.tokenizer_path).read_bytes())
+    assert export(tmp_path / "m", "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
+    (tmp_path / "ppl.txt").write_text("def f(x):\n    return x\n\nclass A:\n    pass\n")
+    write_tasks(["--out", str(tmp_path / "tasks"), "--data", str(store.path), "--segment-len", "8", "--multiples", "3",
+                 "--samples", "4", "--tasks", "passkey,qa2", "--seed", "5", "--text", str(tmp_path / "ppl.txt")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mod"),
+           "HF_DATASETS_CACHE": str(tmp_path / "ds")}
+    run = subprocess.run([sys.executable, "-m", "tools.lm_eval_foldscale", "--model", "foldscale", "--model_args",
+                          f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32", "--include_path",
+                          str(tmp_path / "tasks"), "--tasks", "foldscale_passkey_3,foldscale_qa2_3,foldscale_ppl",
+                          "--batch_size", "1", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = {p.name.split("_2")[0]: [json.loads(line) for line in p.read_text().splitlines()]
+               for p in (tmp_path / "out").rglob("samples_*.jsonl")}
+    assert len(samples["samples_foldscale_ppl"]) == 2
+    corpus = text.Corpus(store, "val")
+    for name in ("passkey", "qa2"):
+        rows = sorted(samples[f"samples_foldscale_{name}_3"], key=lambda r: r["doc"]["index"])
+        assert [r["doc"]["index"] for r in rows] == [0, 1, 2, 3]
+        for row in rows:
+            doc = text.eval_doc(TASKS[name](corpus.tokenizer), corpus, 5 + 1000, 3, 8, row["doc"]["index"], 4)
+            ids, targets = (torch.from_numpy(x) for x in text.batch([doc], 0, doc.end))
+            with torch.no_grad():
+                s = score(model, ids, targets)
+            loglik, greedy = row["resps"][0][0]
+            assert float(loglik) == pytest.approx(-s.loss.item(), abs=1e-3)
+            assert (greedy == "True") == bool(s.exact[0]) and row["acc"] == int(s.exact[0])
