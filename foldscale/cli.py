@@ -70,28 +70,33 @@ def info(model, as_json):
 @click.option("--out", type=click.Path(), required=True,
               help="Directory to write (safetensors), or the .pt file to write (torch).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "torch"]), default="safetensors",
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torch", "hf"]), default="safetensors",
               show_default=True, help="safetensors: config.json + model.safetensors (+ tokenizer.model); "
-                                      "torch: one .pt file {'config', 'state_dict'}.")
+                                      "torch: one .pt file {'config', 'state_dict'}; hf: safetensors plus the "
+                                      "modelling code and tokenizer transformers loads (needs the hf extra).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(run_dir, tag, out, dtype, fmt, as_json):
-    """Turn a DeepSpeed checkpoint of RUN_DIR (any ZeRO stage) into a plain model.
+    """Turn a DeepSpeed checkpoint of RUN_DIR (any ZeRO stage), or a safetensors export, into a
+    plain model.
 
-    The export loads with FoldedLM.from_pretrained without DeepSpeed. It checks itself: its
-    loss on a fixed batch (the run's validation data, or random ids when the store is gone)
-    must equal the DeepSpeed checkpoint's.
+    The export loads with FoldedLM.from_pretrained without DeepSpeed; with --format hf also with
+    transformers' AutoModelForCausalLM (trust_remote_code) and AutoTokenizer, no foldscale needed.
+    It checks itself: its loss on a fixed batch (the run's validation data, or random ids when
+    the store is gone) must equal the checkpoint's.
 
     \b
     Example:
       foldscale export runs/small --out models/small
       foldscale export runs/small --tag step00001000 --dtype bf16 --format torch --out small.pt
+      foldscale export models/small --format hf --out models/small-hf
     """
     from foldscale.export import export as run_export
     result = run_export(run_dir, out, tag=tag, dtype=dtype, fmt=fmt, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"exported {result['checkpoint']} (step {result['step']}) to {out} as {fmt} {dtype}"
+    step = "" if result["step"] is None else f" (step {result['step']})"
+    click.echo(f"exported {result['checkpoint']}{step} to {out} as {fmt} {dtype}"
                + (" with tokenizer.model" if result["tokenizer"] else ""))
     click.echo(f"self-check on {result['check_batch']}: loss {result['loss_deepspeed']:.6f} (DeepSpeed "
                f"checkpoint) vs {result['loss_exported']:.6f} (export): match")

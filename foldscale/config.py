@@ -171,7 +171,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path) -> "ModelConfig":
-        return cls.from_dict(read_json(path, "no such model config file"))
+        d = read_json(path, "no such model config file")
+        if d.get("model_type") == "foldscale":  # `foldscale export --format hf`: transformers' keys beside ours
+            d = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        return cls.from_dict(d)
 
     @classmethod
     def load(cls, name_or_path: str, **overrides) -> "ModelConfig":

@@ -1,4 +1,5 @@
-"""A checkpoint's model (any ZeRO stage, with or without offload) -> plain safetensors or torch file.
+"""A checkpoint's model (any ZeRO stage, with or without offload) -> plain safetensors or torch file,
+or a directory transformers loads (hf, see hf.py), also from a safetensors export.
 
 The exported model loads with `FoldedLM.from_pretrained` in a process that never imports
 DeepSpeed. Every export checks itself: the written file, loaded back, must give the same loss on a
@@ -73,39 +74,54 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
     """Write the model of RUN_DIR's newest checkpoint (or TAG) to OUT and check it; returns what was
     done and both losses. A checkpoint that does not verify is refused, never swapped for another.
     PROGRESS(message) is told before each long wait."""
-    out = Path(out)
-    if fmt == "safetensors" and out.is_file():
-        raise ConfigError(f"--out {out} is a file; safetensors export writes a directory")
+    out, source = Path(out), Path(run_dir)
+    if fmt != "torch" and out.is_file():
+        raise ConfigError(f"--out {out} is a file; {fmt} export writes a directory")
     if fmt == "torch" and out.is_dir():
         raise ConfigError(f"--out {out} is a directory; torch export writes one .pt file")
-    root = Path(run_dir) / "checkpoints"
-    path = root / tag if tag else ckpt.newest(root)
-    record = ckpt.verify(path)
-    cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
-    progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
-             "zero_to_fp32: seconds per GB), then the loss self-check")
-    reference = FoldedLM.from_state_dict(cfg, ckpt.model_weights(path),
-                                         f"{path}: weights do not match model.json").eval()
-    state = {k: v.to(DTYPES[dtype]) for k, v in reference.export_state_dict().items()}
-    tokenizer = ckpt.tokenizer(path) if fmt == "safetensors" else None
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(out / "config.json")
-        save_file(state, str(out / "model.safetensors"))
-        if tokenizer:
-            shutil.copyfile(tokenizer, out / "tokenizer.model")
-        exported = FoldedLM.from_pretrained(out).eval()
+    if fmt == "hf":
+        from foldscale import hf
+        hf.require_transformers()
+    if (source / "model.safetensors").is_file():  # a safetensors export, not a run
+        if tag:
+            raise ConfigError(f"--tag: {source} is an exported model, not a run directory; leave out --tag")
+        path, step, store = source, None, None
+        reference = FoldedLM.from_pretrained(source).eval()
+        tokenizer = source / "tokenizer.model" if (source / "tokenizer.model").is_file() else None
     else:
+        root = source / "checkpoints"
+        path = root / tag if tag else ckpt.newest(root)
+        step = ckpt.verify(path)["step"]
+        cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
+        progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
+                 "zero_to_fp32: seconds per GB), then the loss self-check")
+        reference = FoldedLM.from_state_dict(cfg, ckpt.model_weights(path),
+                                             f"{path}: weights do not match model.json").eval()
+        tokenizer, store = ckpt.tokenizer(path), ckpt.read_config(path, "data.json").get("store")
+    cfg = reference.cfg
+    state = {k: v.to(DTYPES[dtype]) for k, v in reference.export_state_dict().items()}
+    if fmt == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"config": cfg.to_dict(), "state_dict": state}, out)
         exported = load_torch_export(out)
-    ids, source = check_batch(ckpt.read_config(path, "data.json").get("store"), cfg)
+    else:
+        from safetensors.torch import save_file
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "model.safetensors"))
+        if tokenizer and Path(tokenizer).resolve() != (out / "tokenizer.model").resolve():
+            shutil.copyfile(tokenizer, out / "tokenizer.model")
+        if fmt == "hf":
+            hf.write_hf(cfg, out)
+            exported = hf.load(out)[0].model  # through transformers, as its users load it
+        else:
+            cfg.to_json(out / "config.json")
+            exported = FoldedLM.from_pretrained(out).eval()
+    ids, check = check_batch(store, cfg)
     loss_ds, loss_out = batch_loss(reference, ids), batch_loss(exported, ids)
-    result = {"checkpoint": str(path), "step": record["step"], "out": str(out), "format": fmt, "dtype": dtype,
-              "tokenizer": tokenizer is not None, "check_batch": source, "loss_deepspeed": loss_ds,
+    result = {"checkpoint": str(path), "step": step, "out": str(out), "format": fmt, "dtype": dtype,
+              "tokenizer": tokenizer is not None, "check_batch": check, "loss_deepspeed": loss_ds,
               "loss_exported": loss_out}
     if not math.isclose(loss_ds, loss_out, rel_tol=TOLERANCE[dtype], abs_tol=1e-6):
         raise ExportError(f"self-check failed: loss {loss_out:.6f} of the export != {loss_ds:.6f} of the "
-                          f"DeepSpeed checkpoint on {source}; do not use {out}")
+                          f"DeepSpeed checkpoint on {check}; do not use {out}")
     return result

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from foldscale.model import FoldedLM
+from .model import FoldedLM
 
 
 class KVCache(NamedTuple):

@@ -23,7 +23,7 @@ Why the parts are shaped this way:
 """
 import torch
 
-from foldscale.config import KERNELS, ConfigError, FoldscaleError
+from .config import KERNELS, ConfigError, FoldscaleError
 
 IGNORE = -100
 # liger cuts the rows into chunks of about LIGER_CHUNK_MEM * N * d / V rows, rounded up to a power of
@@ -91,7 +91,11 @@ def _linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, targets: tor
 
 @_linear_cross_entropy_op.register_kernel("cuda")
 def _liger_linear_cross_entropy(x, weight, targets, with_grad):
-    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+    try:  # in a try: transformers skips it when it checks the imports of an exported model's files (export --format hf)
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+    except ImportError:
+        require_liger()  # raises, saying what to install
+        raise
     # reduction="none": the per-token losses come back, and the gradients are those of their sum
     # (not divided by the count). Written against liger-kernel 0.8.5.
     out = fused_linear_cross_entropy_forward(

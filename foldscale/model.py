@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from foldscale import kernels as fused
-from foldscale.config import ConfigError, FoldscaleError, ModelConfig
+from .kernels import check as check_kernels, linear_cross_entropy
+from .config import ConfigError, FoldscaleError, ModelConfig
 
 
 class ModelFileError(FoldscaleError):
@@ -249,7 +249,7 @@ class FoldedLM(nn.Module):
         """KERNELS "torch" (the default) or "liger" (a CUDA GPU with liger-kernel): with "liger" a
         segment with targets runs the head and loss as one chunked kernel (foldscale/kernels.py) and
         returns logits=None and a detached token_loss. Refuses, saying what to use, where it cannot run."""
-        self.kernels = fused.check(kernels)
+        self.kernels = check_kernels(kernels)
         return self
 
     def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
@@ -275,7 +275,7 @@ class FoldedLM(nn.Module):
             new_state = self.next_state(memory, x) if t == l else None  # carried from whole segments only
         if targets is not None and self.kernels == "liger":  # the (B, t, V) logits never exist
             n = (targets != -100).sum()
-            total, token_loss = fused.linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            total, token_loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
             return LMOutput(None, total / n.clamp(min=1), new_state, n, token_loss)
         logits = self.head(x)
         loss = n = token_loss = None

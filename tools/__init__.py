@@ -1,0 +1,1 @@
+"""Command-line tools beside the package: `python -m tools.<name>`."""
