@@ -121,6 +121,8 @@ class TrainArgs:
     """Steps between progress lines, which are also when the curriculum gate is checked."""
     max_bad_steps: int = 10
     """Non-finite gradients in a row (each step skipped) before training stops with an error."""
+    bf16: bool = True
+    """Autocast the forward to bf16 on a GPU (weights and optimizer stay fp32); --no-bf16 runs fp32."""
     compile: bool = True
     """torch.compile the segment step on a GPU (every segment has one shape: sequences are padded
     to whole segments after the answer); ignored on the CPU."""
@@ -148,6 +150,12 @@ def segment_step(model: FoldedLM, args: TrainArgs, device):
         return model
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, dynamic=False)
+
+
+def non_finite_grads(model, most: int = 6) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an infinity, in the model's order."""
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    return bad[:most] + ([f"... {len(bad) - most} more"] if len(bad) > most else [])
 
 
 def whole_segments(ids: torch.Tensor, targets: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +190,16 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16):
             s = score(model, ids, targets, step=step_fn)
         loss = s.loss / max(s.n_tokens, 1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if guard.check(torch.isfinite(norm), f"{name} step {step + 1}"):
+        finite = bool(torch.isfinite(norm))  # a host sync a step: one bad gradient would poison every weight
+        if not finite:
+            print(f"[{name}] step {step + 1}: loss {loss.item():.4g}, non-finite gradient in "
+                  f"{non_finite_grads(model)}", flush=True)
+        if guard.check(finite, f"{name} step {step + 1}"):
             opt.step()
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
