@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from foldscale import checkpoint as ckpt
 from foldscale.cli import main
 from foldscale.config import ConfigError
-from test_export import MODEL, tokenized_store
-from test_trainer import run
+from run_helpers import TOKENIZED_MODEL, run, tokenized_store
+
+pytestmark = pytest.mark.e2e  # every case damages a copy of a run launch/pretrain.py trained
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 2
@@ -26,11 +27,11 @@ KINDS = {"COMPLETE", "foldscale_rank0.pt", "mp_rank_00_model_states.pt", "zero_p
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A directory as test_trainer.run wants it (model.json, store, z2.json) holding RUN, trained
+    """A directory as run_helpers.run wants it (model.json, store, z2.json) holding RUN, trained
     for 4 steps with checkpoints at steps 2 and 4."""
     tmp = tmp_path_factory.mktemp("checkpoint")
     tokenized_store(tmp / "store")
-    (tmp / "model.json").write_text(json.dumps(MODEL))
+    (tmp / "model.json").write_text(json.dumps(TOKENIZED_MODEL))
     cfg = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
     cfg["scheduler"]["params"]["warmup_num_steps"] = 1
     cfg.update(train_micro_batch_size_per_gpu=STREAMS, zero_optimization={"stage": 2})
@@ -66,7 +67,7 @@ def test_a_checkpoint_holds_its_manifest_configs_and_rank_state(trained):
     assert record["step"] == 4 and record["world_size"] == 1 and set(record["files"]) == KINDS - {"COMPLETE"}
     assert ckpt.read_config(path, "ds_config.json")["scheduler"]["params"]["total_num_steps"] == 4
     mine = torch.load(path / "foldscale_rank0.pt", weights_only=True)
-    assert mine["state"].shape == (STREAMS, MODEL["segment_len"], MODEL["d_model"])
+    assert mine["state"].shape == (STREAMS, TOKENIZED_MODEL["segment_len"], TOKENIZED_MODEL["d_model"])
     assert mine["sampler"]["steps"] == 4 and mine["rng"]["torch"].dtype == torch.uint8
 
 

@@ -277,6 +277,7 @@ def test_exact_match_needs_every_answer_token_and_nothing_else(name, store, corp
         assert oracle.pos == end  # read up to the last answer, no further
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
     """`python -m experiments.suite --quick --baseline` from the repository root, on the
     built-in corpus that --quick reads (built once by the fixture)."""
@@ -311,6 +312,7 @@ def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
     assert "local_only" in table and "n/a" in table and "0.167" in table and len(table.splitlines()) == 2 + len(rows)
 
 
+@pytest.mark.e2e
 def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, store):
     """The researcher's path at toy size: launch/pretrain.py, foldscale export, then the suite
     with --init, which takes the exported model (its shape, not the --quick one)."""

@@ -11,61 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foldscale.data import write_store
+from run_helpers import ROOT, losses, run
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MODEL = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A token store of learnable documents (mostly counting up by a step of their own, with
-    noise), and DeepSpeed configs for ZeRO 0-3."""
-    tmp = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(120):
-        n, stride = int(rng.integers(10, 130)), int(rng.integers(1, 4))
-        doc = (rng.integers(0, 60) + stride * np.arange(n)) % 60 + 4
-        noise = rng.random(n) < 0.1
-        doc[noise] = rng.integers(4, 64, size=int(noise.sum()))
-        docs.append(np.append(doc, 3))
-    write_store(docs, tmp / "store", vocab_size=64, val_fraction=0.1)
-    (tmp / "model.json").write_text(json.dumps(MODEL))
-    base = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
-    base["scheduler"]["params"]["warmup_num_steps"] = 2
-    base["optimizer"]["params"]["lr"] = 1e-2
-    for stage in range(4):
-        for streams in (2, 4):
-            cfg = {**base, "train_micro_batch_size_per_gpu": streams, "zero_optimization": {"stage": stage}}
-            (tmp / f"z{stage}_b{streams}.json").write_text(json.dumps(cfg))
-    cfg = json.loads((tmp / "z0_b4.json").read_text())
-    cfg["scheduler"]["params"]["total_num_steps"] = 20  # one schedule for runs resumed with other --steps
-    (tmp / "fixed20.json").write_text(json.dumps(cfg))
-    return tmp
-
-
-def run(setup, out, *args, ranks=1, launcher="python", ds="z0_b4.json", check=True, timeout=300):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = [str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(setup / ds), "--model",
-              str(setup / "model.json"), "--data", str(setup / "store"), "--out", str(out),
-              "--log_every", "1", *map(str, args)]
-    if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", "29531", *script]
-    elif launcher == "mpirun":
-        cmd = [str(BIN / "mpirun"), "-n", str(ranks), sys.executable, *script]
-    else:
-        cmd = [sys.executable, *script]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def losses(out):
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in lines if "train/loss" in r]
+pytestmark = pytest.mark.e2e
 
 
 def test_one_process_trains_and_writes_everything(setup, tmp_path):

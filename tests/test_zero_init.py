@@ -117,6 +117,7 @@ def test_partitioned_model_trains_with_the_shipped_config(dist):
     assert all(not torch.equal(before[n], after[n]) for n in moved)
 
 
+@pytest.mark.e2e
 def test_a_partitioned_run_resumes_bit_for_bit(tmp_path):
     """launch/pretrain.py under the shipped 24gb-zero3.json: 8 steps straight, and 4 + 4 resumed
     from the checkpoint (an engine built over a freshly partitioned model, then loaded)."""
