@@ -229,20 +229,18 @@ class Trainer:
         cleared, the optimizer's state and the learning-rate schedule do not move, and the engine
         counts the step in skipped_steps, so its counters stay those of the steps applied.
         DeepSpeed's bf16, fp16 and ZeRO optimizers take that path on a non-finite gradient, which a
-        NaN loss gives; a plain torch optimizer (ZeRO 0 in fp32) has no such check: its gradients
-        are dropped (torch's optimizers leave a parameter without one as it is) and the overflow
-        flag the engine reads is raised for this step."""
+        NaN loss gives. A plain torch optimizer (ZeRO 0 in fp32) has no such check: for this one
+        step it gets the overflow flag the engine reads and a step that does nothing."""
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "overflow"):
             self.engine.backward(loss * float("nan"))
             self.engine.step()
             return
-        self.engine.zero_grad()
-        optimizer.overflow = True
+        optimizer.overflow, optimizer.step = True, lambda closure=None: None
         try:
             self.engine.step()
         finally:
-            del optimizer.overflow
+            del optimizer.overflow, optimizer.step
 
     def _grad_norm(self) -> float | None:
         """Before clipping. ZeRO stages 1-3 hand it over after the step; stage 0 keeps the

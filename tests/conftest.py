@@ -1,12 +1,14 @@
 """Fixtures shared by several test modules. Tests marked `e2e` start processes (launch/pretrain.py,
 benchmarks, experiments); `pytest -m "not e2e"` leaves them out."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from foldscale.data import write_store
+from foldscale.engine import init_distributed
 from run_helpers import MODEL, ROOT
 
 
@@ -17,6 +19,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dist():
+    """A process group of one in this process. init_distributed writes RANK, MASTER_PORT, ...
+    into the environment, which DeepSpeed reads again while building engines; put it back after
+    the module, or every later subprocess would think it was launched into this process's group
+    and try to bind its port."""
+    saved = dict(os.environ)
+    yield init_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,15 @@
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from foldscale.config import ConfigError, ModelConfig
-from foldscale.engine import activation_checkpointing_fn, build_engine, init_distributed, load_ds_config
+from foldscale.engine import activation_checkpointing_fn, build_engine, load_ds_config
 from foldscale.model import FoldedLM
 
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
 TINY = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=8)
-
-
-@pytest.fixture(scope="module")
-def dist():
-    """A process group of one in this process. init_distributed writes RANK, MASTER_PORT, ...
-    into the environment, which DeepSpeed reads again while building engines; put it back after
-    this module, or every later subprocess would think it was launched into this process's group
-    and try to bind its port."""
-    saved = dict(os.environ)
-    yield init_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
