@@ -2,6 +2,7 @@
 import json
 import math
 import signal
+import time
 import zlib
 from pathlib import Path
 
@@ -88,9 +89,12 @@ class Trainer:
         self.out = Path(train_cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
+        t0 = time.perf_counter()
         resume_from = ckpt.find(resume, self.ckpt_root, self.log, rank, world_size) if resume else None
         if resume and resume_from is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
+        elif resume_from is not None:
+            self.log(f"verified {resume_from} in {time.perf_counter() - t0:.2f} s")
         if resume_from is not None:
             ds_config = ckpt.engine_config(resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
         torch.manual_seed(train_cfg.seed)
@@ -109,7 +113,8 @@ class Trainer:
                                     "the learning rate or check the data, then resume with --resume auto", self.log)
         self.grad_norm = None  # of the last logged step
         self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
-        self.stop_requested = False
+        self.stop_requested = False  # by a signal to this rank
+        self.stopping = False  # agreed by all ranks at the end of a step
         self.train_loss = PositionLoss(self.device)  # since the run (re)started, for the plot
         self.summary = {}  # the latest value of every metric logged
         if resume_from is not None:
@@ -153,7 +158,7 @@ class Trainer:
         self.log(f"training from step {self.step} to {self.cfg.steps}: {self.world_size} rank(s) x "
                  f"{self.streams} streams x {self.model_cfg.segment_len} tokens, "
                  f"{self.grad_accum} accumulation step(s), bptt {self.model_cfg.bptt_segments}")
-        while self.step < self.cfg.steps and not self.stop_requested:
+        while self.step < self.cfg.steps and not self.stopping:
             self.train_step(loss_window)
             self.step += 1
             speed.add(self.tokens_per_step)
@@ -169,7 +174,7 @@ class Trainer:
                 speed.restart(self.step)
         if self.step != self.saved_step:
             self.save()
-        if self.stop_requested:
+        if self.stopping:
             self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
 
     def train_step(self, loss_window: PositionLoss):
@@ -186,12 +191,12 @@ class Trainer:
         world_size * grad_accum / global tokens, which DeepSpeed's division by grad_accum and mean
         over ranks turn into the global token mean, so the gradient is the same on any number of
         ranks. One host sync, before the last backward: whether the loss is finite on every rank,
-        and whether a rank was asked to stop. Returns whether the update was applied."""
+        and whether a rank has been asked to stop. Returns whether the update was applied."""
         k, grad_accum = self.model_cfg.bptt_segments, self.grad_accum
         batches = [take(self.sampler, k) for _ in range(grad_accum)]
         local = sum(int((b.targets != -100).sum()) for b in batches)  # on the host: the batches are still there
-        counts = all_reduce_sum(torch.tensor([local, int(self.stop_requested)], device=self.device))
-        scale = self.world_size * grad_accum / counts[0].clamp(min=1)
+        tokens = all_reduce_sum(torch.tensor(local, device=self.device))
+        scale = self.world_size * grad_accum / tokens.clamp(min=1)
         total = torch.zeros((), device=self.device)  # the step's summed token loss on this rank
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -209,10 +214,10 @@ class Trainer:
                 self.engine.backward(summed * scale)
                 self.engine.step()
                 continue
-            flags = torch.stack([(~torch.isfinite(total)).to(counts.dtype), counts[1]])
+            flags = torch.stack([~torch.isfinite(total), torch.tensor(self.stop_requested, device=self.device)]).int()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             bad, stop = flags.tolist()
-            self.stop_requested = self.stop_requested or bool(stop)
+            self.stopping = bool(stop)  # on every rank at the same step, wherever the signal came
             if not self.guard.apply(not bad, self.step + 1):
                 self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
                 self._step_without_update(summed * scale)
@@ -297,22 +302,24 @@ class Trainer:
 
     def save(self):
         """Write this step's checkpoint (checkpoint.save); a step is saved once."""
+        t0 = time.perf_counter()
         rank_state = {"sampler": self.sampler.state_dict(), "state": None if self.state is None else self.state.cpu()}
         path = ckpt.save(self.engine, self.ckpt_root, self.step, self.rank, self.world_size,
                          trainer_state=self.state_dict(), rank_state=rank_state,
                          configs=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config),
                          tokenizer=getattr(self.store, "tokenizer_path", None), keep_last=self.cfg.keep_last)
-        self.log(f"saved checkpoint {path}")
+        self.log(f"saved checkpoint {path} in {time.perf_counter() - t0:.2f} s")
         self.saved_step = self.step
 
     def _load(self, path: Path):
         """Load checkpoint PATH (found and verified in __init__, the engine built for it)."""
+        t0 = time.perf_counter()
         trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size, expect=self._configs())
         self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)
         self.saved_step = self.step
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step} (loaded in {time.perf_counter() - t0:.2f} s)")
 
     def close(self):
         self.logger.close()
