@@ -89,12 +89,12 @@ class Trainer:
         self.out = Path(train_cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
-        t0 = time.perf_counter()
-        resume_from = ckpt.find(resume, self.ckpt_root, self.log, rank, world_size) if resume else None
-        if resume and resume_from is None:
-            self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
-        elif resume_from is not None:
-            self.log(f"verified {resume_from} in {time.perf_counter() - t0:.2f} s")
+        resume_from = None
+        if resume:
+            t0 = time.perf_counter()
+            resume_from = ckpt.find(resume, self.ckpt_root, self.log, rank, world_size)
+            self.log(f"verified {resume_from} in {time.perf_counter() - t0:.2f} s" if resume_from is not None
+                     else f"no checkpoint in {self.ckpt_root}: starting fresh")
         if resume_from is not None:
             ds_config = ckpt.engine_config(resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
         torch.manual_seed(train_cfg.seed)
@@ -235,12 +235,14 @@ class Trainer:
         counts the step in skipped_steps, so its counters stay those of the steps applied.
         DeepSpeed's bf16, fp16 and ZeRO optimizers take that path on a non-finite gradient, which a
         NaN loss gives. A plain torch optimizer (ZeRO 0 in fp32) has no such check: for this one
-        step it gets the overflow flag the engine reads and a step that does nothing."""
+        step it gets the overflow flag the engine reads and a step that does nothing (the engine
+        then drops the gradients)."""
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "overflow"):
             self.engine.backward(loss * float("nan"))
             self.engine.step()
             return
+        self.engine.backward(loss)  # the engine clips the gradients before its (here empty) step
         optimizer.overflow, optimizer.step = True, lambda closure=None: None
         try:
             self.engine.step()

@@ -21,12 +21,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dist():
-    """A process group of one in this process. init_distributed writes RANK, MASTER_PORT, ...
-    into the environment, which DeepSpeed reads again while building engines; put it back after
-    the module, or every later subprocess would think it was launched into this process's group
-    and try to bind its port."""
+    """A process group of one in this process (made by the first test that asks; it lasts).
+    init_distributed writes RANK, MASTER_PORT, ... into the environment, which DeepSpeed reads
+    again while building engines; put it back after each test, or every later subprocess would
+    think it was launched into this process's group and try to bind its port."""
     saved = dict(os.environ)
     yield init_distributed()
     os.environ.clear()

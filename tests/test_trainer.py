@@ -33,9 +33,9 @@ def test_non_finite_guard_skips_and_stops_after_max_bad_steps_in_a_row():
         guard.apply(torch.tensor(False), 7)
 
 
-def in_process_trainer(setup, tmp_path, stage, **ds_changes) -> Trainer:
-    """A Trainer in this process (world size 1) on SETUP's store: 2 streams, 2 micro-batches a step."""
-    cfg = {**json.loads((setup / f"z{stage}_b2.json").read_text()), "gradient_accumulation_steps": 2, **ds_changes}
+def in_process_trainer(setup, tmp_path, stage, accum=2, **ds_changes) -> Trainer:
+    """A Trainer in this process (world size 1) on SETUP's store: 2 streams, ACCUM micro-batches a step."""
+    cfg = {**json.loads((setup / f"z{stage}_b2.json").read_text()), "gradient_accumulation_steps": accum, **ds_changes}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     ds_config = load_ds_config(tmp_path / "ds.json", world_size=1, steps=20)
     return Trainer(ModelConfig.from_dict(MODEL), DataConfig(str(setup / "store")),
@@ -79,15 +79,16 @@ def weights_and_optimizer_state(engine) -> list[torch.Tensor]:
     return weights + [v.clone() for state in inner.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, dist, tmp_path, stage):
+@pytest.mark.parametrize("stage, accum", [(0, 1), (0, 2), (2, 2), (3, 2)])
+def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, dist, tmp_path, stage, accum):
     """ZeRO 0 in fp32 (a plain torch optimizer) and DeepSpeed's ZeRO optimizers alike: the
-    step is skipped whole, and max_bad_steps of them in a row stop training."""
-    trainer = in_process_trainer(setup, tmp_path, stage)
+    step is skipped whole (with 2 micro-batches, the first one's gradient too), and
+    max_bad_steps of them in a row stop training."""
+    trainer = in_process_trainer(setup, tmp_path, stage, accum)
     window = PositionLoss(trainer.device)
     trainer.train_step(window)
     before, lr = weights_and_optimizer_state(trainer.engine), trainer.engine.get_lr()
-    forward_stream, calls, bad = trainer.engine.module.forward_stream, [0], {2}  # the step's second micro-batch
+    forward_stream, calls, bad = trainer.engine.module.forward_stream, [0], {accum}  # the step's last micro-batch
 
     def poisoned(*args, **kwargs):
         out = forward_stream(*args, **kwargs)
