@@ -114,7 +114,7 @@ class Trainer:
         self.grad_norm = None  # of the last logged step
         self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
         self.stop_requested = False  # by a signal to this rank
-        self.stopping = False  # agreed by all ranks at the end of a step
+        self.stopping = False  # agreed by all ranks, once a step
         self.train_loss = PositionLoss(self.device)  # since the run (re)started, for the plot
         self.summary = {}  # the latest value of every metric logged
         if resume_from is not None:
