@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from foldscale.model import FoldedLM
 from foldscale.trainer import NonFiniteGuard, Trainer, TrainingError, take
 from run_helpers import MODEL, ROOT, losses, run
 
+
 def test_non_finite_guard_skips_and_stops_after_max_bad_steps_in_a_row():
     said = []
     guard = NonFiniteGuard(3, "lower --lr", said.append, what="gradient")
@@ -28,7 +28,8 @@ def test_non_finite_guard_skips_and_stops_after_max_bad_steps_in_a_row():
     assert not guard.apply(torch.tensor(False), 2) and not guard.apply(False, 3)
     assert said[-1] == "warning: non-finite gradient at step 3: its update is skipped (2/3 in a row)"
     assert guard.apply(True, 4) and guard.bad_in_a_row == 0  # a good step starts the count again
-    guard.apply(False, 5), guard.apply(False, 6)
+    for step in (5, 6):
+        guard.apply(False, step)
     with pytest.raises(TrainingError, match="^3 non-finite gradients in a row at step 7; lower --lr$"):
         guard.apply(torch.tensor(False), 7)
 
@@ -47,7 +48,9 @@ def test_a_step_back_propagates_the_mean_over_all_its_micro_batches_tokens(setup
     """The gradient a step applies is that of the token mean over all its micro-batches (not the
     mean of the micro-batches' means, which would weigh a micro-batch with more padding more)."""
     trainer = in_process_trainer(setup, tmp_path, 0, gradient_clipping=0.0)
-    k, sampler = trainer.model_cfg.bptt_segments, SegmentStreamSampler(trainer.store, "train", 0, 1, 2, 16, 0)
+    k = trainer.model_cfg.bptt_segments
+    sampler = SegmentStreamSampler(trainer.store, "train", 0, 1, trainer.streams, trainer.model_cfg.segment_len,
+                                   trainer.cfg.seed)
     for _ in range(20):  # on to a step whose micro-batches hold different numbers of targets
         sampler.load_state_dict(trainer.sampler.state_dict())
         batches = [take(sampler, k) for _ in range(2)]
@@ -63,11 +66,12 @@ def test_a_step_back_propagates_the_mean_over_all_its_micro_batches_tokens(setup
         out = model.forward_stream(batch.ids, batch.targets, state, batch.reset, keep_logits=False)
         state, total, count = out.state, total + out.loss * out.n_tokens, count + out.n_tokens
     (total / count).backward()
-    applied = {}
-    optimizer_step = trainer.engine.optimizer.step
-    trainer.engine.optimizer.step = lambda *a: (applied.update({n: p.grad.clone() for n, p in
-                                                                trainer.engine.module.named_parameters()}),
-                                                optimizer_step(*a))
+    applied, optimizer_step = {}, trainer.engine.optimizer.step
+
+    def recording_step(*args):
+        applied.update({n: p.grad.clone() for n, p in trainer.engine.module.named_parameters()})
+        return optimizer_step(*args)
+    trainer.engine.optimizer.step = recording_step
     assert trainer.try_step(PositionLoss(trainer.device))
     for name, p in model.named_parameters():
         torch.testing.assert_close(applied[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
