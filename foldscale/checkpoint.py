@@ -8,7 +8,8 @@
                                         learning-rate schedule is ds_config.json's "scheduler")
         tokenizer.model                 the token store's tokenizer, when it has one
         COMPLETE                        written last, by rank 0: tag, step, world size, and the
-                                        size and sha256 of every other file (the manifest)
+                                        size and sha256 of every other file (the manifest), each
+                                        rank hashing its share of the files (`_share`)
     RUN/checkpoints/universal/step00001000/   DeepSpeed's universal form of it, made when a
                                         ZeRO 1-2 run resumes on another number of ranks
 
@@ -59,9 +60,10 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     """Write checkpoint ROOT/stepNNNNNNNN; every rank calls it. Returns its path.
 
     Every rank writes its DeepSpeed files and foldscale_rank{r}.pt (RANK_STATE and its RNG
-    states); then rank 0 writes CONFIGS and the tokenizer, COMPLETE last, and prunes to the
-    newest KEEP_LAST checkpoints up to this one. A directory already at this tag (an interrupted
-    save, or a later checkpoint of a run resumed from an earlier one) is moved aside, not deleted.
+    states), rank 0 CONFIGS and the tokenizer; then every rank hashes its share of the files, and
+    rank 0 writes COMPLETE from the gathered digests, last, and prunes to the newest KEEP_LAST
+    checkpoints up to this one. A directory already at this tag (an interrupted save, or a later
+    checkpoint of a run resumed from an earlier one) is moved aside, not deleted.
     """
     root = Path(root)
     path = root / f"step{step:08d}"
@@ -71,22 +73,30 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     dist.barrier()
     engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
     _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
-    dist.barrier()
     if rank == 0:
         for name, cfg in configs.items():
             _atomic_write_text(path / name, json.dumps(cfg, indent=2))
         if tokenizer and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, path / TOKENIZER)
+    dist.barrier()
+    files = _files(path)
+    sizes = {name: f.stat().st_size for name, f in files.items()}
+    mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank == 0:
+        digests = {name: sha for share in gathered for name, sha in share.items()}
         record = {"tag": path.name, "step": step, "world_size": world_size,
-                  "files": {name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for name, f in _files(path).items()}}
+                  "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
         _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
         _prune(root, keep_last, path)
     dist.barrier()
     return path
 
 
-def find(resume: str, root, warn=print) -> Path | None:
-    """The checkpoint to resume from, verified.
+def find(resume: str, root, warn=print, rank: int = 0, world_size: int = 1) -> Path | None:
+    """The checkpoint to resume from, verified; with WORLD_SIZE > 1 every rank calls it, and
+    hashes its share of the files (`verify`).
 
     `auto`: the newest checkpoint under ROOT that verifies; each newer one that does not is
     skipped with a warning (through WARN) naming its damaged file, and none is deleted. None when
@@ -95,11 +105,11 @@ def find(resume: str, root, warn=print) -> Path | None:
     refused unless it verifies.
     """
     if resume != "auto":
-        verify(resume)
+        verify(resume, rank, world_size)
         return Path(resume)
     damaged = 0
     for path in reversed(_checkpoint_dirs(root)):
-        problem = _problem(path)
+        problem = _problem(path, rank, world_size)
         if problem is None:
             return path
         warn(f"warning: --resume auto skips {path.name}: {problem}")
@@ -119,12 +129,13 @@ def newest(root) -> Path:
     return found[-1]
 
 
-def verify(path) -> dict:
+def verify(path, rank: int = 0, world_size: int = 1) -> dict:
     """The checkpoint's COMPLETE record, once every file in it is as saved: none missing, none
     added, none of another size or content. Otherwise CheckpointError naming the first file at
-    fault and the other checkpoints there are."""
+    fault and the other checkpoints there are. With WORLD_SIZE > 1 every rank calls it and hashes
+    its share of the files (`_share`)."""
     path = Path(path)
-    problem = _problem(path)
+    problem = _problem(path, rank, world_size)
     if problem is not None:
         others = [p.name for p in _checkpoint_dirs(path.parent) if p != path]
         hint = (f"other checkpoints in {path.parent}: {', '.join(others)} (export one with --tag {others[-1]}, "
@@ -341,8 +352,10 @@ def _record(path: Path) -> dict | None:
     return record if good else None
 
 
-def _problem(path: Path) -> str | None:
-    """What is wrong with checkpoint PATH, naming the file; None when every file is as saved."""
+def _problem(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """What is wrong with checkpoint PATH, naming the file; None when every file is as saved.
+    With WORLD_SIZE > 1 every rank calls it (the checks before hashing read only sizes and
+    names, so every rank reaches the same one), and the ranks hash their shares of the files."""
     if not path.is_dir():
         return f"{path}: no such checkpoint directory"
     if not (path / "COMPLETE").is_file():
@@ -360,10 +373,30 @@ def _problem(path: Path) -> str | None:
     for name in found:
         if name not in saved:
             return f"{path / name}: not part of the checkpoint as saved"
-    for name, f in saved.items():
-        if _sha256(found[name]) != f["sha256"]:
+    share = _share({name: f["bytes"] for name, f in saved.items()}, rank, world_size)
+    altered = [name for name in share if _sha256(found[name]) != saved[name]["sha256"]]
+    if world_size > 1:
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, altered)
+        altered = [name for names in everyone for name in names]
+    for name in saved:
+        if name in altered:
             return f"{path / name}: altered since it was saved (its sha256 differs from the one in COMPLETE)"
     return None
+
+
+def _share(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """The files (names, with their SIZES) that RANK hashes: the largest first, each to the rank
+    with the fewest bytes so far, so that the slowest rank's share is as small as it can be
+    (the files a rank writes are not: under ZeRO 0-2 rank 0 alone writes the module's)."""
+    load = [0] * world_size
+    mine = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = load.index(min(load))
+        load[r] += sizes[name]
+        if r == rank:
+            mine.append(name)
+    return mine
 
 
 def _sha256(f: Path) -> str:

@@ -2,6 +2,7 @@
 import json
 import math
 import signal
+import time
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,40 @@ class TrainingError(FoldscaleError):
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+class NonFiniteGuard:
+    """The one rule for a step whose loss or gradient is not finite, for Trainer and for a loop
+    with a plain torch model and optimizer: the step's update is skipped, and MAX_BAD_STEPS such
+    steps in a row stop training with a TrainingError ending in FIX (what to do about it).
+
+        guard = NonFiniteGuard(max_bad_steps, "lower --lr", log=print)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if guard.apply(torch.isfinite(norm), step):  # one host sync a step
+            optimizer.step()
+            scheduler.step()
+        optimizer.zero_grad()
+    """
+
+    def __init__(self, max_bad_steps: int, fix: str, log=print, what: str = "loss"):
+        self.max_bad_steps, self.fix, self.log, self.what = max_bad_steps, fix, log, what
+        self.bad_in_a_row = 0
+
+    def apply(self, finite, step: int) -> bool:
+        """FINITE (a 0-d bool tensor, read here, or a bool): whether step STEP's WHAT is finite (on
+        every rank: a caller with several ranks all-reduces it first). Returns whether to apply
+        the step's update."""
+        if bool(finite):
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.log(f"warning: non-finite {self.what} at step {step}: its update is skipped "
+                 f"({self.bad_in_a_row}/{self.max_bad_steps} in a row)")
+        if self.bad_in_a_row >= self.max_bad_steps:
+            plural = self.what + ("es" if self.what.endswith("s") else "s")
+            raise TrainingError(f"{self.bad_in_a_row} non-finite {plural} in a row at step {step}; {self.fix}")
+        return False
 
 
 def placement(batch: Batch, rank: int, step: int) -> dict:
@@ -45,16 +80,23 @@ def take(sampler: SegmentStreamSampler, k: int) -> Batch:
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
                  ds_config: dict, store, rank: int, world_size: int, resume: str | None = None):
-        """RESUME (`auto` or a checkpoint directory) picks the checkpoint `resume` will load now:
-        the engine is built to load it (on another number of ranks, from its universal form)."""
+        """RESUME (`auto`: the newest checkpoint in the run that verifies, if any; or a checkpoint
+        directory) is planned once, here: the checkpoint is found and verified (its files shared
+        among the ranks), the engine built to load it (on another number of ranks, from its
+        universal form), and loaded."""
         self.model_cfg, self.data_cfg, self.cfg, self.ds_config = model_cfg, data_cfg, train_cfg, ds_config
         self.store, self.rank, self.world_size = store, rank, world_size
         self.out = Path(train_cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
-        self.resume_from = ckpt.find(resume, self.ckpt_root, warn=self.log) if resume else None
-        if self.resume_from is not None:
-            ds_config = ckpt.engine_config(self.resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
+        resume_from = None
+        if resume:
+            t0 = time.perf_counter()
+            resume_from = ckpt.find(resume, self.ckpt_root, self.log, rank, world_size)
+            self.log(f"verified {resume_from} in {time.perf_counter() - t0:.2f} s" if resume_from is not None
+                     else f"no checkpoint in {self.ckpt_root}: starting fresh")
+        if resume_from is not None:
+            ds_config = ckpt.engine_config(resume_from, rank, world_size, ds_config, self._configs(), log=self.log)
         torch.manual_seed(train_cfg.seed)
         self.engine = build_engine(build_model(model_cfg, ds_config), ds_config)
         self.engine.module.set_kernels(train_cfg.kernels)  # before the first forward, which compiles
@@ -66,12 +108,17 @@ class Trainer:
         self.sampler = SegmentStreamSampler(store, "train", rank, world_size, self.streams,
                                             model_cfg.segment_len, train_cfg.seed)
         self.state = None  # (B, l, d) carried state of this rank's streams, on the device
-        self.step, self.tokens_seen, self.bad_in_a_row = 0, 0, 0
+        self.step, self.tokens_seen = 0, 0
+        self.guard = NonFiniteGuard(train_cfg.max_bad_steps, f"the last good checkpoint is in {self.ckpt_root}. Lower "
+                                    "the learning rate or check the data, then resume with --resume auto", self.log)
         self.grad_norm = None  # of the last logged step
         self.saved_step = None  # a step is saved once: re-saving could break its only complete copy
-        self.stop_requested = False
+        self.stop_requested = False  # by a signal to this rank
+        self.stopping = False  # agreed by all ranks, once a step
         self.train_loss = PositionLoss(self.device)  # since the run (re)started, for the plot
         self.summary = {}  # the latest value of every metric logged
+        if resume_from is not None:
+            self._load(resume_from)
 
     def _configs(self) -> dict[str, dict]:
         return ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config)
@@ -111,7 +158,7 @@ class Trainer:
         self.log(f"training from step {self.step} to {self.cfg.steps}: {self.world_size} rank(s) x "
                  f"{self.streams} streams x {self.model_cfg.segment_len} tokens, "
                  f"{self.grad_accum} accumulation step(s), bptt {self.model_cfg.bptt_segments}")
-        while self.step < self.cfg.steps and not self.stop_requested:
+        while self.step < self.cfg.steps and not self.stopping:
             self.train_step(loss_window)
             self.step += 1
             speed.add(self.tokens_per_step)
@@ -127,52 +174,80 @@ class Trainer:
                 speed.restart(self.step)
         if self.step != self.saved_step:
             self.save()
-        if self.stop_requested:
+        if self.stopping:
             self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
 
     def train_step(self, loss_window: PositionLoss):
-        """Micro-steps until DeepSpeed takes the optimizer step (gradient_accumulation_steps of
-        them, plus one for each micro-batch skipped for a non-finite loss)."""
-        while True:
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            if self.micro_step(loss_window) and boundary:
-                return
+        """One optimizer step; a step skipped for a non-finite loss (NonFiniteGuard) is taken
+        again on the next micro-batches."""
+        while not self.try_step(loss_window):
+            pass
 
-    def micro_step(self, loss_window: PositionLoss) -> bool:
-        """bptt_segments consecutive segments of every stream, one backward through all of them
-        (the carried state comes in detached). Returns False when the micro-batch was skipped: no
-        backward, no engine.step(), so DeepSpeed's counters and the schedule do not move."""
-        k = self.model_cfg.bptt_segments
-        batch = take(self.sampler, k).to(self.device)
-        out = self.engine.module.forward_stream(batch.ids, batch.targets, self.state, batch.reset, bptt=k,
-                                                keep_logits=False, step=self.engine)
-        loss, self.state = out.loss, out.state
-        loss_window.add(out.token_loss, batch.targets, batch.seg_index)
-        if self.cfg.log_placement:
-            with open(self.out / "placement" / f"rank{self.rank}.jsonl", "a") as f:
-                f.write(json.dumps(placement(batch, self.rank, self.step + 1)) + "\n")
-        self.tokens_seen += self.tokens_per_step // self.grad_accum
-        # One small all-reduce per micro-step: every rank must take the same branch below.
-        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop_requested), device=self.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stop = flags.tolist()
-        self.stop_requested = self.stop_requested or bool(stop)
-        if bad:
-            self.bad_in_a_row += 1
-            self.log(f"warning: non-finite loss at step {self.step + 1}: this micro-batch's update is skipped "
-                     f"({self.bad_in_a_row}/{self.cfg.max_bad_steps} in a row)")
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {self.step + 1}; "
-                                    f"the last good checkpoint is in {self.ckpt_root}. Lower the learning rate "
-                                    "or check the data, then resume with --resume auto")
-            self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
-            return False
-        self.bad_in_a_row = 0
-        self.engine.backward(loss)
-        if self.engine.is_gradient_accumulation_boundary() and (self.step + 1) % self.cfg.log_every == 0:
-            self.grad_norm = self._grad_norm()
-        self.engine.step()
+    def try_step(self, loss_window: PositionLoss) -> bool:
+        """Draw the step's gradient_accumulation_steps micro-batches (bptt_segments consecutive
+        segments of every stream each; the carried state comes in detached) and back-propagate
+        each. The loss is normalised by the step's target tokens on all ranks (one all-reduce
+        before the first backward): each micro-batch back-propagates its summed token loss times
+        world_size * grad_accum / global tokens, which DeepSpeed's division by grad_accum and mean
+        over ranks turn into the global token mean, so the gradient is the same on any number of
+        ranks. One host sync, before the last backward: whether the loss is finite on every rank,
+        and whether a rank has been asked to stop. Returns whether the update was applied."""
+        k, grad_accum = self.model_cfg.bptt_segments, self.grad_accum
+        batches = [take(self.sampler, k) for _ in range(grad_accum)]
+        local = sum(int((b.targets != -100).sum()) for b in batches)  # on the host: the batches are still there
+        tokens = all_reduce_sum(torch.tensor(local, device=self.device))
+        scale = self.world_size * grad_accum / tokens.clamp(min=1)
+        total = torch.zeros((), device=self.device)  # the step's summed token loss on this rank
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            out = self.engine.module.forward_stream(batch.ids, batch.targets, self.state, batch.reset, bptt=k,
+                                                    keep_logits=False, step=self.engine)
+            self.state = out.state
+            loss_window.add(out.token_loss, batch.targets, batch.seg_index)
+            if self.cfg.log_placement:
+                with open(self.out / "placement" / f"rank{self.rank}.jsonl", "a") as f:
+                    f.write(json.dumps(placement(batch, self.rank, self.step + 1)) + "\n")
+            self.tokens_seen += self.tokens_per_step // grad_accum
+            summed = out.loss * out.n_tokens
+            total = total + summed.detach()
+            if i < grad_accum - 1:
+                self.engine.backward(summed * scale)
+                self.engine.step()
+                continue
+            flags = torch.stack([~torch.isfinite(total), torch.tensor(self.stop_requested, device=self.device)]).int()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            self.stopping = bool(stop)  # on every rank at the same step, wherever the signal came
+            if not self.guard.apply(not bad, self.step + 1):
+                self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
+                self._step_without_update(summed * scale)
+                return False
+            self.engine.backward(summed * scale)
+            if (self.step + 1) % self.cfg.log_every == 0:
+                self.grad_norm = self._grad_norm()
+            self.engine.step()
         return True
+
+    def _step_without_update(self, loss):
+        """The last backward and engine.step() of a step whose update is dropped, through
+        DeepSpeed's own path for an fp16 overflow (engine._take_model_step): the gradients are
+        cleared, the optimizer's state and the learning-rate schedule do not move, and the engine
+        counts the step in skipped_steps, so its counters stay those of the steps applied.
+        DeepSpeed's bf16, fp16 and ZeRO optimizers take that path on a non-finite gradient, which a
+        NaN loss gives. A plain torch optimizer (ZeRO 0 in fp32) has no such check: for this one
+        step it gets the overflow flag the engine reads and a step that does nothing (the engine
+        then drops the gradients)."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "overflow"):
+            self.engine.backward(loss * float("nan"))
+            self.engine.step()
+            return
+        self.engine.backward(loss)  # the engine clips the gradients before its (here empty) step
+        optimizer.overflow, optimizer.step = True, lambda closure=None: None
+        try:
+            self.engine.step()
+        finally:
+            del optimizer.overflow, optimizer.step
 
     def _grad_norm(self) -> float | None:
         """Before clipping. ZeRO stages 1-3 hand it over after the step; stage 0 keeps the
@@ -229,28 +304,24 @@ class Trainer:
 
     def save(self):
         """Write this step's checkpoint (checkpoint.save); a step is saved once."""
+        t0 = time.perf_counter()
         rank_state = {"sampler": self.sampler.state_dict(), "state": None if self.state is None else self.state.cpu()}
         path = ckpt.save(self.engine, self.ckpt_root, self.step, self.rank, self.world_size,
                          trainer_state=self.state_dict(), rank_state=rank_state,
                          configs=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config),
                          tokenizer=getattr(self.store, "tokenizer_path", None), keep_last=self.cfg.keep_last)
-        self.log(f"saved checkpoint {path}")
+        self.log(f"saved checkpoint {path} in {time.perf_counter() - t0:.2f} s")
         self.saved_step = self.step
 
-    def resume(self, resume: str) -> bool:
-        """Load `auto` (the newest checkpoint that verifies, if any) or a given checkpoint
-        directory: the one picked in __init__ when RESUME was passed there too."""
-        path = self.resume_from if self.resume_from is not None else ckpt.find(resume, self.ckpt_root, warn=self.log)
-        if path is None:
-            self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
-            return False
+    def _load(self, path: Path):
+        """Load checkpoint PATH (found and verified in __init__, the engine built for it)."""
+        t0 = time.perf_counter()
         trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size, expect=self._configs())
         self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)
         self.saved_step = self.step
-        self.log(f"resumed from {path} at step {self.step}")
-        return True
+        self.log(f"resumed from {path} at step {self.step} (loaded in {time.perf_counter() - t0:.2f} s)")
 
     def close(self):
         self.logger.close()

@@ -46,8 +46,6 @@ def run(args):
     trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
                       resume=args.resume)
     try:
-        if args.resume:
-            trainer.resume(args.resume)
         trainer.train()
     finally:
         trainer.close()

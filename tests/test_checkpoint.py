@@ -15,8 +15,7 @@ from click.testing import CliRunner
 from foldscale import checkpoint as ckpt
 from foldscale.cli import main
 from foldscale.config import ConfigError
-from test_export import MODEL, tokenized_store
-from test_trainer import run
+from run_helpers import TOKENIZED_MODEL, run, tokenized_store
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 2
@@ -26,11 +25,11 @@ KINDS = {"COMPLETE", "foldscale_rank0.pt", "mp_rank_00_model_states.pt", "zero_p
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A directory as test_trainer.run wants it (model.json, store, z2.json) holding RUN, trained
+    """A directory as run_helpers.run wants it (model.json, store, z2.json) holding RUN, trained
     for 4 steps with checkpoints at steps 2 and 4."""
     tmp = tmp_path_factory.mktemp("checkpoint")
     tokenized_store(tmp / "store")
-    (tmp / "model.json").write_text(json.dumps(MODEL))
+    (tmp / "model.json").write_text(json.dumps(TOKENIZED_MODEL))
     cfg = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
     cfg["scheduler"]["params"]["warmup_num_steps"] = 1
     cfg.update(train_micro_batch_size_per_gpu=STREAMS, zero_optimization={"stage": 2})
@@ -59,6 +58,7 @@ def resume(trained, run_dir, *args, check=True):
                ds="z2.json", check=check)
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_holds_its_manifest_configs_and_rank_state(trained):
     path = trained / "run" / "checkpoints" / "step00000004"
     assert {p.name for p in path.iterdir()} == KINDS
@@ -66,10 +66,11 @@ def test_a_checkpoint_holds_its_manifest_configs_and_rank_state(trained):
     assert record["step"] == 4 and record["world_size"] == 1 and set(record["files"]) == KINDS - {"COMPLETE"}
     assert ckpt.read_config(path, "ds_config.json")["scheduler"]["params"]["total_num_steps"] == 4
     mine = torch.load(path / "foldscale_rank0.pt", weights_only=True)
-    assert mine["state"].shape == (STREAMS, MODEL["segment_len"], MODEL["d_model"])
+    assert mine["state"].shape == (STREAMS, TOKENIZED_MODEL["segment_len"], TOKENIZED_MODEL["d_model"])
     assert mine["sampler"]["steps"] == 4 and mine["rng"]["torch"].dtype == torch.uint8
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
 def test_every_damaged_file_is_passed_over_by_resume_and_refused_by_export(trained, tmp_path, how):
     """Damage each file of the newest checkpoint in turn: `--resume auto` falls back to the one
@@ -97,6 +98,7 @@ def test_every_damaged_file_is_passed_over_by_resume_and_refused_by_export(train
         assert listing(run_dir) == before, name
 
 
+@pytest.mark.e2e
 def test_resume_auto_falls_back_and_continues_as_if_never_damaged(trained, tmp_path):
     """The fallback resumes from step 2 bit for bit: its new step 4 holds the weights of the
     undamaged run's. The damaged checkpoint is moved aside, not deleted."""
@@ -116,6 +118,7 @@ def test_resume_auto_falls_back_and_continues_as_if_never_damaged(trained, tmp_p
         assert torch.equal(v, original[k]), k
 
 
+@pytest.mark.e2e
 def test_resume_refuses_when_no_checkpoint_verifies(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained / "run", run_dir)
@@ -131,6 +134,7 @@ def test_resume_refuses_when_no_checkpoint_verifies(trained, tmp_path):
         {k: v for k, v in before.items() if k.startswith("checkpoints")}
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_damaged_checkpoint_it_is_given(trained, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained / "run", run_dir)
@@ -147,6 +151,7 @@ class NoEngine:
         raise AssertionError("loaded before the run was checked")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change,message", [
     ("world size", r"written by 1 rank\(s\) but this run has 2, with 4 streams in all: this checkpoint has 2 "
                    r"streams in all \(1 rank\(s\) x 2\); with 2 rank\(s\) set train_micro_batch_size_per_gpu to 1"),
@@ -171,6 +176,7 @@ def test_load_refuses_another_run_before_loading_anything(trained, change, messa
         ckpt.load(NoEngine(), path, 0, world_size, expect)
 
 
+@pytest.mark.e2e
 def test_resume_refuses_another_schedule(trained, tmp_path):
     """--steps 6 would stretch the cosine schedule (total_num_steps "auto") under a run planned
     for 4 steps: refused, saying what to pass."""
@@ -180,3 +186,28 @@ def test_resume_refuses_another_schedule(trained, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "scheduler.params.total_num_steps is 6 in this run but 4" in p.stderr
     assert "resume with --steps 4" in p.stderr
+
+
+def test_the_ranks_share_the_hashing_largest_file_first():
+    sizes = {"a": 10, "b": 6, "c": 5, "d": 1, "e": 0}
+    assert ckpt._share(sizes, 0, 1) == ["a", "b", "c", "d", "e"]
+    assert (ckpt._share(sizes, 0, 2), ckpt._share(sizes, 1, 2)) == (["a", "d", "e"], ["b", "c"])  # 11 and 11 bytes
+    shares = [ckpt._share(sizes, r, 8) for r in range(8)]
+    assert sorted(n for s in shares for n in s) == sorted(sizes) and max(map(len, shares)) == 1
+
+
+@pytest.mark.e2e
+def test_two_ranks_hash_their_shares_and_both_refuse_a_file_either_finds_altered(setup, tmp_path, monkeypatch):
+    """Saved and verified by 2 ranks: a byte flipped in a file that rank 1 alone hashes (not rank 0,
+    which prints) is found, and the resume refused on both ranks."""
+    monkeypatch.setenv("FOLDSCALE_MPI_PORT", "29571")  # not the port other mpirun tests use
+    two, out = dict(ranks=2, launcher="mpirun", ds="z2_b2.json"), tmp_path / "run"
+    run(setup, out, "--steps", 3, "--eval-every", 100, **two)
+    path = out / "checkpoints" / "step00000003"
+    sizes = {name: f["bytes"] for name, f in json.loads((path / "COMPLETE").read_text())["files"].items()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(sizes)
+    victim = ckpt._share(sizes, 1, 2)[0]
+    damage(path / victim, "flip")
+    p = run(setup, out, "--steps", 3, "--resume", "auto", "--eval-every", 100, check=False, **two)
+    assert p.returncode != 0 and "none of its checkpoints verifies" in p.stderr, p.stderr[-3000:]
+    assert f"{path / victim}: altered since it was saved" in p.stdout, p.stdout[-3000:]

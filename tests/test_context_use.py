@@ -91,6 +91,7 @@ def test_no_reach_when_the_state_never_helps():
     assert report["rows"][0]["gap_to_full_flops"] is None
 
 
+@pytest.mark.e2e
 def test_quick_run_on_the_cpu(tmp_path):
     """The whole experiment at toy size, as `python -m experiments.context_use --quick`."""
     out = tmp_path / "table.json"

@@ -4,6 +4,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from foldscale.cli import main
@@ -51,6 +52,7 @@ def test_default_store_builds_once_and_reuses(tmp_path, monkeypatch, capsys):
     assert (path / "meta.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.e2e
 def test_concurrent_callers_build_once(tmp_path):
     code = ("from foldscale.data.corpus import default_store\n"
             "print('PATH', default_store(vocab_size=512, max_files=20, num_proc=1))")

@@ -194,6 +194,7 @@ def test_interrupted_prepare_leaves_no_store(tok, inputs, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_reading_needs_no_datasets(small_store):
     store, _ = small_store
     code = ("import sys; sys.modules['datasets'] = None\n"

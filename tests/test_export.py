@@ -12,26 +12,19 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from foldscale.cli import main
-from foldscale.data import SegmentStreamSampler, TokenStore, prepare, train_tokenizer
+from foldscale.data import SegmentStreamSampler, TokenStore
 from foldscale.export import load_torch_export
 from foldscale.metrics import PositionLoss
 from foldscale.model import FoldedLM
+from run_helpers import TOKENIZED_MODEL as MODEL
+from run_helpers import tokenized_store
+
+pytestmark = pytest.mark.e2e  # every case reads the runs of the `runs` fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vocab_size=300, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
 ZERO = {"0": {"stage": 0}, "2": {"stage": 2}, "3": {"stage": 3}, "3off": {"stage": 3, **OFFLOAD}}
 STEPS, STREAMS, EVAL_SEGMENTS = 4, 2, 6
-
-
-def tokenized_store(out: Path) -> TokenStore:
-    """A token store made with its own tokenizer (vocab_size 300), so that a run's checkpoints
-    carry tokenizer.model: 40 short Python-like documents of 1 to 7 segments."""
-    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 5) for i in range(40)]
-    tok = train_tokenizer(iter(texts), MODEL["vocab_size"], out.with_name(out.name + ".tokenizer.model"))
-    docs = out.with_name(out.name + ".jsonl")
-    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return prepare(str(docs), tok, out, val_fraction=0.25, num_proc=1)
 
 
 @pytest.fixture(scope="module")

@@ -299,6 +299,7 @@ def test_exact_match_equals_argmax_over_the_whole_document(local_only, store, co
     assert len(read) == (2 * len(chunks_with_answers) if local_only else end // L)
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
     """`python -m experiments.suite --quick --baseline` from the repository root, on the
     built-in corpus that --quick reads (built once by the fixture)."""
@@ -333,6 +334,7 @@ def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
     assert "local_only" in table and "n/a" in table and "0.167" in table and len(table.splitlines()) == 2 + len(rows)
 
 
+@pytest.mark.e2e
 def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, store):
     """The researcher's path at toy size: launch/pretrain.py, foldscale export, then the suite
     with --init, which takes the exported model (its shape, not the --quick one)."""

@@ -14,22 +14,12 @@ import pytest
 import torch
 
 from foldscale.config import ModelConfig
-from foldscale.engine import build_engine, build_model, init_distributed, load_ds_config, param_groups
+from foldscale.engine import build_engine, build_model, load_ds_config, param_groups
 from foldscale.model import FoldedLM, rope_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIGS = ROOT / "ds_configs"
 CFG = ModelConfig(vocab_size=256, d_model=64, n_head=4, n_local=2, n_global=2, segment_len=512, state_gate=True)
-
-
-@pytest.fixture(scope="module")
-def dist():
-    """A process group of one; the environment init_distributed writes is put back afterwards
-    (see tests/test_engine.py)."""
-    saved = dict(os.environ)
-    yield init_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def zero3(bf16: bool) -> dict:
@@ -117,6 +107,7 @@ def test_partitioned_model_trains_with_the_shipped_config(dist):
     assert all(not torch.equal(before[n], after[n]) for n in moved)
 
 
+@pytest.mark.e2e
 def test_a_partitioned_run_resumes_bit_for_bit(tmp_path):
     """launch/pretrain.py under the shipped 24gb-zero3.json: 8 steps straight, and 4 + 4 resumed
     from the checkpoint (an engine built over a freshly partitioned model, then loaded)."""

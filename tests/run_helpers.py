@@ -1,0 +1,46 @@
+"""Shared helpers of the tests that train through launch/pretrain.py (fixtures are in conftest.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from foldscale.data import TokenStore, prepare, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL = dict(vocab_size=64, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=16)
+TOKENIZED_MODEL = dict(MODEL, vocab_size=300)  # for `tokenized_store`
+
+
+def run(setup, out, *args, ranks=1, launcher="python", ds="z0_b4.json", check=True, timeout=300):
+    """launch/pretrain.py on SETUP's model.json, store and DeepSpeed config DS, writing OUT."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = [str(ROOT / "launch" / "pretrain.py"), "--ds_config", str(setup / ds), "--model",
+              str(setup / "model.json"), "--data", str(setup / "store"), "--out", str(out),
+              "--log_every", "1", *map(str, args)]
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", "29531", *script]
+    elif launcher == "mpirun":
+        cmd = [str(BIN / "mpirun"), "-n", str(ranks), sys.executable, *script]
+    else:
+        cmd = [sys.executable, *script]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out):
+    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in lines if "train/loss" in r]
+
+
+def tokenized_store(out: Path) -> TokenStore:
+    """A token store made with its own tokenizer (vocab_size 300), so that a run's checkpoints
+    carry tokenizer.model: 40 short Python-like documents of 1 to 7 segments."""
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 5) for i in range(40)]
+    tok = train_tokenizer(iter(texts), TOKENIZED_MODEL["vocab_size"], out.with_name(out.name + ".tokenizer.model"))
+    docs = out.with_name(out.name + ".jsonl")
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return prepare(str(docs), tok, out, val_fraction=0.25, num_proc=1)
