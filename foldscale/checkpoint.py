@@ -271,12 +271,15 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
                           f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
+    if expect["train.json"].get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
+        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps" or c[2] < c[1]]
     if changed:
         saved = {key: old for key, old, _ in changed}
         fix = "set " + ", ".join(f"{k} to {json.dumps(v)}" for k, v in saved.items()) + " in the DeepSpeed JSON"
         total = saved.get("scheduler.params.total_num_steps")
         if total is not None:
-            fix = f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}"
+            fix = (f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}, or add "
+                   "--extend-schedule to stretch the schedule to the new --steps")
         raise ConfigError(f"the learning-rate schedule differs from the one in {path / 'ds_config.json'} "
                           f"({_described(changed)}): {fix}; a run keeps the schedule it started with")
 
