@@ -21,6 +21,10 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
 """Relative loss difference allowed by the self-check: bf16 rounds every weight (~3 digits)."""
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+"""What a safetensors export writes: an --out holding anything else is not replaced."""
+
+
 class ExportError(FoldscaleError):
     """An export whose loss differs from the checkpoint's: it failed its self-check."""
 
@@ -48,6 +52,12 @@ def check_batch(store_path, cfg: ModelConfig, n_segments: int = 4) -> tuple[torc
     return torch.randint(0, cfg.vocab_size, (2, n), generator=g), f"random ids (2 x {n})"
 
 
+def _readable_as_config(f: Path, like: Path):
+    """safetensors writes through a private temporary file (mode 0600): give F the mode every other
+    file gets under the user's umask, as LIKE has."""
+    f.chmod(like.stat().st_mode & 0o777)
+
+
 @torch.no_grad()
 def batch_loss(model: FoldedLM, ids: torch.Tensor) -> float:
     return model.forward_stream(ids[:, :-1], targets=ids[:, 1:], keep_logits=False).loss.item()
@@ -68,6 +78,12 @@ def load_torch_export(path) -> FoldedLM:
                                     f"{path}: weights do not match its config").eval()
 
 
+def checkpoint_model(path) -> FoldedLM:
+    """The model of checkpoint PATH (verified), fp32, in eval mode."""
+    cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
+    return FoldedLM.from_state_dict(cfg, ckpt.model_weights(path), f"{path}: weights do not match model.json").eval()
+
+
 def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str = "safetensors",
            progress=lambda message: None) -> dict:
     """Write the model of RUN_DIR's newest checkpoint (or TAG) to OUT and check it; returns what was
@@ -78,14 +94,18 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         raise ConfigError(f"--out {out} is a file; safetensors export writes a directory")
     if fmt == "torch" and out.is_dir():
         raise ConfigError(f"--out {out} is a directory; torch export writes one .pt file")
+    if fmt == "safetensors" and out.is_dir():
+        others = sorted(f.name for f in out.iterdir() if f.name not in EXPORT_FILES)
+        if others or ((out / "config.json").is_file() and not (out / "model.safetensors").is_file()):
+            raise ConfigError(f"--out {out} holds other files ({', '.join(others or ['config.json'])}), not an earlier "
+                              "export: give a new or empty directory")
     root = Path(run_dir) / "checkpoints"
     path = root / tag if tag else ckpt.newest(root)
     record = ckpt.verify(path)
     cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
     progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
              "zero_to_fp32: seconds per GB), then the loss self-check")
-    reference = FoldedLM.from_state_dict(cfg, ckpt.model_weights(path),
-                                         f"{path}: weights do not match model.json").eval()
+    reference = checkpoint_model(path)
     state = {k: v.to(DTYPES[dtype]) for k, v in reference.export_state_dict().items()}
     tokenizer = ckpt.tokenizer(path) if fmt == "safetensors" else None
     if fmt == "safetensors":
@@ -93,6 +113,7 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_json(out / "config.json")
         save_file(state, str(out / "model.safetensors"))
+        _readable_as_config(out / "model.safetensors", out / "config.json")
         if tokenizer:
             shutil.copyfile(tokenizer, out / "tokenizer.model")
         exported = FoldedLM.from_pretrained(out).eval()

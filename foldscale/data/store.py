@@ -238,6 +238,16 @@ def write_store(docs, out, vocab_size: int, val_fraction: float = 0.1,
         raise
 
 
+def _not_a_store(path: Path):
+    """Refuse a model or a run given where a token store belongs, before it reads as a damaged store."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        raise StoreError(f"{path} is an exported model, not a token store: give the store (from `foldscale "
+                         "prepare`) as --data, after the model")
+    if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
+        raise StoreError(f"{path} is a training run or checkpoint, not a token store: give the store (from "
+                         "`foldscale prepare`) as --data")
+
+
 class TokenStore:
     """A checked, memory-mapped token store. Open with `TokenStore.open(path)`."""
 
@@ -265,6 +275,8 @@ class TokenStore:
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"token store not found: {path} (build one with `foldscale prepare`)")
+        if not (path / "meta.json").exists():
+            _not_a_store(path)
         meta = _read_meta(path)
         for name in meta["files"]:
             _check_file(path, meta, name, digest=name != "tokens.bin")
