@@ -235,8 +235,8 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many predicted tokens (default: the whole split).")
-@click.option("--streams", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Documents evaluated side by side.")
+@click.option("--streams", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Documents read side by side (each stream reads its documents back to back, as training does).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write loss by position as a PNG.")
 @click.option("--compare", "compare", type=click.Path(), multiple=True,
               help="Another model, run on exactly the same text (repeat for more).")

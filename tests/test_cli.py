@@ -248,3 +248,25 @@ def test_swapped_or_unexported_paths_are_recognised(env, tmp_path):
     result = invoke("generate", tmp_path / "empty", "--prompt", "x")
     refused(result, "holds no model (no config.json)")
     assert result.output.count(str(tmp_path / "empty")) == 1
+
+
+def test_eval_reads_many_documents_side_by_side(env, monkeypatch):
+    """16 documents of 3 segments: three forward calls of 16 rows each (one segment of every
+    stream at a time, as training reads), with the losses of one document at a time."""
+    from foldscale.evaluate import position_losses
+    model = FoldedLM.from_pretrained(env / "folded").eval()
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(4, V, 3 * L + 1) for _ in range(16)]
+    rows = []
+    forward = FoldedLM.forward
+
+    def counted(self, ids, *args, **kwargs):
+        rows.append(ids.shape[0])
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(FoldedLM, "forward", counted)
+    together = position_losses(model, docs, L, streams=16, device="cpu")
+    assert rows == [16, 16, 16]
+    alone = [position_losses(model, [d], L, streams=1, device="cpu") for d in docs]
+    assert torch.allclose(together.sums, sum(a.sums for a in alone), rtol=1e-5)
+    assert torch.equal(together.counts, sum(a.counts for a in alone))
