@@ -298,7 +298,7 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
                           f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
-    if expect["train.json"].get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
+    if expect.get("train.json", {}).get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
         changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps" or c[2] < c[1]]
     if changed:
         saved = {key: old for key, old, _ in changed}
