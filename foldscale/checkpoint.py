@@ -24,6 +24,7 @@ is what refuses a file changed after the save. It is a checksum, not a signature
 """
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -67,12 +68,14 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     """
     root = Path(root)
     path = root / f"step{step:08d}"
-    if rank == 0 and path.exists():
-        aside = _move_aside(path)
-        print(f"moved the earlier {path} aside to {aside}", flush=True)
+    with _disk_full_refused(root, path, engine):
+        if rank == 0 and path.exists():
+            aside = _move_aside(path)
+            print(f"moved the earlier {path} aside to {aside}", flush=True)
+        dist.barrier()
+        engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
+        _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
-    _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
     if rank == 0:
         for name, cfg in configs.items():
             _atomic_write_text(path / name, json.dumps(cfg, indent=2))
@@ -92,6 +95,31 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
         _prune(root, keep_last, path)
     dist.barrier()
     return path
+
+
+@contextlib.contextmanager
+def _disk_full_refused(root: Path, path: Path, engine):
+    """Refuse a save that cannot fit, before it starts when the free space is known to be short,
+    and when a write fails for want of space (torch's writer says only "unexpected pos"): one
+    CheckpointError saying how much is needed; the partial PATH is deleted, so the previous
+    checkpoint stays the one `--resume auto` takes."""
+    root.mkdir(parents=True, exist_ok=True)
+    done = [p for p in _checkpoint_dirs(root) if (p / "COMPLETE").is_file() and p != path]
+    needed = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else \
+        16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # fp32 weights + Adam
+    previous = f"--resume auto takes {done[-1]}" if done else "there is no earlier checkpoint"
+    message = f"no space left on {root}: a checkpoint needs about {needed:,} bytes, {{free:,}} are free; free some " \
+              f"space (or lower --keep-last) and resume ({previous})"
+    if shutil.disk_usage(root).free < needed:
+        raise CheckpointError(message.format(free=shutil.disk_usage(root).free))
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
+        if not full:
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointError(message.format(free=shutil.disk_usage(root).free)) from None
 
 
 def find(resume: str, root, warn=print, rank: int = 0, world_size: int = 1) -> Path | None:
@@ -282,12 +310,15 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
                           f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
+    if expect.get("train.json", {}).get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
+        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps" or c[2] < c[1]]
     if changed:
         saved = {key: old for key, old, _ in changed}
         fix = "set " + ", ".join(f"{k} to {json.dumps(v)}" for k, v in saved.items()) + " in the DeepSpeed JSON"
         total = saved.get("scheduler.params.total_num_steps")
         if total is not None:
-            fix = f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}"
+            fix = (f"resume with --steps {total} (where total_num_steps is \"auto\"), or {fix}, or add "
+                   "--extend-schedule to stretch the schedule to the new --steps")
         raise ConfigError(f"the learning-rate schedule differs from the one in {path / 'ds_config.json'} "
                           f"({_described(changed)}): {fix}; a run keeps the schedule it started with")
 

@@ -110,23 +110,62 @@ def _device(name):
 
 
 def _load_model(path, device, need_tokenizer=False):
-    """An exported model directory -> (model in eval mode on DEVICE, Tokenizer or None)."""
+    """An exported model directory, a run directory (its newest complete checkpoint) or a checkpoint
+    directory -> (model in eval mode on DEVICE, Tokenizer or None)."""
     from pathlib import Path
 
+    from foldscale import checkpoint as ckpt
     from foldscale.data import Tokenizer
+    from foldscale.export import checkpoint_model
     from foldscale.model import FoldedLM
-    model = FoldedLM.from_pretrained(path).to(device).eval()
-    tok_file = Path(path) / "tokenizer.model"
-    if not tok_file.is_file():
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
+        checkpoint = ckpt.find("auto", path / "checkpoints") if (path / "checkpoints").is_dir() else ckpt.find(str(path), path.parent)
+        if checkpoint is None:
+            raise UserError(f"{path}: a run directory with no complete checkpoint yet")
+        model, tok_file = checkpoint_model(checkpoint).to(device), ckpt.tokenizer(checkpoint)
+        where = f"{checkpoint} has no tokenizer.model (its token store had none)"
+    else:
+        if (path / "meta.json").is_file():
+            raise UserError(f"{path} is a token store, not a model: give it as --data (MODEL comes first)")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{path} holds no model (no config.json): give an exported model, or a run "
+                            f"directory, or export one with `foldscale export RUN --out DIR`")
+        model = FoldedLM.from_pretrained(path).to(device).eval()
+        tok_file = path / "tokenizer.model"
+        where = f"{tok_file}: missing; this command needs the tokenizer next to the model (export a run whose " \
+                "token store has one, or copy it there)"
+    if tok_file is None or not tok_file.is_file():
         if need_tokenizer:
-            raise UserError(f"{tok_file}: missing; this command needs the tokenizer next to the model "
-                            "(export a run whose token store has one, or copy it there)")
+            raise UserError(where)
         return model, None
     tok = Tokenizer(tok_file)
     if tok.vocab_size != model.cfg.vocab_size:
         raise UserError(f"{tok_file} has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{model.cfg.vocab_size}: this tokenizer does not belong to this model")
     return model, tok
+
+
+def _store_mismatch(model_path, vocab_size: int, tok, store) -> str | None:
+    """Why STORE cannot evaluate the model at MODEL_PATH (None when it can), with the command
+    that makes one that can: the store's own `foldscale prepare` line with the model's tokenizer."""
+    import shlex
+    if vocab_size == store.vocab_size and (tok is None or tok.hash == store.tokenizer_hash):
+        return None
+    if tok is None:
+        return (f"{store.path} was made with another tokenizer ({store.vocab_size} tokens) than {model_path} was "
+                "trained with, and the model ships no tokenizer.model: evaluate it on a store made with the tokenizer "
+                "of its run (export the run again to get it beside the model)")
+    args = shlex.split(store.meta.get("command") or "")
+    if "--tokenizer" in args and "--out" in args:
+        args[args.index("--tokenizer") + 1] = str(tok.path)
+        args[args.index("--out") + 1] = f"{store.path}-{model_path.name}"
+        command = shlex.join(args)
+    else:
+        command = f"foldscale prepare --input YOUR_FILES --tokenizer {tok.path} --out STORE"
+    return (f"{store.path} was made with another tokenizer ({store.vocab_size} tokens, sha256 "
+            f"{store.tokenizer_hash[:12]}) than {model_path} ({tok.vocab_size} tokens, sha256 {tok.hash[:12]}): "
+            f"make a store with the model's own: {command}")
 
 
 @main.command()
@@ -201,8 +240,8 @@ def generate(model, prompt, prompt_file, max_new_tokens, temperature, top_k, see
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Stop after this many predicted tokens (default: the whole split).")
-@click.option("--streams", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Documents evaluated side by side.")
+@click.option("--streams", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Documents read side by side (each stream reads its documents back to back, as training does).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write loss by position as a PNG.")
 @click.option("--compare", "compare", type=click.Path(), multiple=True,
               help="Another model, run on exactly the same text (repeat for more).")
@@ -226,17 +265,20 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, context, devic
       foldscale eval models/folded --data store --compare models/baseline --json
       foldscale eval models/folded --data store --context 1024     # no token sees > 1024 back
     """
-    from foldscale.data import StoreError, TokenStore
+    from pathlib import Path
+
+    from foldscale.data import TokenStore
     from foldscale.evaluate import evaluate
+    if plot:
+        _check_plot_path(Path(plot))
     dev = _device(device)
     store = TokenStore.open(data)
     models = {}
     for path in [model, *compare]:
         lm, tok = _load_model(path, dev)
-        try:
-            store.check_compatible(lm.cfg.vocab_size, tok.hash if tok else None)
-        except StoreError as e:
-            raise UserError(f"{path}: {e}") from None
+        problem = _store_mismatch(Path(path), lm.cfg.vocab_size, tok, store)
+        if problem:
+            raise UserError(problem)
         name = str(path)
         while name in models:
             name = f"{path} ({len(models) + 1})"
@@ -264,6 +306,16 @@ def eval_(model, data, split, max_tokens, streams, plot, compare, context, devic
     click.echo(f"{'ppl':>10s}" + "".join(f"  {r['perplexity']:>24.2f}" for r in rows))
     if plot:
         click.echo(f"wrote {plot}")
+
+
+def _check_plot_path(plot):
+    """Refuse, before any evaluation, a --plot that cannot be written."""
+    from matplotlib.figure import Figure
+    kinds = Figure().canvas.get_supported_filetypes()
+    if plot.suffix.lstrip(".").lower() not in kinds:
+        raise UserError(f"--plot {plot}: give a file ending in one of .{', .'.join(sorted(kinds))} (e.g. loss.png)")
+    if not plot.parent.is_dir():
+        raise UserError(f"--plot {plot}: no directory {plot.parent} (create it first)")
 
 
 def _register(module, *names):

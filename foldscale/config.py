@@ -239,6 +239,9 @@ class TrainConfig:
     materialises the (tokens, vocabulary) logits; speed and memory only (FoldedLM.set_kernels)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated (each skips its update) before the run stops."""
+    extend_schedule: bool = False
+    """Resumed with the checkpoint's learning-rate schedule stretched to end at `steps`
+    (engine.load_ds_config); recorded so that the longer schedule is the run's own from then on."""
     seed: int = 0
     """Seeds the model's initialisation, dropout, and how documents are dealt to streams."""
     peak_tflops: float = 800.0

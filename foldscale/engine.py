@@ -4,6 +4,7 @@ DeepSpeed's JSON owns batch size, ZeRO, precision, clipping, offload, optimizer 
 foldscale's configs own the model, data and recurrence. Contradictions are refused here.
 """
 import contextlib
+import difflib
 import functools
 import os
 import socket
@@ -24,6 +25,24 @@ from foldscale.model import FoldedLM, rope_tables  # noqa: E402
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 _SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+TOP_LEVEL_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "activation_checkpointing", "aio", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "memory_breakdown", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "checkpoint", "data_types", "communication_data_type", "seq_parallel_communication_data_type",
+    "elasticity", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+    "sparse_attention", "pipeline", "hybrid_engine", "compile", "nebula", "tensor_parallel", "timers",
+    "weight_quantization", "eigenvalue", "progressive_layer_drop", "quantize_training", "disable_allgather",
+    "dataloader_drop_last", "use_data_before_expert_parallelism", "expert_parallel", "log_level",
+    "legacy_fusion", "vocabulary_size", "disable_python_gc", "managed_gradient_accumulation", "gradient_allreduce_op")
+"""DeepSpeed's documented top-level keys; DeepSpeed itself ignores any other, typos included."""
+ADAM_PARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
+               "fused", "torch_adam", "adam_w_mode", "adamw_mode", "bias_correction", "set_grad_none",
+               "fp32_optimizer_states")
+"""What DeepSpeed's Adam and AdamW (torch's, FusedAdam, DeepSpeedCPUAdam) take in optimizer.params."""
+_SPELLINGS = {"learning_rate": "lr", "beta": "betas", "epsilon": "eps"}
 
 
 def on_gpu() -> bool:
@@ -38,7 +57,8 @@ def announced(what: str, rank: int):
     if rank != 0:
         yield
         return
-    print(f"{what} (a first launch compiles DeepSpeed's ops: about a minute)", flush=True)
+    print(f"{what} (DeepSpeed compiles an op the first time this torch and Python need it: about a minute)",
+          flush=True)
     t0 = time.perf_counter()
     stuck = threading.Timer(300, print, [f"{what}: still waiting after 5 minutes. A build killed midway leaves "
                                          "a stale lock (~/.cache/torch_extensions/*/*/lock) that every later "
@@ -111,19 +131,22 @@ def exact_pinned_memory(threshold_mb: int = 64):
         pass
 
 
-def load_ds_config(path, world_size: int, steps: int) -> dict:
+def load_ds_config(path, world_size: int, steps: int, extend_from: dict | None = None) -> dict:
     """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key.
 
     The JSON owns the schedule and `--steps` when to stop: a schedule's `total_num_steps: "auto"`
-    is filled from --steps, and a warm-up must be shorter than the schedule (never silently
-    shrunk). The resolved config is saved with every checkpoint, and resuming under a different
-    schedule is refused (checkpoint.py)."""
+    is filled from --steps, a `warmup_num_steps` below 1 is that fraction of it, and a warm-up
+    must be shorter than the schedule (never silently shrunk). The resolved config is saved with
+    every checkpoint, and resuming under a different schedule is refused (checkpoint.py), unless
+    EXTEND_FROM (the resolved scheduler of the checkpoint being resumed, `--extend-schedule`) is
+    given: its schedule then goes on, warm-up as it was, to --steps instead of its end."""
     path = Path(path)
     cfg = read_json(path, "no such DeepSpeed config; see ds_configs/ for examples")
 
     def refuse(message):
         raise ConfigError(f"{path}: {message}")
 
+    _check_keys(cfg, refuse)
     micro = cfg.get("train_micro_batch_size_per_gpu")
     if micro is None:
         refuse("set train_micro_batch_size_per_gpu (the number of streams per rank)")
@@ -155,14 +178,60 @@ def load_ds_config(path, world_size: int, steps: int) -> dict:
     sched = cfg.get("scheduler", {})
     if sched.get("type") in _SCHEDULERS_WITH_TOTAL:
         params = sched.setdefault("params", {})
+        if extend_from is not None:
+            saved = extend_from.get("params", {}).get("total_num_steps")
+            if extend_from.get("type") != sched["type"] or not isinstance(saved, int) or steps <= saved:
+                refuse(f"--extend-schedule goes on with the checkpoint's {extend_from.get('type')} schedule of "
+                       f"{saved} steps: pass a larger --steps (and the same scheduler type)")
+            sched["params"] = params = {**extend_from["params"], "total_num_steps": steps}
         if params.setdefault("total_num_steps", "auto") == "auto":
             params["total_num_steps"] = steps
         total, warmup = params["total_num_steps"], params.get("warmup_num_steps", 0)
+        if isinstance(warmup, float) and 0 < warmup < 1:
+            params["warmup_num_steps"] = warmup = int(warmup * total)
         if warmup >= total:
             refuse(f"scheduler.params.warmup_num_steps={warmup} is not shorter than the schedule "
-                   f"(total_num_steps={total}, \"auto\" follows --steps): lower it, e.g. to {max(1, total // 10)}, "
-                   "or train for more steps")
+                   f"(total_num_steps={total}, \"auto\" follows --steps): lower it, e.g. to {max(1, total // 10)} "
+                   "or the fraction 0.1, or train for more steps")
+    elif isinstance(sched.get("params", {}).get("warmup_num_steps"), float):
+        refuse(f"scheduler.params.warmup_num_steps as a fraction needs a schedule with total_num_steps "
+               f"({', '.join(_SCHEDULERS_WITH_TOTAL)}): give it in steps")
     return cfg
+
+
+def _check_keys(cfg: dict, refuse):
+    """Refuse a key DeepSpeed would ignore at the top level, an optimizer parameter Adam(W) does not
+    take, and a zero_optimization key or value DeepSpeed's own model rejects, with the nearest name."""
+    def hint(key, known):
+        close = [_SPELLINGS[key]] if _SPELLINGS.get(key) in known else difflib.get_close_matches(key, known, n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS:
+            refuse(f"unknown key {key!r}{hint(key, TOP_LEVEL_KEYS)}: DeepSpeed would ignore it")
+    optimizer = cfg.get("optimizer") or {}
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        for key in optimizer.get("params", {}):
+            if key not in ADAM_PARAMS:
+                refuse(f"optimizer.params.{key} is not a parameter of {optimizer['type']}{hint(key, ADAM_PARAMS)}")
+    if "zero_optimization" in cfg:
+        import pydantic
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        try:
+            DeepSpeedZeroConfig(**cfg["zero_optimization"])
+        except pydantic.ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(map(str, ("zero_optimization", *error["loc"])))
+            model = DeepSpeedZeroConfig
+            for step in error["loc"][:-1]:  # down to the section the key sits in, for the hint
+                annotation = model.model_fields[step].annotation if step in model.model_fields else None
+                model = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
+                              if hasattr(a, "model_fields")), None)
+                if model is None:
+                    break
+            fields = list(model.model_fields) if model is not None else []
+            suggestion = hint(str(error["loc"][-1]), fields) if error["type"] == "extra_forbidden" else ""
+            refuse(f"{where}: {error['msg'].lower()}{suggestion}")
 
 
 def activation_checkpointing_fn(ds_config: dict):

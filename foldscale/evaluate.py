@@ -1,7 +1,7 @@
 """Loss and perplexity over whole documents, overall and by position in the document.
 
-Each model reads every document from its start with its own segment length and carried state
-(`forward_stream`). To compare models whose segment lengths differ on the same footing, a token
+Each model reads every document from its start with its own segment length and carried state,
+many documents side by side as training reads them (`position_losses`). To compare models whose segment lengths differ on the same footing, a token
 at position p of its document is counted in the bucket of segment index p // l_ref, l_ref being
 the first model's segment length; the buckets (0, 1, 2-3, 4-7, ...) are training's.
 """
@@ -10,9 +10,9 @@ import math
 import numpy as np
 import torch
 
-from foldscale.data import TokenStore
+from foldscale.data import TokenStore, assign_documents
 from foldscale.metrics import PositionLoss, bucket_label
-from foldscale.model import FoldedLM
+from foldscale.model import FoldedLM, segments
 
 
 def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> list[np.ndarray]:
@@ -33,39 +33,56 @@ def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> l
 
 @torch.no_grad()
 def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams: int, device,
-                    progress=None, context: int | None = None) -> PositionLoss:
+                    progress=None, context: int | None = None, block: int = 64) -> PositionLoss:
     """Per-token losses of MODEL on DOCS, summed into segment-index buckets of l_ref tokens.
 
-    With `context`, every document is read in windows of that many tokens, each from S0 as if a
-    new document began there: no token sees further back than the start of its window. Windows
-    go `streams` at a time, shortest first, each padded at its end; padding is never a target
-    and, attention being causal, never changes the loss of an earlier token.
+    Read as training reads: the documents (with `context`, windows of that many tokens, each
+    from S0 as if a new document began there, so no token sees further back than its window's
+    start) are dealt to `streams` streams of near-equal length (`assign_documents`), and every
+    stream reads its own back to back, one segment of all streams at a time, a window starting
+    at a segment boundary with `reset` and its last segment padded. Padding is never a target
+    and, attention being causal, never changes an earlier token's loss. Streams are run longest
+    first, and every BLOCK segments those that have finished leave the batch.
     """
     model.eval().to(device)
-    acc = PositionLoss("cpu")
+    l = model.cfg.segment_len
     step = context or max(len(d) for d in docs)
-    windows = sorted(((d[start:start + step + 1], start) for d in docs for start in range(0, len(d) - 1, step)),
-                     key=lambda w: len(w[0]))
-    for first in range(0, len(windows), streams):
-        chunk = windows[first:first + streams]
-        T = max(len(d) for d, _ in chunk) - 1
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        targets = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for b, (d, _) in enumerate(chunk):
-            d = torch.from_numpy(d.astype(np.int64))
-            ids[b, :len(d) - 1], targets[b, :len(d) - 1] = d[:-1], d[1:]
-        out = model.forward_stream(ids.to(device), targets=targets.to(device), keep_logits=False)
-        token_loss = out.token_loss.cpu()
-        for b, (d, start) in enumerate(chunk):
-            n = len(d) - 1  # one row per token: bucket by the token's own position in its document
-            acc.add(token_loss[b, :n, None], targets[b, :n, None], (start + torch.arange(n)) // l_ref)
+    windows = [(d[start:start + step + 1], start) for d in docs for start in range(0, len(d) - 1, step)]
+    n_segments = np.array([-(-(len(w) - 1) // l) for w, _ in windows])
+    dealt = assign_documents(n_segments, min(streams, len(windows)), seed=0, epoch=0)
+    dealt.sort(key=lambda mine: -n_segments[mine].sum())  # longest first: the active streams are a prefix
+    lengths = [int(n_segments[mine].sum()) for mine in dealt]
+    ids = torch.zeros(len(dealt), lengths[0] * l, dtype=torch.long)
+    targets = torch.full_like(ids, -100)
+    position = torch.zeros_like(ids)  # of each token in its document
+    reset = torch.zeros(len(dealt), lengths[0], dtype=torch.bool)
+    for b, mine in enumerate(dealt):
+        at = 0
+        for i in mine:
+            w, start = windows[i]
+            w, n = torch.from_numpy(w.astype(np.int64)), len(w) - 1
+            ids[b, at * l:at * l + n], targets[b, at * l:at * l + n] = w[:-1], w[1:]
+            position[b, at * l:at * l + n] = start + torch.arange(n)
+            reset[b, at] = True
+            at += int(n_segments[i])
+    acc, state = PositionLoss("cpu"), None
+    for first in range(0, lengths[0], block):
+        rows = sum(n > first for n in lengths)
+        cols = slice(first * l, (first + block) * l)
+        state = None if state is None else state[:rows]
+        for i, out in enumerate(segments(model, ids[:rows, cols].to(device), l, targets[:rows, cols].to(device),
+                                         state, reset[:rows, first:first + block].to(device))):
+            seg = slice(first * l + i * l, first * l + (i + 1) * l)
+            counted = targets[:rows, seg]
+            acc.add(out.token_loss.cpu().reshape(-1, 1), counted.reshape(-1, 1), position[:rows, seg].reshape(-1) // l_ref)
+            state = out.state
             if progress is not None:
-                progress.update(n)
+                progress.update(int((counted != -100).sum()))
     return acc
 
 
 def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
-             max_tokens: int | None = None, streams: int = 4, device="cpu", context: int | None = None) -> dict:
+             max_tokens: int | None = None, streams: int = 16, device="cpu", context: int | None = None) -> dict:
     """Every model on exactly the same documents; by-position tables in units of the first
     model's segment length. `context` limits how far back any token sees (position_losses)."""
     from tqdm import tqdm
@@ -74,7 +91,7 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
     l_ref = next(iter(models.values())).cfg.segment_len
     results = []
     for name, model in models.items():
-        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True) as bar:
+        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, smoothing=0.05) as bar:
             acc = position_losses(model, docs, l_ref, streams, device, bar, context)
         loss, table = acc.summary()
         counts = {bucket_label(b): int(c) for b, c in enumerate(acc.counts.tolist()) if c > 0}

@@ -22,6 +22,10 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
 """Relative loss difference allowed by the self-check: bf16 rounds every weight (~3 digits)."""
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.model")
+"""What a safetensors export writes: an --out holding anything else is not replaced."""
+
+
 class ExportError(FoldscaleError):
     """An export whose loss differs from the checkpoint's: it failed its self-check."""
 
@@ -49,6 +53,20 @@ def check_batch(store_path, cfg: ModelConfig, n_segments: int = 4) -> tuple[torc
     return torch.randint(0, cfg.vocab_size, (2, n), generator=g), f"random ids (2 x {n})"
 
 
+def _refuse_other_files(out: Path, ours: tuple):
+    """An --out that holds files an export does not write is the user's, not an earlier export."""
+    others = sorted(f.name for f in out.iterdir() if f.name not in ours)
+    if others or ((out / "config.json").is_file() and not (out / "model.safetensors").is_file()):
+        raise ConfigError(f"--out {out} holds other files ({', '.join(others or ['config.json'])}), not an earlier "
+                          "export: give a new or empty directory")
+
+
+def _readable_as_config(f: Path, like: Path):
+    """safetensors writes through a private temporary file (mode 0600): give F the mode every other
+    file gets under the user's umask, as LIKE has."""
+    f.chmod(like.stat().st_mode & 0o777)
+
+
 @torch.no_grad()
 def batch_loss(model: FoldedLM, ids: torch.Tensor) -> float:
     return model.forward_stream(ids[:, :-1], targets=ids[:, 1:], keep_logits=False).loss.item()
@@ -69,6 +87,12 @@ def load_torch_export(path) -> FoldedLM:
                                     f"{path}: weights do not match its config").eval()
 
 
+def checkpoint_model(path) -> FoldedLM:
+    """The model of checkpoint PATH (verified), fp32, in eval mode."""
+    cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
+    return FoldedLM.from_state_dict(cfg, ckpt.model_weights(path), f"{path}: weights do not match model.json").eval()
+
+
 def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str = "safetensors",
            progress=lambda message: None) -> dict:
     """Write the model of RUN_DIR's newest checkpoint (or TAG) to OUT and check it; returns what was
@@ -82,6 +106,8 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
     if fmt == "hf":
         from foldscale import hf
         hf.require_transformers()
+    if fmt != "torch" and out.is_dir():
+        _refuse_other_files(out, EXPORT_FILES + (hf.FILES if fmt == "hf" else ()))
     if (source / "model.safetensors").is_file():  # a safetensors export, not a run
         if tag:
             raise ConfigError(f"--tag: {source} is an exported model, not a run directory; leave out --tag")
@@ -95,8 +121,7 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
         progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
                  "zero_to_fp32: seconds per GB), then the loss self-check")
-        reference = FoldedLM.from_state_dict(cfg, ckpt.model_weights(path),
-                                             f"{path}: weights do not match model.json").eval()
+        reference = checkpoint_model(path)
         tokenizer, store = ckpt.tokenizer(path), ckpt.read_config(path, "data.json").get("store")
     cfg = reference.cfg
     state = {k: v.to(DTYPES[dtype]) for k, v in reference.export_state_dict().items()}
@@ -112,10 +137,11 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
             shutil.copyfile(tokenizer, out / "tokenizer.model")
         if fmt == "hf":
             hf.write_hf(cfg, out)
-            exported = hf.load(out)[0].model  # through transformers, as its users load it
         else:
             cfg.to_json(out / "config.json")
-            exported = FoldedLM.from_pretrained(out).eval()
+        _readable_as_config(out / "model.safetensors", out / "config.json")
+        # an hf export is loaded back through transformers, as its users load it
+        exported = hf.load(out)[0].model if fmt == "hf" else FoldedLM.from_pretrained(out).eval()
     ids, check = check_batch(store, cfg)
     loss_ds, loss_out = batch_loss(reference, ids), batch_loss(exported, ids)
     result = {"checkpoint": str(path), "step": step, "out": str(out), "format": fmt, "dtype": dtype,

@@ -17,6 +17,8 @@ from .data import Tokenizer
 MODEL_FILES = ["configuration_foldscale.py", "modeling_foldscale.py", "model.py", "config.py", "kernels.py",
                "generate.py"]
 """Copied into the directory: the HF classes and every foldscale file they import (relatively)."""
+FILES = (*MODEL_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+"""Everything an HF export writes beside the plain export's files."""
 AUTO_MAP = {"AutoConfig": "configuration_foldscale.FoldscaleConfig",
             "AutoModelForCausalLM": "modeling_foldscale.FoldscaleForCausalLM"}
 TOKENIZER_CHECK = ("def f(x, y=2):\n\tif x:\n        return  x ** y   # trailing   \n\n\n    elif y:\r\n"

@@ -166,7 +166,7 @@ class Trainer:
                 self.log_metrics(loss_window, speed.rate(self.step, self.world_size))
                 self.train_loss.merge(loss_window)
                 loss_window = PositionLoss(self.device)
-            if self.step % self.cfg.eval_every == 0 and len(self.store.docs("val")):
+            if (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps) and len(self.store.docs("val")):
                 self.evaluate()
                 speed.restart(self.step)
             if self.step % self.cfg.save_every == 0:

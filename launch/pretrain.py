@@ -10,12 +10,19 @@ Flags are spelled with dashes; the underscore spellings (--ds_config) work too.
 """
 import argparse
 import sys
+from pathlib import Path
 
-from foldscale.config import PRESETS, DataConfig, FoldscaleError, ModelConfig, TrainConfig
+from foldscale import checkpoint as ckpt
+from foldscale.config import PRESETS, ConfigError, DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.data import TokenStore, default_store
 from foldscale.engine import close_distributed, init_distributed, load_ds_config
 from foldscale.flags import add_fields, flag, from_args
+from foldscale.rundir import claimed
 from foldscale.trainer import Trainer
+
+STOPPED_BY_SIGNAL = 130
+"""Exit status of a run stopped by SIGINT/SIGTERM after saving its checkpoint (128 + SIGINT, as
+shells report a Ctrl-C). The deepspeed launcher turns any Ctrl-C into its own status 1."""
 
 
 def parse_args(argv=None):
@@ -25,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="token store from `foldscale prepare` (default: the built-in corpus)")
     p.add_argument("--resume", help="'auto' (the newest checkpoint in --out that verifies, skipping damaged ones "
                                     "with a warning) or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run, deleting its checkpoints and metrics")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
     p.add_argument(*flag("collective_timeout"), type=float, default=600.0,
                    help="seconds before a collective fails (so a dead rank stops the others)")
@@ -33,33 +42,56 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(args):
+def run(args) -> bool:
+    """Train; True when the run was stopped by a signal (after saving its checkpoint)."""
     train_cfg = from_args(TrainConfig, args)
     rank, world_size = init_distributed(args.collective_timeout, train_cfg.gpu_mem_gib)
-    ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps)
+    ds_config = load_ds_config(args.ds_config, world_size, train_cfg.steps, extend_from=_schedule_to_extend(args))
     # --data is hashed in full (~1 s per GB); the built-in corpus is verified by default_store()
     store = TokenStore.open(args.data).verify() if args.data else TokenStore.open(default_store())
     # A preset is a shape: its vocabulary comes with the data. A model .json must match the data.
     vocab = store.vocab_size if args.model in PRESETS else None
     model_cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=vocab)
     store.check_compatible(model_cfg.vocab_size)
-    trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
-                      resume=args.resume)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    with claimed(train_cfg.out, rank, args.resume, args.overwrite):
+        trainer = Trainer(model_cfg, DataConfig(str(store.path)), train_cfg, ds_config, store, rank, world_size,
+                          resume=args.resume)
+        try:
+            trainer.train()
+            if trainer.stopping:
+                trainer.log(f"stopped cleanly, checkpoint saved: exit status {STOPPED_BY_SIGNAL} (under the "
+                            "deepspeed launcher, its own 1)")
+            else:
+                trainer.log(f"done at step {trainer.step}. Export and evaluate it with: foldscale export "
+                            f"{train_cfg.out} --out MODEL_DIR && foldscale eval MODEL_DIR --data {store.path}")
+        finally:
+            trainer.close()
+    return trainer.stopping
+
+
+def _schedule_to_extend(args) -> dict | None:
+    """With --extend-schedule, the resolved scheduler of the checkpoint --resume takes."""
+    if not args.extend_schedule:
+        return None
+    if not args.resume:
+        raise ConfigError("--extend-schedule goes on with a checkpoint's schedule: add --resume auto")
+    path = ckpt.find(args.resume, Path(args.out) / "checkpoints")
+    if path is None:
+        raise ConfigError(f"--extend-schedule: no checkpoint in {Path(args.out) / 'checkpoints'} to go on from")
+    return ckpt.read_config(path, "ds_config.json").get("scheduler", {})
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        stopped = run(args)
     except FoldscaleError as e:
         print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         close_distributed()
+    if stopped:
+        sys.exit(STOPPED_BY_SIGNAL)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,41 @@ def test_two_ranks_hash_their_shares_and_both_refuse_a_file_either_finds_altered
     p = run(setup, out, "--steps", 3, "--resume", "auto", "--eval-every", 100, check=False, **two)
     assert p.returncode != 0 and "none of its checkpoints verifies" in p.stderr, p.stderr[-3000:]
     assert f"{path / victim}: altered since it was saved" in p.stdout, p.stdout[-3000:]
+
+
+class FullDiskEngine:
+    """Saves like DeepSpeed's engine (a file per tag) until `full`, then fails as torch's writer
+    does on a full disk, after writing part of the file."""
+    module = torch.nn.Linear(4, 4)
+    full = False
+
+    def save_checkpoint(self, root, tag, **kwargs):
+        (Path(root) / tag).mkdir(parents=True)
+        if self.full:
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
+        torch.save(self.module.state_dict(), Path(root) / tag / "mp_rank_00_model_states.pt")
+
+
+def test_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import collections
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        root, engine = tmp_path / "checkpoints", FullDiskEngine()
+        args = dict(trainer_state={"step": 0}, rank_state={}, configs={}, tokenizer=None, keep_last=3)
+        ckpt.save(engine, root, 2, 0, 1, **args)
+        engine.full = True
+        with pytest.raises(ckpt.CheckpointError, match=r"no space left on .*checkpoints: a checkpoint needs about "
+                                                       r"[\d,]+ bytes, [\d,]+ are free; .*--resume auto takes"):
+            ckpt.save(engine, root, 4, 0, 1, **args)
+        assert not (root / "step00000004").exists() and ckpt.find("auto", root) == root / "step00000002"
+        usage = collections.namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 10, 10))
+        engine.full = False
+        with pytest.raises(ckpt.CheckpointError, match=r", 10 are free"):  # refused before writing anything
+            ckpt.save(engine, root, 4, 0, 1, **args)
+        assert not (root / "step00000004").exists()
+    finally:
+        dist.destroy_process_group()

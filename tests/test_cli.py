@@ -204,10 +204,69 @@ def test_generate_refusals(env, damaged, tmp_path):
 def test_eval_refusals(env, damaged, tmp_path):
     refused(invoke("eval", damaged, "--data", tmp_path / "nope"), "token store not found")
     other = write_store([[4, 5, 6]] * 4, tmp_path / "other_vocab", vocab_size=100)
-    refused(invoke("eval", damaged, "--data", other.path), "does not match the token store")
+    refused(invoke("eval", damaged, "--data", other.path),
+            f"made with another tokenizer (100 tokens, sha256 none) than {damaged} ({V} tokens")
     write_store([[4, 5, 6]] * 4, tmp_path / "other_tok", vocab_size=V, tokenizer_hash="f" * 64)
-    refused(invoke("eval", damaged, "--data", tmp_path / "other_tok"), "tokenizer mismatch")
+    refused(invoke("eval", damaged, "--data", tmp_path / "other_tok"),
+            f"make a store with the model's own: foldscale prepare --input YOUR_FILES --tokenizer {damaged}/tokenizer.model")
     refused(invoke("eval", env / "folded", "--data", env / "store", "--compare", tmp_path / "nope"),
             "no such model directory")
     (damaged / "config.json").write_text(json.dumps({"d_model": 64, "n_head": 4, "vocab_size": V}))
     refused(invoke("eval", damaged, "--data", env / "store"), "does not match")
+
+
+def test_eval_names_the_prepare_command_with_the_models_tokenizer(env, tmp_path):
+    """A store of the same size of vocabulary made by another tokenizer: its own prepare command,
+    with the model's tokenizer, makes one that works."""
+    from foldscale.data import prepare
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:40]))
+    other = tokenizer(tmp_path / "other.model", vocab_size=V - 10)
+    store = prepare(str(tmp_path / "docs.jsonl"), other, tmp_path / "store", num_proc=1)
+    result = invoke("eval", env / "folded", "--data", store.path)
+    refused(result, "make a store with the model's own: foldscale prepare --input")
+    command = result.output.split("make a store with the model's own: ")[1].strip()
+    assert f"--tokenizer {env / 'folded' / 'tokenizer.model'}" in command
+    from click.testing import CliRunner
+    import shlex
+    made = CliRunner().invoke(main, shlex.split(command)[1:] + ["--num-proc", "1"])
+    assert made.exit_code == 0, made.output
+    ok("eval", env / "folded", "--data", f"{store.path}-folded", "--max-tokens", 50)
+
+
+def test_eval_plot_is_checked_before_evaluating(env, tmp_path):
+    refused(invoke("eval", env / "folded", "--data", env / "store", "--plot", tmp_path / "nodir" / "x.png"),
+            "no directory")
+    refused(invoke("eval", env / "folded", "--data", env / "store", "--plot", tmp_path / "x.xyz"),
+            "give a file ending in one of")
+
+
+def test_swapped_or_unexported_paths_are_recognised(env, tmp_path):
+    refused(invoke("eval", env / "store", "--data", env / "folded"), "is an exported model, not a token store")
+    refused(invoke("eval", env / "folded", "--data", env / "folded"), "is an exported model, not a token store")
+    refused(invoke("generate", env / "store", "--prompt", "x"), "is a token store, not a model")
+    (tmp_path / "empty").mkdir()
+    result = invoke("generate", tmp_path / "empty", "--prompt", "x")
+    refused(result, "holds no model (no config.json)")
+    assert result.output.count(str(tmp_path / "empty")) == 1
+
+
+def test_eval_reads_many_documents_side_by_side(env, monkeypatch):
+    """16 documents of 3 segments: three forward calls of 16 rows each (one segment of every
+    stream at a time, as training reads), with the losses of one document at a time."""
+    from foldscale.evaluate import position_losses
+    model = FoldedLM.from_pretrained(env / "folded").eval()
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(4, V, 3 * L + 1) for _ in range(16)]
+    rows = []
+    forward = FoldedLM.forward
+
+    def counted(self, ids, *args, **kwargs):
+        rows.append(ids.shape[0])
+        return forward(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(FoldedLM, "forward", counted)
+    together = position_losses(model, docs, L, streams=16, device="cpu")
+    assert rows == [16, 16, 16]
+    alone = [position_losses(model, [d], L, streams=1, device="cpu") for d in docs]
+    assert torch.allclose(together.sums, sum(a.sums for a in alone), rtol=1e-5)
+    assert torch.equal(together.counts, sum(a.counts for a in alone))

@@ -141,7 +141,7 @@ def test_prepare_single_process_matches_parallel(tok, inputs, tmp_path):
 def test_prepare_refusals(tok, inputs, tmp_path):
     with pytest.raises(StoreError, match="no input files matched"):
         prepare(str(tmp_path / "*.jsonl"), tok, tmp_path / "s")
-    with pytest.raises(StoreError, match="input file not found"):
+    with pytest.raises(StoreError, match="input not found: .*missing.jsonl is no file"):
         prepare(str(tmp_path / "missing.jsonl"), tok, tmp_path / "s")
     with pytest.raises(StoreError, match="'body' not found.*fields there: text, id"):
         prepare(inputs / "a.jsonl", tok, tmp_path / "s", text_field="body")
@@ -239,6 +239,39 @@ def test_unreachable_hub_dataset_is_a_clear_error(tok, tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("foldscale.data.store._check_hub_reachable", lambda name: None)
     with pytest.raises(StoreError, match="could not load dataset 'someone/corpus'.*pass its files"):
         prepare("someone/corpus", tok, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_local_looking_name_is_not_sent_to_the_hub_and_an_offline_hub_fails_at_once(tok, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def never(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in ("mycorpus", "data/corpus"):  # no owner/name, or a local folder's name first
+        with pytest.raises(StoreError, match=f"input not found: {typo} is no file, directory or glob here"):
+            prepare(typo, tok, tmp_path / "s")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError, match="cannot reach .* to load dataset 'someone/corpus'.*HF_HUB_OFFLINE=1"):
+        prepare("someone/corpus", tok, tmp_path / "s")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_local_files_are_not_said_to_be_downloaded(tok, tmp_path, capfd):
+    for i in range(20):  # datasets shows its bar from 16 files on
+        (tmp_path / f"f{i}.py").write_text(f"x = {i}\n")
+    prepare(str(tmp_path / "*.py"), tok, tmp_path / "s", num_proc=1)
+    err = capfd.readouterr().err
+    assert "reading input files" in err and "Downloading" not in err

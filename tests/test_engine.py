@@ -51,11 +51,20 @@ def write(tmp_path, **changes):
     (dict(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}), {}, "offload_param needs zero_optimization.stage 3"),
     (dict(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}), {}, "offload_optimizer needs"),
     (dict(fp16={"enabled": True}), {}, "fp16.enabled is true but there is no GPU"),
-    (dict(), {}, "warmup_num_steps=50 is not shorter than the schedule (total_num_steps=10"),
+    (dict(scheduler={"type": "WarmupCosineLR", "params": {"warmup_num_steps": 50}}), {},
+     "warmup_num_steps=50 is not shorter than the schedule (total_num_steps=10"),
     (dict(scheduler={"type": "WarmupCosineLR", "params": {"total_num_steps": 40, "warmup_num_steps": 40}}), {},
      "lower it, e.g. to 4"),
     (dict(optimizer=None), {}, "add an \"optimizer\" section"),
     (dict(activation_checkpointing={"cpu_checkpointing": True}), {}, "cpu_checkpointing is not supported"),
+    (dict(gradient_clippin=1.0), {}, "unknown key 'gradient_clippin' (did you mean gradient_clipping?)"),
+    (dict(optimizer={"type": "AdamW", "params": {"learning_rate": 1e-3}}), {},
+     "optimizer.params.learning_rate is not a parameter of AdamW (did you mean lr?)"),
+    (dict(zero_optimization={"stage": 2, "offload_optimzer": {"device": "cpu"}}), {},
+     "zero_optimization.offload_optimzer: extra inputs are not permitted (did you mean offload_optimizer?)"),
+    (dict(zero_optimization={"stage": 2, "offload_optimizer": {"devce": "cpu"}}), {},
+     "zero_optimization.offload_optimizer.devce: extra inputs are not permitted (did you mean device?)"),
+    (dict(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 0.1}}), {}, "give it in steps"),
 ])
 def test_contradictions_are_refused_naming_file_and_key(tmp_path, changes, kw, message):
     path = write(tmp_path, **changes)
@@ -66,6 +75,22 @@ def test_contradictions_are_refused_naming_file_and_key(tmp_path, changes, kw, m
     with pytest.raises(ConfigError, match=str(path)) as e:
         load_ds_config(path, world_size=1, steps=10, **kw)
     assert message in str(e.value)
+
+
+def test_shipped_cpu_config_warms_up_for_a_tenth_of_any_run():
+    """A smoke run of a few steps works with the shipped config; the warm-up it resolves is recorded."""
+    for steps, warmup in ((10, 1), (500, 50), (1, 0)):
+        params = load_ds_config(SHIPPED[0].parent / "cpu.json", 1, steps)["scheduler"]["params"]
+        assert (params["total_num_steps"], params["warmup_num_steps"]) == (steps, warmup)
+
+
+def test_extending_a_schedule_keeps_its_warm_up(tmp_path):
+    saved = {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 1, "cos_min_ratio": 0.1,
+                                                 "warmup_min_ratio": 0.0}}
+    params = load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 20, extend_from=saved)["scheduler"]["params"]
+    assert params == {**saved["params"], "total_num_steps": 20}
+    with pytest.raises(ConfigError, match="pass a larger --steps"):
+        load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 10, extend_from=saved)
 
 
 def test_unreadable_configs_are_refused(tmp_path):

@@ -177,3 +177,29 @@ def test_refusals(runs, tmp_path, damage, message):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+def test_export_files_are_readable_alike_and_an_unrelated_out_is_kept(runs, tmp_path):
+    export(runs / "run0", "--out", tmp_path / "m")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] != 0o600, modes
+    export(runs / "run0", "--out", tmp_path / "m")  # an earlier export is replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", str(runs / "run0"), "--out", str(mine)])
+    assert result.exit_code == 2 and "holds other files (notes.txt), not an earlier export" in result.output
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
+
+
+def test_generate_and_eval_take_a_run_directory(runs, tmp_path):
+    """A run (its newest complete checkpoint) is read as its export would be."""
+    export(runs / "run2", "--out", tmp_path / "m")
+    for args in (["generate", "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0", "--json"],
+                 ["eval", "--data", str(runs / "store"), "--max-tokens", "200", "--json"]):
+        results = [CliRunner().invoke(main, [args[0], str(model), *args[1:]]) for model in (runs / "run2", tmp_path / "m")]
+        assert all(r.exit_code == 0 for r in results), results[0].output + results[1].output
+        from_run, from_export = (json.loads(r.stdout) for r in results)
+        assert from_run.get("text", from_run.get("models", [{}])[0].get("loss")) == \
+            from_export.get("text", from_export.get("models", [{}])[0].get("loss"))

@@ -238,6 +238,16 @@ def write_store(docs, out, vocab_size: int, val_fraction: float = 0.1,
         raise
 
 
+def _not_a_store(path: Path):
+    """Refuse a model or a run given where a token store belongs, before it reads as a damaged store."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        raise StoreError(f"{path} is an exported model, not a token store: give the store (from `foldscale "
+                         "prepare`) as --data, after the model")
+    if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
+        raise StoreError(f"{path} is a training run or checkpoint, not a token store: give the store (from "
+                         "`foldscale prepare`) as --data")
+
+
 class TokenStore:
     """A checked, memory-mapped token store. Open with `TokenStore.open(path)`."""
 
@@ -265,6 +275,8 @@ class TokenStore:
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"token store not found: {path} (build one with `foldscale prepare`)")
+        if not (path / "meta.json").exists():
+            _not_a_store(path)
         meta = _read_meta(path)
         for name in meta["files"]:
             _check_file(path, meta, name, digest=name != "tokens.bin")
@@ -327,11 +339,13 @@ def _expand(inputs) -> tuple[list[tuple[str, list[str]]], list[str]]:
                 raise StoreError(f"input directory {item} holds no files")
         elif os.path.isfile(item):
             files = [item]
-        elif _HUB_NAME.match(item) and Path(item).suffix not in (*_FORMATS, ".txt"):
+        elif _HUB_NAME.match(item) and "/" in item and Path(item).suffix not in (*_FORMATS, ".txt") \
+                and not os.path.exists(item.split("/")[0]):
             hub.append(item)
             continue
         else:
-            raise StoreError(f"input file not found: {item}")
+            raise StoreError(f"input not found: {item} is no file, directory or glob here (a Hugging Face dataset "
+                             "is named owner/name)")
         for f in files:
             suffixes = [s for s in Path(f).suffixes if s not in _COMPRESSED]
             fmt = _FORMATS.get(suffixes[-1] if suffixes else "", "text")
@@ -381,6 +395,24 @@ def _unreadable(fmt: str, files: list[str], error: Exception) -> StoreError:
     return StoreError(f"could not read {_shown(files)} as {fmt} ({detail})")
 
 
+def _check_hub_reachable(name: str):
+    """Refuse at once, rather than after the Hub client's retries, a dataset name when the Hub
+    cannot be reached (HF_HUB_OFFLINE=1 reads the Hugging Face cache instead, unchecked)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise StoreError(f"cannot reach {host} to load dataset {name!r} ({e}): download it where there is "
+                         "network and pass its files, or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face "
+                         "cache") from None
+
+
 def load_documents(inputs, text_field: str = "text", cache_dir=None):
     """Load INPUTS (files, globs, directories, or Hugging Face dataset names) as one
     `datasets.Dataset` with a single "text" column, one row per document.
@@ -398,13 +430,15 @@ def load_documents(inputs, text_field: str = "text", cache_dir=None):
             for f in files:
                 _check_utf8(f)
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        reading = datasets.DownloadConfig(download_desc="reading input files")  # not "Downloading data"
         try:
             ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir,
-                                       **kwargs)
+                                       download_config=reading, **kwargs)
         except Exception as e:  # datasets raises many kinds, none naming the file at fault
             raise _unreadable(fmt, files, e) from None
         parts.append((_shown(files), ds, "text" if fmt == "text" else text_field))
     for name in hub:
+        _check_hub_reachable(name)
         try:
             ds = datasets.load_dataset(name, split="train", cache_dir=cache_dir)
         except Exception as e:
