@@ -1,6 +1,7 @@
-"""Shared helpers of the tests that train through launch/pretrain.py (fixtures are in conftest.py)."""
+"""Shared helpers of the tests that train through launch/pretrain.py, and the README's code (fixtures are in conftest.py)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,7 @@ def tokenized_store(out: Path) -> TokenStore:
     docs = out.with_name(out.name + ".jsonl")
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return prepare(str(docs), tok, out, val_fraction=0.25, num_proc=1)
+
+
+README_PYTHON = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+"""The README's Python blocks (tests/test_readme.py runs them; those that load `model-hf`, tests/test_hf.py)."""

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from foldscale import FoldedLM, ModelConfig, generate
 from foldscale.cli import main
 from tests.data_helpers import CODE_SAMPLE, train_small_tokenizer
+from tests.run_helpers import README_PYTHON
 
 pytest.importorskip("transformers")
 
@@ -120,6 +121,18 @@ def test_cache_does_not_grow_with_the_text(exported):
         sizes.append(sum(t.numel() for t in tensors))
         assert cache.get_seq_length() == n
     assert sizes[0] == sizes[1]
+
+
+def test_the_readme_blocks_run_on_an_hf_export(exported, tmp_path, monkeypatch):
+    HF_BLOCKS = [b for b in README_PYTHON if "model-hf" in b]
+    assert HF_BLOCKS
+    (tmp_path / "model-hf").symlink_to(exported[0] / "default-hf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for block in HF_BLOCKS:
+        scope = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        assert scope["out"].shape[1] > scope["tok"]("def main(", return_tensors="pt")["input_ids"].shape[1]
 
 
 def test_padding_and_tag_refused(exported):
