@@ -1,6 +1,8 @@
 """Training and scoring shared by the suite and experiments/passkey.py: a curriculum over the
-number of segments, the answer-only loss and exact match, all walking sequences through the
-package's one segment loop (`foldscale.model.segments`)."""
+number of segments, the answer-only loss and exact match. Built from the package's pieces: the
+one segment loop (`foldscale.model.segments`) and the model's own loss, ModelConfig's
+bptt_segments, engine.param_groups for weight decay, and Trainer's rule for a non-finite step
+(trainer.NonFiniteGuard). Optimizer and schedule are plain torch: one process, a small model."""
 import dataclasses
 import math
 import time
@@ -12,21 +14,7 @@ import torch.nn.functional as F
 from experiments.longctx import text
 from foldscale.engine import param_groups
 from foldscale.model import FoldedLM, segments
-
-
-class NonFiniteGuard:  # provisional: replaced by the Trainer's shared rule
-    def __init__(self, max_bad_steps):
-        self.max_bad_steps, self.in_a_row, self.skipped = max_bad_steps, 0, 0
-
-    def check(self, finite, where):
-        if bool(finite):
-            self.in_a_row = 0
-            return True
-        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
-        print(f"[{where}] non-finite gradient, step skipped ({self.skipped} so far)", flush=True)
-        if self.in_a_row >= self.max_bad_steps:
-            raise FloatingPointError(f"{where}: {self.in_a_row} non-finite gradients in a row; lower --lr or raise --warmup-steps")
-        return False
+from foldscale.trainer import NonFiniteGuard
 
 
 class Score(NamedTuple):
@@ -175,11 +163,12 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     """
     generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
-    guard = NonFiniteGuard(args.max_bad_steps)
+    guard = NonFiniteGuard(args.max_bad_steps, "lower --lr or raise --warmup-steps",
+                           log=lambda message: print(f"[{name}] {message}", flush=True), what="gradient")
     step_fn = segment_step(model, args, device)
     max_segments, recent = args.start_segments, []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
-    step, tokens, t0, last = 0, 0, time.perf_counter(), (0.0, 0)
+    step, tokens, skipped, t0, last = 0, 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
     model.train()
     while time.perf_counter() - t0 < budget and (args.steps is None or step < args.steps):
@@ -199,8 +188,10 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         if not finite:
             print(f"[{name}] step {step + 1}: loss {loss.item():.4g}, non-finite gradient in "
                   f"{non_finite_grads(model)}", flush=True)
-        if guard.check(finite, f"{name} step {step + 1}"):
+        if guard.apply(finite, step + 1):
             opt.step()
+        else:
+            skipped += 1
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
         if n_seg == max_segments:
@@ -221,4 +212,4 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                       f"stage {max_segments} segments", flush=True)
     model.eval()
     return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "skipped_steps": guard.skipped}
+            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped}
