@@ -54,7 +54,7 @@ def trial_config(name, work, quick, change: dict) -> tuple[Path, str]:
     --quick, and with CHANGE: {"unpinned": True} (the optimizer's host buffers) or {"streams": N}
     (N streams per micro-step, accumulation scaled to keep the tokens per step). Returns the file
     and a label saying what was changed."""
-    from benchmarks.benchlib import speed_ds_config
+    from tools.benchlib import speed_ds_config
     out = work / f"ds-{Path(name).stem}{''.join(f'-{k}{v}' for k, v in change.items())}.json"
     cfg = json.loads(speed_ds_config(ROOT / "ds_configs" / name, out).read_text())
     if quick:
@@ -166,7 +166,7 @@ def torch_trial(model_path, streams, steps, cap_gib):
 
     import torch
 
-    from benchmarks.benchlib import train_by_segment
+    from tools.benchlib import train_by_segment
     from foldscale.config import ModelConfig
     from foldscale.engine import cap_memory
     from foldscale.model import FoldedLM
@@ -286,7 +286,7 @@ def main():
     args = p.parse_args()
     if args.trial:
         return torch_trial(args.trial, args.streams, args.steps, args.cap_gib)
-    from benchmarks.benchlib import device_name, print_table, synthetic_store, write_json
+    from tools.benchlib import device_name, print_table, synthetic_store, write_json
     deadline = time.time() + args.budget_s
     systems = [s for s in SYSTEMS if s in args.systems.split(",") or (args.quick and s == "plain")]
     host, rows = host_memory_gib(), []

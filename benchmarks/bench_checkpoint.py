@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.benchlib import command_line, device_name, print_table, speed_ds_config, synthetic_store, write_json
+from tools.benchlib import command_line, device_name, print_table, speed_ds_config, synthetic_store, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 32000

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.benchlib import device_name, print_table, train_by_segment, write_json
+from tools.benchlib import device_name, print_table, train_by_segment, write_json
 from foldscale.config import ModelConfig
 from foldscale.model import FoldedLM
 

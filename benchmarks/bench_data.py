@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.benchlib import write_json
+from tools.benchlib import write_json
 from foldscale.data import SegmentStreamSampler, TokenStore, default_store, prepare, stdlib_files, train_tokenizer
 from foldscale.data.tokenizer import available_cores
 

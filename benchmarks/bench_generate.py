@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.benchlib import cuda_sync, device_name, print_table, write_json
+from tools.benchlib import cuda_sync, device_name, print_table, write_json
 from foldscale.config import ModelConfig
 from foldscale.generate import stream_generate
 from foldscale.model import FoldedLM

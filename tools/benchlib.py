@@ -1,9 +1,14 @@
-"""What every benchmark and experiment shares: a synthetic token store, a table, a JSON record,
-and plain PyTorch training segment by segment."""
+"""What every benchmark, experiment and tool shares: a synthetic token store, a table, a JSON
+record, plain PyTorch training segment by segment, and launch/pretrain.py run as a user runs it
+(on N ranks, with a DeepSpeed config made from a shipped one)."""
 import datetime
 import json
+import os
 import platform
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,3 +103,49 @@ def train_by_segment(model, ids, targets, device) -> float:
             tokens += out.token_loss.numel()
     cuda_sync()
     return tokens / (time.perf_counter() - t0) if tokens else float("nan")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dp_ds_config(stage: int, streams: int, accum: int, gpu: bool, lr: float = 1e-3) -> dict:
+    base = json.loads((ROOT / "ds_configs" / ("dp-zero2.json" if gpu else "cpu.json")).read_text())
+    base.update(train_micro_batch_size_per_gpu=streams, gradient_accumulation_steps=accum,
+                zero_optimization={**base.get("zero_optimization", {}), "stage": stage})
+    base["scheduler"]["params"]["warmup_num_steps"] = 5
+    base["optimizer"]["params"]["lr"] = lr
+    base.pop("train_batch_size", None)
+    return base
+
+
+def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[str], timeout: float) -> str:
+    """Run pretrain on `ranks` processes in a process group of its own (a timeout kills every
+    child, which would otherwise keep the port and the GPU memory); returns its console."""
+    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "FOLDSCALE_MPI_PORT": str(port),
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    if launcher == "deepspeed":
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), *script]
+    elif launcher == "mpirun":
+        cmd = ["mpirun", "-n", str(ranks), sys.executable, *script]
+    else:
+        cmd = [sys.executable, *script]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "console.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
+    return text
+
+
+def metrics(out: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}

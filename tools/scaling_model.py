@@ -17,8 +17,8 @@ Volumes per GPU per optimizer step, P parameters, bf16 (2 bytes), A accumulation
 hosts are left out: both matter most for small models on many hosts. `--measured` calibrates the overlap from a measured 2-GPU efficiency,
 so the prediction at 2 GPUs equals the measurement and the other points follow from it.
 
-    python -m benchmarks.scaling_model --presets 125m,350m,1b,3b --plot benchmarks/results/scaling.png
-    python -m benchmarks.scaling_model --presets 350m --stages 2 --measured 1.0   # calibrated on 2 H100s
+    python -m tools.scaling_model --presets 125m,350m,1b,3b --plot benchmarks/results/scaling.png
+    python -m tools.scaling_model --presets 350m --stages 2 --measured 1.0   # calibrated on 2 H100s
 """
 import argparse
 import json
