@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU smoke test: the tiny preset on 1 and 2 gloo ranks, ZeRO 2")
     args = p.parse_args(argv)
     if args.quick:
-        args.presets, args.stages, args.steps, args.tokens, args.accum, args.skip = "tiny", "2", 4, 64, 1, 1
+        args.presets, args.stages, args.steps, args.tokens, args.accum, args.skip = "tiny", "2", 8, 64, 1, 2
     with tempfile.TemporaryDirectory() as tmp:
         rows = scaling(args, Path(args.work or tmp), torch.cuda.is_available())
     print(f"\n{device_name()}, scaling, {args.gpus} ranks, {command_line()}")

@@ -15,7 +15,8 @@ import torch
 
 from foldscale import checkpoint as ckpt
 from foldscale.config import ConfigError, FoldscaleError, ModelConfig
-from foldscale.model import FoldedLM, ModelFileError
+from foldscale.model import FoldedLM
+from foldscale.weights import ModelFileError, save_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
@@ -59,12 +60,6 @@ def _refuse_other_files(out: Path, ours: tuple):
     if others or ((out / "config.json").is_file() and not (out / "model.safetensors").is_file()):
         raise ConfigError(f"--out {out} holds other files ({', '.join(others or ['config.json'])}), not an earlier "
                           "export: give a new or empty directory")
-
-
-def _readable_as_config(f: Path, like: Path):
-    """safetensors writes through a private temporary file (mode 0600): give F the mode every other
-    file gets under the user's umask, as LIKE has."""
-    f.chmod(like.stat().st_mode & 0o777)
 
 
 @torch.no_grad()
@@ -130,16 +125,14 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         torch.save({"config": cfg.to_dict(), "state_dict": state}, out)
         exported = load_torch_export(out)
     else:
-        from safetensors.torch import save_file
         out.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out / "model.safetensors"))
         if tokenizer and Path(tokenizer).resolve() != (out / "tokenizer.model").resolve():
             shutil.copyfile(tokenizer, out / "tokenizer.model")
         if fmt == "hf":
             hf.write_hf(cfg, out)
         else:
             cfg.to_json(out / "config.json")
-        _readable_as_config(out / "model.safetensors", out / "config.json")
+        save_weights(state, out)
         # an hf export is loaded back through transformers, as its users load it
         exported = hf.load(out)[0].model if fmt == "hf" else FoldedLM.from_pretrained(out).eval()
     ids, check = check_batch(store, cfg)

@@ -14,8 +14,8 @@ import torch
 from .config import FoldscaleError, ModelConfig
 from .data import Tokenizer
 
-MODEL_FILES = ["configuration_foldscale.py", "modeling_foldscale.py", "model.py", "config.py", "kernels.py",
-               "generate.py"]
+MODEL_FILES = ["configuration_foldscale.py", "modeling_foldscale.py", "model.py", "weights.py", "config.py",
+               "kernels.py", "generate.py"]
 """Copied into the directory: the HF classes and every foldscale file they import (relatively)."""
 FILES = (*MODEL_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 """Everything an HF export writes beside the plain export's files."""

@@ -3,24 +3,19 @@
 A document is read segment by segment. Each segment of l tokens goes through a local stack
 (causal attention inside the segment) and a global stack over [carried state ; segment]
 (2l rows), and the global stack's output on the segment becomes the state carried to the next
-segment. `segments` is the one loop that walks a document; decoding lives in generate.py. No
-DeepSpeed import here: parallelism is applied from outside.
+segment. `segments` is the one loop that walks a document; decoding lives in generate.py and
+saving and loading in weights.py. No DeepSpeed import here: parallelism is applied from outside.
 """
-import json
 import math
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ModelConfig
 from .kernels import check as check_kernels, linear_cross_entropy
-from .config import ConfigError, FoldscaleError, ModelConfig
-
-
-class ModelFileError(FoldscaleError):
-    """A saved model that cannot be loaded; the message names the file and the problem."""
+from .weights import Pretrained
 
 
 def rope_tables(n: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +156,7 @@ class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the ten
     token_loss: torch.Tensor | None = None  # (B, T) per-token cross-entropy, 0 where ignored
 
 
-class FoldedLM(nn.Module):
+class FoldedLM(Pretrained, nn.Module):
     """`model(ids, state, reset, targets)` reads one segment; `forward_stream` a whole document.
 
     The surface decoding uses (generate.py): `embed`, `local_blocks`, `global_blocks` (called with
@@ -310,56 +305,6 @@ class FoldedLM(nn.Module):
         if targets is None:
             return LMOutput(logits, None, state)
         return LMOutput(logits, total / count.clamp(min=1), state, count, torch.cat(token_losses, dim=1))
-
-    def save_pretrained(self, directory) -> None:
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.cfg.to_json(directory / "config.json")
-        save_file(self.export_state_dict(), str(directory / "model.safetensors"))
-
-    def export_state_dict(self) -> dict:
-        """The weights to save: contiguous, the tied LM head stored once (as tok_emb.weight)."""
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.cfg.tie_embeddings:
-            state.pop("lm_head.weight")
-        return state
-
-    @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "FoldedLM":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ModelFileError(f"{directory}: no such model directory")
-        try:
-            cfg = ModelConfig.from_json(directory / "config.json")
-        except (ConfigError, TypeError) as e:
-            raise ModelFileError(f"{directory / 'config.json'}: {e}") from None
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise ModelFileError(f"{weights}: missing; export a checkpoint with `foldscale export`")
-        try:
-            tensors = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{weights}: unreadable or truncated ({e})") from None
-        return cls.from_state_dict(cfg, tensors, f"{weights}: does not match {directory / 'config.json'}")
-
-    @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, state: dict, mismatch: str) -> "FoldedLM":
-        """A model holding `state` (a tied LM head may be in it or not). Missing, unexpected or
-        mis-shaped weights raise ModelFileError, its message starting with `mismatch`."""
-        model = cls(cfg)
-        expected = model.export_state_dict()
-        if cfg.tie_embeddings:
-            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            raise ModelFileError(f"{mismatch}: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}")
-        model.load_state_dict(state, strict=not cfg.tie_embeddings)
-        return model
 
 
 def segments(step, ids, segment_len: int, targets=None, state=None, reset=None, bptt: int = 1) -> Iterator[LMOutput]:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from foldscale.config import ConfigError, ModelConfig
 from foldscale.generate import StreamDecoder, generate
-from foldscale.model import Attention, Block, FoldedLM, ModelFileError, rope_tables, segments
+from foldscale.model import Attention, Block, FoldedLM, rope_tables, segments
+from foldscale.weights import ModelFileError
 
 
 def make(**kw):
