@@ -319,7 +319,7 @@ def segments(step, ids, segment_len: int, targets=None, state=None, reset=None, 
     Truncated back-propagation has one meaning: gradients flow back through the state over the
     last `bptt` segments of the call, i.e. the state entering segment i is detached unless
     i > n_segments - bptt. bptt = 1 detaches it between all segments; bptt >= n_segments keeps
-    the whole chain (and the gradient into an incoming state that requires it).
+    the whole chain, and bptt > n_segments also lets the gradient into an incoming state that requires it.
     """
     T = ids.shape[1]
     n = -(-T // segment_len)
