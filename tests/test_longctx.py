@@ -414,3 +414,30 @@ def test_a_non_finite_gradient_skips_the_step_and_too_many_stop_training(store, 
     summary = train(model, make_batch, args, L, torch.device("cpu"), 0, "toy")
     assert summary["steps"] == 4 and summary["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class NaNInBackward(torch.autograd.Function):
+    """The identity whose backward is NaN: a stand-in for a layer that overflows there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_is_explained_by_the_backward_function_that_made_it(store, corpus, capsys):
+    """The first skipped step is taken again under anomaly detection, which names the function
+    whose backward made the NaN; the step is still skipped and the weights stay finite."""
+    model = toy(store.vocab_size).float().train()
+    model.norm.register_forward_hook(lambda module, inputs, out: NaNInBackward.apply(out))
+    args = TrainArgs(batch_size=2, steps=2, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=5,
+                     log_every=100, explain_non_finite=1)
+    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
+                    torch.device("cpu"), 0, "toy")
+    out = capsys.readouterr().out
+    assert summary["skipped_steps"] == 2
+    assert out.count("again, eager, under anomaly detection: Function 'NaNInBackwardBackward' returned nan") == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -111,6 +111,10 @@ class TrainArgs:
     """Non-finite gradients in a row (each step skipped) before training stops with an error."""
     bf16: bool = True
     """Autocast the forward to bf16 on a GPU (weights and optimizer stay fp32); --no-bf16 runs fp32."""
+    explain_non_finite: int = 3
+    """Take the first this many steps with a non-finite gradient again, eager, under autograd's
+    anomaly detection, and print the backward function that made the NaN (and, from anomaly
+    mode, where the forward called it)."""
     compile: bool = True
     """torch.compile the segment step on a GPU (every segment has one shape: sequences are padded
     to whole segments after the answer); ignored on the CPU."""
@@ -144,6 +148,27 @@ def non_finite_grads(model, most: int = 6) -> list[str]:
     """Names of the parameters whose gradient holds a NaN or an infinity, in the model's order."""
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     return bad[:most] + ([f"... {len(bad) - most} more"] if len(bad) > most else [])
+
+
+def explain_non_finite(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bf16: bool) -> str:
+    """Take the step's forward and backward again, eager, under autograd's anomaly detection
+    (the weights are those of the failed step: its update is skipped). Returns which backward
+    function first made a NaN; anomaly mode also prints where the forward called it, a traceback
+    into foldscale/model.py. The model's gradients are cleared again afterwards."""
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.autograd.detect_anomaly(check_nan=True), \
+                torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            s = score(model, ids, targets)
+            (s.loss / max(s.n_tokens, 1)).backward()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    else:
+        bad = non_finite_grads(model)
+        return (f"no backward function made a NaN, yet {bad} are not finite (an infinity, or a gradient hook)"
+                if bad else "the eager step's gradient is finite: the compiled step's kernels, or not reproducible")
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def whole_segments(ids: torch.Tensor, targets: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +213,9 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         if not finite:
             print(f"[{name}] step {step + 1}: loss {loss.item():.4g}, non-finite gradient in "
                   f"{non_finite_grads(model)}", flush=True)
+            if skipped < args.explain_non_finite:
+                print(f"[{name}] step {step + 1} again, eager, under anomaly detection: "
+                      f"{explain_non_finite(model, ids, targets, device.type == 'cuda' and args.bf16)}", flush=True)
         if guard.apply(finite, step + 1):
             opt.step()
         else:
