@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from experiments import suite
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.babi import PLACES
-from experiments.longctx.train import TrainArgs, exact_match, train
+from experiments.longctx.train import TrainArgs, exact_match, lr_at, train
 from foldscale.trainer import TrainingError
 from foldscale.config import ModelConfig
 from foldscale.data import StoreError, TokenStore, default_store
@@ -441,3 +441,16 @@ def test_a_non_finite_gradient_is_explained_by_the_backward_function_that_made_i
     assert summary["skipped_steps"] == 2
     assert out.count("again, eager, under anomaly detection: Function 'NaNInBackwardBackward' returned nan") == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
+    """With --final-steps the budget is counted from the step the last stage begins, so every
+    seed trains as long at the length it is scored for; the learning rate decays over those steps."""
+    model = toy(store.vocab_size).float().train()
+    args = TrainArgs(batch_size=2, minutes=5, start_segments=16, max_train_segments=32, final_steps=3, advance_at=0.0,
+                     window=1, log_every=2, lr=1e-3, warmup_steps=1, min_lr_ratio=0.1)
+    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
+                    torch.device("cpu"), 0, "toy")
+    assert [s["segments"] for s in summary["stages"]] == [16, 32] and summary["stages"][1]["step"] == 2
+    assert summary["steps"] == 5 and summary["final_stage_steps"] == 3
+    assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3

@@ -95,6 +95,10 @@ class TrainArgs:
     """Wall-time budget for training; evaluation comes after it."""
     steps: int | None = None
     """Stop after this many steps even if time is left; the schedule then follows steps, not time."""
+    final_steps: int | None = None
+    """Stop after this many steps at the last stage (max_train_segments) instead of after --steps:
+    every seed then trains as long at the length it is scored for, however fast it climbs. The
+    learning rate stays at its peak until the last stage and decays over these steps."""
     start_segments: int = 2
     """The curriculum's first stage, in segments (raised to fit the task's stories)."""
     max_train_segments: int = 32
@@ -196,12 +200,22 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     step, tokens, skipped, t0, last = 0, 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
     model.train()
-    while time.perf_counter() - t0 < budget and (args.steps is None or step < args.steps):
+    final_at = 0 if args.start_segments >= args.max_train_segments else None  # the step the last stage began
+
+    def done() -> bool:
+        if args.final_steps is not None:
+            return final_at is not None and step - final_at >= args.final_steps
+        return args.steps is not None and step >= args.steps
+
+    while time.perf_counter() - t0 < budget and not done():
         n_seg = sample_segments(max_segments, args.start_segments, generator)
         length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
         ids, targets = whole_segments(*make_batch(args.batch_size, length, generator), model.cfg.segment_len)
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
-        progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
+        if args.final_steps is not None:  # constant until the last stage, then decaying over its steps
+            progress = 0.0 if final_at is None else (step - final_at) / args.final_steps
+        else:
+            progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16):
@@ -236,8 +250,10 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                 max_segments = min(2 * max_segments, args.max_train_segments)
                 recent = []
                 stages.append({"segments": max_segments, "step": step, "minutes": round(elapsed / 60, 2)})
+                final_at = step if max_segments == args.max_train_segments else None
                 print(f"[{name}] accuracy {acc:.3f} at {stages[-2]['segments']} segments -> "
                       f"stage {max_segments} segments", flush=True)
     model.eval()
-    return {"steps": step, "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
+    return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
+            "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
             "stages": stages, "max_segments": max_segments, "skipped_steps": skipped}
