@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from tools.benchlib import (command_line, device_name, dp_ds_config, launch_pretrain, metrics, print_table,
-                            synthetic_store, write_json)
+from tools.benchlib import (add_launch_args, command_line, device_name, dp_ds_config, launch_pretrain, metrics,
+                            print_table, synthetic_store, write_json)
 
 
 def steady_rate(out: Path, skip: int) -> tuple[float, float | None]:
@@ -39,9 +39,10 @@ def scaling(args, work: Path, gpu: bool) -> list[dict]:
                 cfg_path.write_text(json.dumps(dp_ds_config(stage, streams, args.accum, gpu, lr=3e-4)))
                 out = work / f"{preset}_z{stage}_r{ranks}"
                 launch_pretrain(ranks, args.launcher if ranks > 1 else "python", args.port + stage * 10 + ranks, out,
-                       ["--ds-config", str(cfg_path), "--model", preset, "--data", str(store.path),
-                        "--steps", str(args.steps), "--log-every", "1", "--eval-every", str(10 * args.steps),
-                        "--save-every", str(10 * args.steps)] + (["--compile"] if args.compile else []), args.timeout)
+                                ["--ds-config", str(cfg_path), "--model", preset, "--data", str(store.path),
+                                 "--steps", str(args.steps), "--log-every", "1", "--eval-every", str(10 * args.steps),
+                                 "--save-every", str(10 * args.steps)] + (["--compile"] if args.compile else []),
+                                args.timeout)
                 rate[ranks] = steady_rate(out, args.skip)
                 print(f"{preset} ZeRO-{stage} {ranks} GPU(s): {rate[ranks][0]:,.0f} tokens/s", flush=True)
             rows.append({"preset": preset, "zero": stage, "compile": args.compile, "tokens_per_gpu_step": streams * cfg.segment_len * args.accum,
@@ -53,19 +54,12 @@ def scaling(args, work: Path, gpu: bool) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
-    p.add_argument("--stages", default="1,2,3")
-    p.add_argument("--launcher", choices=["deepspeed", "mpirun"], default="deepspeed")
-    p.add_argument("--steps", type=int, default=60)
+    add_launch_args(p)
     p.add_argument("--presets", default="350m")
     p.add_argument("--tokens", type=int, default=32768, help="tokens per GPU per micro-step")
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--skip", type=int, default=4, help="logged steps left out (compilation, warm-up)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--port", type=int, default=29600)
-    p.add_argument("--timeout", type=float, default=560)
-    p.add_argument("--work", help="keep runs here (default: a temporary directory)")
-    p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: the tiny preset on 1 and 2 gloo ranks, ZeRO 2")
     args = p.parse_args(argv)
     if args.quick:

@@ -108,6 +108,18 @@ def train_by_segment(model, ids, targets, device) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def add_launch_args(p):
+    """The flags of a tool that runs launch/pretrain.py on 1 and N ranks (launch_pretrain)."""
+    p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages")
+    p.add_argument("--launcher", choices=["deepspeed", "mpirun"], default="deepspeed")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--port", type=int, default=29600)
+    p.add_argument("--timeout", type=float, default=560)
+    p.add_argument("--work", help="keep runs here (default: a temporary directory)")
+    p.add_argument("--json")
+
+
 def dp_ds_config(stage: int, streams: int, accum: int, gpu: bool, lr: float = 1e-3) -> dict:
     base = json.loads((ROOT / "ds_configs" / ("dp-zero2.json" if gpu else "cpu.json")).read_text())
     base.update(train_micro_batch_size_per_gpu=streams, gradient_accumulation_steps=accum,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from tools.benchlib import (command_line, device_name, dp_ds_config, launch_pretrain, metrics, print_table,
-                            synthetic_store, write_json)
+from tools.benchlib import (add_launch_args, command_line, device_name, dp_ds_config, launch_pretrain, metrics,
+                            print_table, synthetic_store, write_json)
 
 PARITY_MODEL = dict(vocab_size=512, d_model=128, n_head=4, n_local=2, n_global=2, segment_len=64)
 
@@ -54,9 +54,10 @@ def parity(args, work: Path, gpu: bool) -> list[dict]:
             out = work / f"z{stage}_r{ranks}"
             t0 = time.perf_counter()
             launch_pretrain(ranks, args.launcher if ranks > 1 else "python", args.port + stage * 10 + ranks, out,
-                   ["--ds-config", str(cfg_path), "--model", str(work / "model.json"), "--data", str(store.path),
-                    "--steps", str(args.steps), "--log-every", "1", "--eval-every", str(10 * args.steps),
-                    "--save-every", str(10 * args.steps), "--log-placement"], args.timeout)
+                            ["--ds-config", str(cfg_path), "--model", str(work / "model.json"),
+                             "--data", str(store.path), "--steps", str(args.steps), "--log-every", "1",
+                             "--eval-every", str(10 * args.steps), "--save-every", str(10 * args.steps),
+                             "--log-placement"], args.timeout)
             runs[ranks] = out
             print(f"ZeRO-{stage}: {ranks} rank(s) x {streams} streams, {time.perf_counter() - t0:.0f} s", flush=True)
         one, many = metrics(runs[1], "train/loss"), metrics(runs[args.gpus], "train/loss")
@@ -73,16 +74,9 @@ def parity(args, work: Path, gpu: bool) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
-    p.add_argument("--stages", default="1,2,3")
-    p.add_argument("--launcher", choices=["deepspeed", "mpirun"], default="deepspeed")
-    p.add_argument("--steps", type=int, default=60)
+    add_launch_args(p)
     p.add_argument("--streams", type=int, default=8, help="streams per rank of the multi-rank run")
     p.add_argument("--tolerance", type=float, default=0.02, help="largest relative loss difference")
-    p.add_argument("--port", type=int, default=29600)
-    p.add_argument("--timeout", type=float, default=560)
-    p.add_argument("--work", help="keep runs here (default: a temporary directory)")
-    p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 gloo ranks, 6 steps, ZeRO 2")
     args = p.parse_args(argv)
     if args.quick:
