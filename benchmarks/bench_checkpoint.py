@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from foldscale import checkpoint as ckpt
 from tools.benchlib import command_line, device_name, print_table, speed_ds_config, synthetic_store, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def seconds(pattern: str, text: str) -> float:
 
 def measure(work: Path, timeout: float) -> dict:
     t_start = time.perf_counter()
-    p = pretrain(work, ["--steps", "1000000"])
+    p = pretrain(work, ["--steps", "1000000", "--overwrite"])
     lines = []
     for line in p.stdout:
         lines.append(line)
@@ -67,9 +68,9 @@ def measure(work: Path, timeout: float) -> dict:
     print(rest, end="", flush=True)
     if code != 130:  # launch/pretrain.py's STOPPED_BY_SIGNAL: stopped cleanly, checkpoint saved
         raise SystemExit(f"bench_checkpoint: the SIGTERM'd run exited with {code}, not 130")
-    checkpoint = max((work / "run" / "checkpoints").glob("step*"))
-    step = json.loads((checkpoint / "COMPLETE").read_text())["step"]
-    size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    checkpoint = ckpt.newest(work / "run" / "checkpoints")
+    record = ckpt.verify(checkpoint)
+    step, size = record["step"], sum(f["bytes"] for f in record["files"].values())
     t0 = time.perf_counter()
     p = pretrain(work, ["--steps", str(step), "--resume", "auto"])
     resumed = p.communicate(timeout=timeout)[0]

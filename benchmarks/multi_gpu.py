@@ -68,7 +68,7 @@ def main(argv=None):
         rows = scaling(args, Path(args.work or tmp), torch.cuda.is_available())
     print(f"\n{device_name()}, scaling, {args.gpus} ranks, {command_line()}")
     print_table(rows, list(rows[0]))
-    write_json(args.json, rows, mode="scaling", command=command_line())
+    write_json(args.json, rows, mode="scaling")
     return rows
 
 

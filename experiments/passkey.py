@@ -94,7 +94,7 @@ QUICK = dict(d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8, batch_s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(p, ModelConfig, skip=("use_state",), vocab_size=32, d_model=256, n_head=4, n_local=2, n_global=2,
-               segment_len=64, bptt_segments=None)
+               segment_len=64, bptt_segments=None)  # None: every segment of a sequence (--max-train-segments)
     add_fields(p, TrainArgs)
     p.add_argument("--eval-multiples", "--eval_multiples", default="1,2,4,8,16,32,64,128,256,512,1024",
                    help="distances D as multiples of segment_len")

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--init", help="fine-tune this exported model (foldscale export) instead of training "
                                   "from scratch; its config replaces the model flags")
     add_fields(p, ModelConfig, skip=("vocab_size", "use_state"), d_model=256, n_head=4, n_local=2, n_global=2,
-               segment_len=64, bptt_segments=None)
+               segment_len=64, bptt_segments=None)  # None: every segment of a sequence (--max-train-segments)
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
     add_fields(p, TrainArgs, minutes=1.5, min_lr_ratio=0.1)
     p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")

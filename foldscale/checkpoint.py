@@ -75,12 +75,12 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
         dist.barrier()
         engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
         _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        for name, cfg in configs.items():
-            _atomic_write_text(path / name, json.dumps(cfg, indent=2))
-        if tokenizer and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, path / TOKENIZER)
+        if rank == 0:
+            for name, cfg in configs.items():
+                _atomic_write_text(path / name, json.dumps(cfg, indent=2))
+            if tokenizer and Path(tokenizer).is_file():
+                shutil.copyfile(tokenizer, path / TOKENIZER)
+        os.sync()  # on disk before COMPLETE says so, and before _prune deletes an older checkpoint
     dist.barrier()
     files = _files(path)
     sizes = {name: f.stat().st_size for name, f in files.items()}
@@ -146,6 +146,12 @@ def find(resume: str, root, warn=print, rank: int = 0, world_size: int = 1) -> P
         raise CheckpointError(f"{root}: none of its checkpoints verifies (see the warnings above); move the "
                               f"damaged ones out of {root} to start afresh")
     return None
+
+
+def newest_complete(root) -> Path | None:
+    """The newest checkpoint under ROOT with a COMPLETE marker, not verified (cheap: no hashing;
+    `find` verifies the one a resume takes), or None."""
+    return next((p for p in reversed(_checkpoint_dirs(root)) if _record(p) is not None), None)
 
 
 def newest(root) -> Path:

@@ -120,7 +120,9 @@ def _load_model(path, device, need_tokenizer=False):
     from foldscale.model import FoldedLM
     path = Path(path)
     if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
-        checkpoint = ckpt.find("auto", path / "checkpoints") if (path / "checkpoints").is_dir() else ckpt.find(str(path), path.parent)
+        warn = lambda message: click.echo(message, err=True)  # noqa: E731 (stdout may be --json)
+        checkpoint = (ckpt.find("auto", path / "checkpoints", warn=warn) if (path / "checkpoints").is_dir()
+                      else ckpt.find(str(path), path.parent, warn=warn))
         if checkpoint is None:
             raise UserError(f"{path}: a run directory with no complete checkpoint yet")
         model, tok_file = checkpoint_model(checkpoint).to(device), ckpt.tokenizer(checkpoint)

@@ -6,6 +6,7 @@ foldscale's configs own the model, data and recurrence. Contradictions are refus
 import contextlib
 import difflib
 import functools
+import json
 import os
 import socket
 import threading
@@ -180,9 +181,9 @@ def load_ds_config(path, world_size: int, steps: int, extend_from: dict | None =
         params = sched.setdefault("params", {})
         if extend_from is not None:
             saved = extend_from.get("params", {}).get("total_num_steps")
-            if extend_from.get("type") != sched["type"] or not isinstance(saved, int) or steps <= saved:
+            if extend_from.get("type") != sched["type"] or not isinstance(saved, int) or steps < saved:
                 refuse(f"--extend-schedule goes on with the checkpoint's {extend_from.get('type')} schedule of "
-                       f"{saved} steps: pass a larger --steps (and the same scheduler type)")
+                       f"{saved} steps: pass --steps {saved} or more (and the same scheduler type)")
             sched["params"] = params = {**extend_from["params"], "total_num_steps": steps}
         if params.setdefault("total_num_steps", "auto") == "auto":
             params["total_num_steps"] = steps
@@ -214,6 +215,9 @@ def _check_keys(cfg: dict, refuse):
         for key in optimizer.get("params", {}):
             if key not in ADAM_PARAMS:
                 refuse(f"optimizer.params.{key} is not a parameter of {optimizer['type']}{hint(key, ADAM_PARAMS)}")
+    if "zero_optimization" in cfg and not isinstance(cfg["zero_optimization"], dict):
+        refuse("zero_optimization must be a section such as {\"stage\": 2}, not "
+               f"{json.dumps(cfg['zero_optimization'])}")
     if "zero_optimization" in cfg:
         import pydantic
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig

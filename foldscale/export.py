@@ -113,7 +113,6 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         root = source / "checkpoints"
         path = root / tag if tag else ckpt.newest(root)
         step = ckpt.verify(path)["step"]
-        cfg = ModelConfig.from_dict(ckpt.read_config(path, "model.json"))
         progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "
                  "zero_to_fp32: seconds per GB), then the loss self-check")
         reference = checkpoint_model(path)

@@ -3,7 +3,7 @@ over by accident.
 
 Rank 0 takes a lock on RUN/.lock (flock, released when the process ends, however it ends) that
 names its PID and host, and checks that RUN holds no earlier run unless it is resumed or
-`--overwrite` is given. A run that fails before its first checkpoint leaves no directory it made.
+`--overwrite` is given. A run that fails before it logs or saves anything leaves no directory it made.
 """
 import contextlib
 import fcntl
@@ -40,6 +40,8 @@ def claimed(out, rank: int, resume: str | None, overwrite: bool):
             lock = _lock(out, resume, overwrite)
         except ConfigError as e:
             problem = e
+        except OSError as e:  # --out a file, or not writable
+            problem = ConfigError(f"--out {out}: {e.strerror or e}; give a directory this user can write")
     if dist.is_initialized():
         failed = torch.tensor([float(problem is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(failed, src=0)
@@ -50,7 +52,7 @@ def claimed(out, rank: int, resume: str | None, overwrite: bool):
     try:
         yield
     except BaseException:
-        if rank == 0 and made and not (out / "checkpoints").is_dir():
+        if rank == 0 and made and not holds_run(out):  # nothing trained yet: leave no directory behind
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:

@@ -308,7 +308,7 @@ class Trainer:
         rank_state = {"sampler": self.sampler.state_dict(), "state": None if self.state is None else self.state.cpu()}
         path = ckpt.save(self.engine, self.ckpt_root, self.step, self.rank, self.world_size,
                          trainer_state=self.state_dict(), rank_state=rank_state,
-                         configs=ckpt.configs(self.model_cfg, self.cfg, self.data_cfg, self.ds_config),
+                         configs=self._configs(),
                          tokenizer=getattr(self.store, "tokenizer_path", None), keep_last=self.cfg.keep_last)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t0:.2f} s")
         self.saved_step = self.step

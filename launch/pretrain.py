@@ -75,7 +75,7 @@ def _schedule_to_extend(args) -> dict | None:
         return None
     if not args.resume:
         raise ConfigError("--extend-schedule goes on with a checkpoint's schedule: add --resume auto")
-    path = ckpt.find(args.resume, Path(args.out) / "checkpoints")
+    path = Path(args.resume) if args.resume != "auto" else ckpt.newest_complete(Path(args.out) / "checkpoints")
     if path is None:
         raise ConfigError(f"--extend-schedule: no checkpoint in {Path(args.out) / 'checkpoints'} to go on from")
     return ckpt.read_config(path, "ds_config.json").get("scheduler", {})

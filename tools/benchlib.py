@@ -132,8 +132,9 @@ def dp_ds_config(stage: int, streams: int, accum: int, gpu: bool, lr: float = 1e
 
 def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[str], timeout: float) -> str:
     """Run pretrain on `ranks` processes in a process group of its own (a timeout kills every
-    child, which would otherwise keep the port and the GPU memory); returns its console."""
-    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out)]
+    child, which would otherwise keep the port and the GPU memory); returns its console. OUT is
+    started afresh (--overwrite), so a kept --work can be run again."""
+    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out), "--overwrite"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "FOLDSCALE_MPI_PORT": str(port),
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}

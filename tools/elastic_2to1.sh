@@ -2,7 +2,7 @@
 # 1 GPU x 8 streams resumed with --resume auto (ZeRO-2, bf16). Run from the repository root with DeepSpeed
 # importable; writes $OUT/elastic_2to1.json (per-step losses, and whether every stream read the same segments).
 set -e
-W=/tmp/e; mkdir -p $W
+W=/tmp/e; rm -rf $W/straight $W/split; mkdir -p $W
 python - <<'PY'
 import json
 from tools.benchlib import dp_ds_config, synthetic_store

@@ -87,7 +87,7 @@ def main(argv=None):
         rows = parity(args, Path(args.work or tmp), torch.cuda.is_available())
     print(f"\n{device_name()}, parity, {args.gpus} ranks, {command_line()}")
     print_table(rows, list(rows[0]))
-    write_json(args.json, rows, mode="parity", command=command_line())
+    write_json(args.json, rows, mode="parity")
     if not all(r["ok"] for r in rows):
         raise SystemExit("parity: a run did not match (see the table)")
     return rows
