@@ -48,7 +48,7 @@ SOURCES = [
     ("postgresql-doc-15", "PostgreSQL (BSD-like)", r""),
     ("git-doc", "GPL-2", r""),
     ("debian-handbook", "GPL-2+ or CC-BY-SA-3.0", r"/html/(?!en-US/)"),
-    ("perl-doc", "GPL-1+ or Artistic", r""),
+    ("perl-doc", "GPL-1+ or Artistic", r"/man/man1/"),  # man1 is the POD files once more
     ("manpages", "GPL-2+, BSD and other free licences (per page)", r""),
     ("manpages-dev", "GPL-2+, BSD and other free licences (per page)", r""),
     ("python-django-doc", "BSD-3-clause", r""),
@@ -345,11 +345,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        if args.rebuild_text or not (args.out / "text.done").exists():
+        fresh_text = args.rebuild_text or not (args.out / "text.done").exists()
+        if fresh_text:
             dropped = build_text(args.out)
             (args.out / "text.done").write_text(json.dumps(dropped))
         from foldscale.data.store import TokenStore
-        store = build_store(args.out, args.vocab_size) if not (args.out / "store" / "meta.json").exists() \
+        store = build_store(args.out, args.vocab_size) if fresh_text or not (args.out / "store" / "meta.json").exists() \
             else TokenStore.open(args.out / "store")
         result = stats(store, args.out / "text")
     except FoldscaleError as e:
