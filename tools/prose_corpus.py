@@ -44,8 +44,8 @@ SOURCES = [
     ("linux-doc-6.12", "GPL-2", r"/translations/"),
     ("python3.11-doc", "PSF-2", r"/whatsnew/"),
     ("erlang-doc", "Apache-2.0", r"/java/"),
-    ("racket-doc", "Apache-2.0 or MIT", r""),
-    ("postgresql-doc-15", "PostgreSQL (BSD-like)", r""),
+    ("racket-doc", "LGPL-2.1+", r""),
+    ("postgresql-doc-15", "PostgreSQL", r""),
     ("git-doc", "GPL-2", r""),
     ("debian-handbook", "GPL-2+ or CC-BY-SA-3.0", r"/html/(?!en-US/)"),
     ("perl-doc", "GPL-1+ or Artistic", r"/man/man1/"),  # man1 is the POD files once more
@@ -54,14 +54,14 @@ SOURCES = [
     ("python-django-doc", "BSD-3-clause", r""),
     ("python-sqlalchemy-doc", "MIT", r""),
     ("sqlite3-doc", "public domain", r""),
-    ("gimp-help-en", "GFDL-1.2 (no invariant sections)", r""),
+    ("gimp-help-en", "GFDL-1.2+ (no invariant sections)", r""),
     ("cmake-doc", "BSD-3-clause", r""),
     ("sphinx-doc", "BSD-2-clause", r""),
     ("octave-doc", "GPL-3+", r""),
     ("python-sklearn-doc", "BSD-3-clause", r""),
     ("python-scipy-doc", "BSD-3-clause", r""),
     ("qtbase5-doc-html", "GFDL-1.3 (no invariant sections)", r""),
-    ("developers-reference", "MIT", r""),
+    ("developers-reference", "GPL-2", r""),
     ("debian-policy", "GPL-2+", r""),
 ]
 BIBLES = [("sword-text-web", "engWEB2015eb", "public domain"), ("sword-text-kjv", "engKJV2006eb", "public domain")]
@@ -315,7 +315,7 @@ def build_store(out: Path, vocab_size: int = VOCAB_SIZE):
 def stats(store, text_dir: Path) -> dict:
     """Tokens per source and the document-length distribution of STORE, whose documents are
     the files of TEXT_DIR in sorted order (as `prepare` reads a directory)."""
-    files = sorted(f for f in text_dir.rglob("*") if f.is_file())
+    files = [Path(f) for f in sorted(str(f) for f in text_dir.rglob("*") if f.is_file())]  # as `prepare` sorts
     lengths = store.doc_lengths
     if len(files) != len(lengths):
         raise CorpusError(f"{store.path} holds {len(lengths)} documents, {text_dir} {len(files)} files: "
