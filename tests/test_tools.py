@@ -77,3 +77,101 @@ def test_inspect_checkpoint_reports_and_verifies(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         inspect_checkpoint.main([str(tmp_path / "nothing")])
     assert stop.value.code == 2 and "no such run or checkpoint directory" in capsys.readouterr().err
+
+
+SPHINX_PAGE = b"""<html><head><script>var nav = "SCRIPT";</script></head><body>
+<div class="related" role="navigation"><a href="index.html">RELATED NAV</a></div>
+<div class="document"><div class="body" role="main">
+<h1>Folding<a class="headerlink" href="#f">\xc2\xb6</a></h1>
+<p>The carried state is condensed.</p><p>It crosses segments.</p>
+<pre>x = fold(y)\n    return x</pre>
+</div><div class="sphinxsidebar">SIDEBAR</div></div>
+<div class="footer">FOOTER (c) 2024</div></body></html>"""
+
+
+def test_html_text_keeps_the_main_content_as_blocks():
+    from tools import prose_corpus as pc
+    text = pc.tidy(pc.html_text(SPHINX_PAGE))
+    assert text.startswith("Folding\n")
+    assert "The carried state is condensed.\n" in text and "\nIt crosses segments." in text
+    assert "x = fold(y)\n    return x" in text  # preformatted text keeps its lines and indent
+    for noise in ("SCRIPT", "RELATED NAV", "SIDEBAR", "FOOTER", "\u00b6"):
+        assert noise not in text
+    assert pc.html_text(b"") == ""
+
+
+def test_man_and_pod_pages_render_through_their_own_tools(tmp_path):
+    from tools import prose_corpus as pc
+    page = tmp_path / "fold.1"
+    page.write_text('.TH FOLD 1\n.SH NAME\nfold \\- condense\n.SH DESCRIPTION\nSome \\fBbold\\fR words,\n'
+                    'joined in one line.\n')
+    text = pc.render("man", page)
+    assert "Some bold words, joined in one line." in text and "\b" not in text and "\x1b" not in text
+    assert "\nNAME\nfold - condense\n" in text  # the 7-space body indent is taken off
+    pod = tmp_path / "fold.pod"
+    pod.write_text("=head1 NAME\n\nfold - condense\n\n=head1 TEXT\n\nSome B<bold> words.\n\n=cut\n")
+    assert "Some bold words." in pc.render("pod", pod) and "B<" not in pc.render("pod", pod)
+
+
+def test_page_kinds():
+    from tools.prose_corpus import page_kind
+    assert page_kind("usr/share/doc/x/html/a/b.html") == "html"
+    assert page_kind("usr/share/man/man3/printf.3.gz") == "man"
+    assert page_kind("usr/share/man/de/man3/printf.3.gz") is None  # a translation
+    assert page_kind("usr/share/perl/5.36.0/pod/perlfunc.pod") == "pod"
+    for junk in ("usr/share/doc/x/html/genindex-A.html", "usr/share/doc/x/html/_sources/a.rst.txt",
+                 "usr/share/doc/x/html/_static/a.html", "usr/share/doc/x/copyright", "usr/share/doc/x/a.png"):
+        assert page_kind(junk) is None, junk
+
+
+def test_documents_keep_pages_whole_per_folder_and_split_at_page_boundaries():
+    from tools.prose_corpus import documents
+    pages = [(f"a/p{i}.html", f"page {i} " + "w" * 100) for i in range(10)] + [("b/only.html", "alone")]
+    docs = documents(pages[::-1], max_chars=450)  # any input order: pages follow their file names
+    assert docs["b-00"] == "alone"
+    parts = [docs[k] for k in sorted(docs) if k.startswith("a-")]
+    assert len(parts) == 3 and all(len(p) <= 450 + 110 for p in parts)
+    assert "\n\n".join(parts) == "\n\n".join(text for _, text in pages[:10])  # whole pages, in order
+
+
+def test_deduper_drops_repeats_stubs_and_translations():
+    from tools import prose_corpus as pc
+    prose = "The carried state crosses segment boundaries. " * 10
+    dedup = pc.Deduper()
+    assert dedup.keep(prose)
+    assert not dedup.keep("  " + prose.upper().replace(" ", "\n"))  # same words, other case and spacing
+    assert not dedup.keep("too short")
+    assert not dedup.keep("Der übertragene Zustand überquert Segmentgrenzen, läuft über Größen. " * 10)
+    assert dedup.keep(prose + "One more sentence.")
+    assert dedup.dropped == {"duplicate": 1, "short": 1, "not English": 1}
+
+
+def test_gutenberg_and_bible_books():
+    from tools.prose_corpus import bible_books, gutenberg_books
+    big = ("header\n*** START OF THIS PROJECT GUTENBERG EBOOK ONE ***\nFirst book.\n*** END OF THIS PROJECT\n"
+           "licence\n*** START OF THE PROJECT GUTENBERG EBOOK TWO ***\nSecond book.\n")
+    assert gutenberg_books(big) == ["First book.", "Second book."]
+    imp = ('$$$Genesis 1:1\n<w lemma="x">In</w> the beginning<note n="a">a note</note>\n'
+           "$$$Genesis 1:2\nAnd the earth\n$$$Exodus 1:1\nNow these\n")
+    assert bible_books(imp) == {"Genesis": "In the beginning\nAnd the earth", "Exodus": "Now these"}
+
+
+def test_store_and_stats_count_every_source(tmp_path):
+    """The store holds each text file as one document, and stats give each source its tokens."""
+    from tools import prose_corpus as pc
+    for source, n in (("manpages", 3), ("manpages-dev", 2)):  # "manpages-dev/" sorts before "manpages/"
+        (tmp_path / "text" / source).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "text" / source / f"d{i}.txt").write_text(f"{source} document {i}. " * (50 * (i + 1)))
+    store = pc.build_store(tmp_path, vocab_size=300)
+    result = pc.stats(store, tmp_path / "text")
+    rows = result["sources"]
+    assert rows["manpages"]["docs"] == 3 and rows["manpages-dev"]["docs"] == 2
+    assert rows["manpages"]["licence"].startswith("GPL-2+")
+    assert rows["manpages"]["tokens"] + rows["manpages-dev"]["tokens"] == result["tokens"] == store.n_tokens
+    from foldscale.data.tokenizer import Tokenizer
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    for source in ("manpages", "manpages-dev"):  # each file's own tokens + eos
+        files = (tmp_path / "text" / source).glob("*.txt")
+        assert rows[source]["tokens"] == sum(len(tok.encode(f.read_text())) + 1 for f in files)
+    assert result["doc_tokens"]["max"] == int(store.doc_lengths.max())
