@@ -42,7 +42,7 @@ from foldscale.trainer import Trainer, take
 
 
 def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work, rank, world, compile_,
-            peak_tflops, kernels="torch", profile=None):
+            peak_tflops, kernels="torch", profile=None, profile_steps=2):
     """One row through the real trainer: Trainer.train_step on a DeepSpeed engine."""
     streams = max(1, tokens_per_rank // cfg.segment_len)
     ds_file = speed_ds_config(ds_path, work / "ds.json", train_micro_batch_size_per_gpu=streams,
@@ -55,7 +55,7 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
     trainer = Trainer(cfg, DataConfig(str(store.path)), train_cfg, ds, store, rank, world)
     window = PositionLoss(trainer.device)
     dt, prof = time_steps(lambda: trainer.train_step(window), steps, warmup, f"{name} {kernels} trainer",
-                          profile if rank == 0 else None)
+                          profile, profile_steps)
     row = speed_row(name, cfg, "trainer", kernels, streams, trainer.tokens_per_step / dt, world, peak_tflops,
                     dt, window.summary()[0], prof)
     trainer.close()
@@ -66,7 +66,7 @@ def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work
 
 
 def measure_plain(name, cfg, tokens_per_rank, grad_accum, steps, warmup, work, compile_, peak_tflops,
-                  kernels="torch", profile=None):
+                  kernels="torch", profile=None, profile_steps=2):
     """The same model, tokens and batches as `measure`, through a plain PyTorch loop as nanoGPT's:
     fp32 weights under bf16 autocast (on a GPU), fused AdamW, gradients clipped at 1.0, batches
     pinned and copied without waiting. No DeepSpeed, no host sync, no loss bookkeeping: the
@@ -95,7 +95,7 @@ def measure_plain(name, cfg, tokens_per_rank, grad_accum, steps, warmup, work, c
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    dt, prof = time_steps(step, steps, warmup, f"{name} {kernels} plain", profile)
+    dt, prof = time_steps(step, steps, warmup, f"{name} {kernels} plain", profile, profile_steps)
     tokens_per_step = grad_accum * streams * cfg.bptt_segments * cfg.segment_len  # Trainer.tokens_per_step's unit
     row = speed_row(name, cfg, "plain", kernels, streams, tokens_per_step / dt, 1, peak_tflops, dt,
                     float(loss[0] / loss[1]), prof)
@@ -123,11 +123,7 @@ def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step
     if torch.cuda.is_available():
         row["mfu"] = tflops / peak_tflops
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if prof:
-        row.update(host_syncs_per_step=prof["host_syncs_per_step"], profile=prof)
-        if prof["gpu_busy"] is not None:
-            row["gpu_busy"] = prof["gpu_busy"]
-    return row
+    return row | prof
 
 
 COLUMNS = ["model", "loop", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
@@ -184,10 +180,10 @@ def main():
             for (name, cfg), kernels, loop in itertools.product(pairs, kernel_list, loops):
                 if loop == "trainer":
                     row = measure(name, cfg, args.ds_config, tokens, accum, args.steps, args.warmup, Path(tmp), rank,
-                                  world, args.compile, args.peak_tflops, kernels, args.profile)
+                                  world, args.compile, args.peak_tflops, kernels, args.profile, args.profile_steps)
                 else:
                     row = measure_plain(name, cfg, tokens, accum, args.steps, args.warmup, Path(tmp), args.compile,
-                                        args.peak_tflops, kernels, args.profile)
+                                        args.peak_tflops, kernels, args.profile, args.profile_steps)
                 row.update(tokens_per_micro_step=tokens, grad_accum=accum)
                 torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name and r["loop"] == loop
                                   and r["tokens_per_micro_step"] == tokens and r["grad_accum"] == accum), None)

@@ -93,9 +93,10 @@ HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
     """Run step() STEPS times under torch.profiler and print the top TOP GPU kernels (by their GPU
     time; on a GPU) and CPU operators (by their own host time). TRACE (a path ending .json.gz), if
-    given, gets the Chrome trace (chrome://tracing, ui.perfetto.dev). Returns per step: GPU kernel
-    ms by kind (KERNEL_KINDS), the share of wall time the GPU was busy, and host syncs (HOST_SYNCS
-    calls); a GPU busy well under 100% is time the host left it idle."""
+    given, gets the Chrome trace (chrome://tracing, ui.perfetto.dev). Returns figures for a table
+    row: host_syncs_per_step (HOST_SYNCS calls) and profiled_step_ms, and on a GPU gpu_ms_per_step
+    by kernel kind (KERNEL_KINDS) and gpu_busy, the share of wall time the GPU ran kernels: well
+    under 1 is time the host left it idle."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     cuda_sync()
@@ -118,9 +119,11 @@ def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
             name = e.key.lower()
             kind = next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
             ms[kind] += e.self_device_time_total / 1000 / steps
-    return {"gpu_ms_per_step": ms, "gpu_busy": sum(ms.values()) / wall_ms if cuda else None,
-            "host_syncs_per_step": sum(e.count for e in events if e.key in HOST_SYNCS) / steps,
-            "profiled_step_ms": wall_ms}
+    figures = {"host_syncs_per_step": sum(e.count for e in events if e.key in HOST_SYNCS) / steps,
+               "profiled_step_ms": wall_ms}
+    if cuda:
+        figures.update(gpu_busy=sum(ms.values()) / wall_ms, gpu_ms_per_step=ms)
+    return figures
 
 
 def time_steps(step, steps: int, warmup: int, name: str, profile_dir=None, profile_steps: int = 2) -> tuple[float, dict]:
