@@ -151,8 +151,8 @@ def measure(size: str, vocab: int, grad_accum: int, steps: int, warmup: int, com
     dt, prof = time_steps(step, steps, warmup, name, profile, profile_steps)
     tok_s = grad_accum * streams * T / dt
     tflops = tok_s * model.flops_per_token() / 1e12
-    row = {"model": name, "loop": "plain", "kernels": "torch", "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-           "l": T, "streams": streams, "tokens_per_micro_step": streams * T, "grad_accum": grad_accum,
+    row = {"model": name, "loop": "plain", "kernels": "torch",
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "l": T, "streams": streams, "tokens_per_micro_step": streams * T, "grad_accum": grad_accum,
            "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * dt, "loss": float(loss),
            "flops_per_token": model.flops_per_token()}
     if cuda:
@@ -195,12 +195,13 @@ def main():
         row = measure(size, args.vocab, args.grad_accum, args.steps, args.warmup, args.compile, args.peak_tflops,
                       args.profile, args.profile_steps)
         rows.append(row)
+        # after every row: a run stopped early keeps its rows
+        write_json(args.json, rows, compile=args.compile, peak_tflops=args.peak_tflops, vocab=args.vocab)
         print(f"{row['model']}: {row['tokens_per_s']:,.0f} tok/s, {row['tflops_per_gpu']:.1f} TFLOP/s"
               + (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
     print(f"\n{device_name()}, compile={args.compile}, vocabulary {args.vocab}, MFU against {args.peak_tflops:.0f} "
           "TFLOP/s (foldscale's FLOPs convention); step = one optimizer step")
     print_table(rows, COLUMNS)
-    write_json(args.json, rows, compile=args.compile, peak_tflops=args.peak_tflops, vocab=args.vocab)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step
     return row | prof
 
 
-COLUMNS = ["model", "loop", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
-           "vs_torch", "vs_trainer", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
+COLUMNS = ["model", "loop", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
+           "tokens_per_s", "vs_torch", "vs_trainer", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
            "host_syncs_per_step", "loss"]
 
 
@@ -167,9 +167,14 @@ def main():
     rank, world = init_distributed()
     if world > 1 and (args.plain or args.profile):
         p.error("--plain and --profile run on one rank: start with python, not a launcher of several ranks")
+    if args.plain and "liger" in kernel_list:
+        p.error("--plain runs the model under bf16 autocast, which liger's fused loss is not written for: "
+                "use --kernels torch with --plain")
     rows = []
     settings = [(int(t), int(g)) for t in args.tokens_per_rank.split(",") for g in args.grad_accum.split(",")]
     loops = ["trainer", "plain"] if args.plain else ["trainer"]
+    meta = dict(ds_config=args.ds_config, world_size=world, compile=args.compile, peak_tflops=args.peak_tflops,
+                kernels=kernel_list)
     with tempfile.TemporaryDirectory() as tmp:
         for preset, (tokens, accum) in itertools.product(args.presets.split(","), settings):
             folded = ModelConfig.load(preset)
@@ -185,8 +190,9 @@ def main():
                     row = measure_plain(name, cfg, tokens, accum, args.steps, args.warmup, Path(tmp), args.compile,
                                         args.peak_tflops, kernels, args.profile, args.profile_steps)
                 row.update(tokens_per_micro_step=tokens, grad_accum=accum)
-                torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name and r["loop"] == loop
-                                  and r["tokens_per_micro_step"] == tokens and r["grad_accum"] == accum), None)
+                torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name
+                                  and r["loop"] == loop and r["tokens_per_micro_step"] == tokens
+                                  and r["grad_accum"] == accum), None)
                 if len(kernel_list) > 1 and torch_row is not None:
                     row["vs_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
                 trainer_row = next((r for r in rows if r["loop"] == "trainer" and r["model"] == name
@@ -196,6 +202,7 @@ def main():
                     row["vs_trainer"] = row["tokens_per_s"] / trainer_row["tokens_per_s"]
                 rows.append(row)
                 if rank == 0:
+                    write_json(args.json, rows, **meta)  # after every row: a run stopped early keeps its rows
                     print(f"{name}, {loop}, kernels={kernels}: {row['tokens_per_s']:,.0f} tok/s, "
                           f"{row['tflops_per_gpu']:.1f} TFLOP/s"
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
@@ -205,8 +212,6 @@ def main():
         print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
               f"MFU against {args.peak_tflops:.0f} TFLOP/s; step = one optimizer step")
         print_table(rows, COLUMNS)
-        write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
-                   peak_tflops=args.peak_tflops, kernels=kernel_list)
 
 
 if __name__ == "__main__":

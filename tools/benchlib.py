@@ -126,7 +126,8 @@ def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
     return figures
 
 
-def time_steps(step, steps: int, warmup: int, name: str, profile_dir=None, profile_steps: int = 2) -> tuple[float, dict]:
+def time_steps(step, steps: int, warmup: int, name: str, profile_dir=None,
+               profile_steps: int = 2) -> tuple[float, dict]:
     """Seconds per step() over STEPS timed steps, after WARMUP untimed ones (compilation, allocation,
     kernel selection), and with PROFILE_DIR PROFILE_STEPS more under the profiler (profile_run;
     its trace PROFILE_DIR/NAME.json.gz), which would slow the timed ones. Returns (seconds per step,
