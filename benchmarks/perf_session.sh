@@ -57,8 +57,8 @@ headline = {"anchor_mfu_350m": mfu("anchor 350m", "plain"), "mfu_350m": mfu("350
             "baseline_mfu_350m": mfu("350m baseline")}
 print(f"\nissue 28, one session: {records[0]['device'] if records else '?'}; MFU in foldscale's convention "
       f"(ModelConfig.flops_per_token) against {records[0]['peak_tflops'] if records else '?'} TFLOP/s")
-print_table(rows, ["model", "loop", "kernels", "tokens_per_micro_step", "grad_accum", "tokens_per_s", "tflops_per_gpu",
-                   "mfu", "vs_anchor", "vs_trainer", "step_ms", "peak_mem_gib", "gpu_busy", "host_syncs_per_step", "loss"])
+print_table(rows, ["model", "loop", "kernels", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
+                   "tflops_per_gpu", "mfu", "vs_anchor", "vs_trainer", "step_ms", "peak_mem_gib", "gpu_busy", "host_syncs_per_step", "loss"])
 print("headline:", json.dumps(headline))
 write_json(out / "perf_session.json", rows, headline=headline, sources=[r["command"] for r in records])
 EOF
