@@ -4,6 +4,7 @@ the same blocks, all local, window 2l), in one run.
 
     python -m benchmarks.bench_throughput --presets 125m,350m,1b --json benchmarks/results/throughput.json
     python -m benchmarks.bench_throughput --presets 350m --compile --no-baseline --kernels torch,liger
+    python -m benchmarks.bench_throughput --presets 350m --compile --plain --profile runs/profile   # the baseline gap
     python -m benchmarks.bench_throughput --quick     # CPU smoke test at toy size
 
 MFU = model FLOPs (ModelConfig.flops_per_token, DESIGN.md §1: 6 x matmul parameters with the
@@ -11,99 +12,123 @@ global stack counted twice, plus causal attention) x trained tokens/s / --peak-t
 the bf16 ceiling measured on the H100). Tokens counted are all positions of every segment.
 With several --kernels (FoldedLM.set_kernels) each model runs with each, in one run, and
 vs_torch is its tokens/s over the same model's with kernels=torch.
+With --plain each model also runs through a plain PyTorch loop (measure_plain: fp32 weights under
+bf16 autocast, fused AdamW, as nanoGPT trains), the same tokens and batches: vs_trainer is its
+tokens/s over the trainer row's, the cost of Trainer + DeepSpeed alone; against
+benchmarks/bench_anchor.py (a nanoGPT-style GPT) the plain row prices the blocks themselves
+(RoPE, SwiGLU, RMSNorm against learned positions, GELU, LayerNorm).
+With --profile DIR a few more steps of each row run under torch.profiler: a Chrome trace in DIR,
+the top kernels and CPU ops printed, and in the table gpu_busy (GPU kernel time over wall time)
+and host_syncs_per_step (CUDA synchronize calls: the host waiting for the GPU).
 The learning-rate schedule is left out of the DeepSpeed JSON: speed does not depend on it.
 """
 import argparse
-import contextlib
 import gc
 import itertools
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from tools.benchlib import cuda_sync, device_name, print_table, speed_ds_config, synthetic_store, write_json
+from tools.benchlib import device_name, print_table, speed_ds_config, synthetic_store, time_steps, write_json
 from foldscale.config import DataConfig, FoldscaleError, ModelConfig, TrainConfig
-from foldscale.engine import init_distributed, load_ds_config
+from foldscale.data import SegmentStreamSampler
+from foldscale.engine import init_distributed, load_ds_config, param_groups
 from foldscale.kernels import check as check_kernels
 from foldscale.metrics import PositionLoss
-from foldscale.trainer import Trainer
-
-
-def profiler(enabled):
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch.profiler import ProfilerActivity, profile
-    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
-
-
-KERNEL_KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")), ("attention", ("flash", "fmha", "sdpa")),
-                ("fused elementwise (triton)", ("triton",)), ("optimizer", ("adam", "multi_tensor")),
-                ("communication", ("nccl",)), ("copy/fill", ("memcpy", "memset", "copy", "fill"))]
-
-
-def kernel_breakdown(prof, steps: int, wall_s: float) -> dict:
-    """GPU kernel time per optimizer step by kind (ms) and the share of wall time the GPU was busy."""
-    ms = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, not the operators that launch them
-            t = e.self_device_time_total / 1000 / steps
-            name = e.key.lower()
-            ms[next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")] += t
-    return {**ms, "gpu_busy": sum(ms.values()) / (1000 * wall_s / steps)}
+from foldscale.model import FoldedLM
+from foldscale.trainer import Trainer, take
 
 
 def measure(name, cfg, ds_path, tokens_per_rank, grad_accum, steps, warmup, work, rank, world, compile_,
-            peak_tflops, profile=False, kernels="torch"):
+            peak_tflops, kernels="torch", profile=None, profile_steps=2):
+    """One row through the real trainer: Trainer.train_step on a DeepSpeed engine."""
     streams = max(1, tokens_per_rank // cfg.segment_len)
     ds_file = speed_ds_config(ds_path, work / "ds.json", train_micro_batch_size_per_gpu=streams,
                               gradient_accumulation_steps=grad_accum)
     ds = load_ds_config(ds_file, world, steps + warmup)
     store = synthetic_store(work / f"store-v{cfg.vocab_size}", cfg.vocab_size, 512, 16 * 1024)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    # Compile each model afresh, with static shapes as in a training run of one model: a second
-    # model's shapes would otherwise turn on dynamic shapes (and PyTorch 2.11's inductor then
-    # failed an assertion in its tiling analysis for the 125m after the 350m).
-    torch._dynamo.reset()
+    fresh_row()
     train_cfg = TrainConfig(out=str(work / name), steps=steps + warmup, log_every=10**9, eval_every=10**9,
                             save_every=10**9, compile=compile_, kernels=kernels, peak_tflops=peak_tflops)
     trainer = Trainer(cfg, DataConfig(str(store.path)), train_cfg, ds, store, rank, world)
-    trainer.engine.module.set_kernels(kernels)  # before the first (compiled) forward
     window = PositionLoss(trainer.device)
-    for _ in range(warmup):
-        trainer.train_step(window)
-    window = PositionLoss(trainer.device)
-    cuda_sync()
-    t0 = time.perf_counter()
-    with profiler(profile) as prof:
-        for _ in range(steps):
-            trainer.train_step(window)
-        cuda_sync()
-    dt = time.perf_counter() - t0
-    if profile and rank == 0:
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available()
-                                        else "self_cpu_time_total", row_limit=25))
-        if torch.cuda.is_available():
-            print(f"{name}: GPU kernel ms per optimizer step by kind "
-                  + ", ".join(f"{k} {v:.1%}" if k == "gpu_busy" else f"{k} {v:.1f}"
-                              for k, v in kernel_breakdown(prof, steps, dt).items()))
-    tok_s = steps * trainer.tokens_per_step / dt
-    tflops = tok_s * cfg.flops_per_token() / 1e12 / world
-    row = {"model": name, "kernels": kernels, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len,
-           "streams": streams, "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * dt / steps,
-           "loss": window.summary()[0]}
-    if torch.cuda.is_available():
-        row["mfu"] = tflops / peak_tflops
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    dt, prof = time_steps(lambda: trainer.train_step(window), steps, warmup, f"{name} {kernels} trainer",
+                          profile, profile_steps)
+    row = speed_row(name, cfg, "trainer", kernels, streams, trainer.tokens_per_step / dt, world, peak_tflops,
+                    dt, window.summary()[0], prof)
     trainer.close()
     trainer.engine.destroy()
     del trainer, window
     gc.collect()
     return row
+
+
+def measure_plain(name, cfg, tokens_per_rank, grad_accum, steps, warmup, work, compile_, peak_tflops,
+                  kernels="torch", profile=None, profile_steps=2):
+    """The same model, tokens and batches as `measure`, through a plain PyTorch loop as nanoGPT's:
+    fp32 weights under bf16 autocast (on a GPU), fused AdamW, gradients clipped at 1.0, batches
+    pinned and copied without waiting. No DeepSpeed, no host sync, no loss bookkeeping: the
+    difference to the trainer's row is what Trainer + DeepSpeed cost. One rank."""
+    streams = max(1, tokens_per_rank // cfg.segment_len)
+    store = synthetic_store(work / f"store-v{cfg.vocab_size}", cfg.vocab_size, 512, 16 * 1024)
+    fresh_row()
+    torch.manual_seed(TrainConfig.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = FoldedLM(cfg).set_kernels(kernels).to(device)
+    if compile_:
+        model.compile()  # what engine.compile() does to the engine's module
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
+    sampler = SegmentStreamSampler(store, "train", 0, 1, streams, cfg.segment_len, TrainConfig.seed)
+    carried, loss = [None], torch.zeros(2, device=device)  # the state; summed token loss and tokens
+
+    def step():
+        for _ in range(grad_accum):
+            batch = take(sampler, cfg.bptt_segments).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = model.forward_stream(batch.ids, batch.targets, carried[0], batch.reset, keep_logits=False)
+            (out.loss / grad_accum).backward()
+            carried[0] = out.state
+            loss.add_(torch.stack([out.loss.detach() * out.n_tokens, out.n_tokens]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dt, prof = time_steps(step, steps, warmup, f"{name} {kernels} plain", profile, profile_steps)
+    tokens_per_step = grad_accum * streams * cfg.bptt_segments * cfg.segment_len  # Trainer.tokens_per_step's unit
+    row = speed_row(name, cfg, "plain", kernels, streams, tokens_per_step / dt, 1, peak_tflops, dt,
+                    float(loss[0] / loss[1]), prof)
+    del model, opt
+    gc.collect()
+    return row
+
+
+def fresh_row():
+    """Each row starts with an empty cache and peak, and compiles afresh, with static shapes as in
+    a training run of one model: a second model's shapes would otherwise turn on dynamic shapes
+    (and PyTorch 2.11's inductor then failed an assertion in its tiling analysis for the 125m after
+    the 350m)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+
+
+def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step_s, loss, prof) -> dict:
+    tflops = tok_s * cfg.flops_per_token() / 1e12 / world
+    row = {"model": name, "loop": loop, "kernels": kernels, "params_M": cfg.num_params() / 1e6, "l": cfg.segment_len,
+           "streams": streams, "tokens_per_s": tok_s, "tflops_per_gpu": tflops, "step_ms": 1000 * step_s,
+           "loss": loss, "flops_per_token": cfg.flops_per_token()}
+    if torch.cuda.is_available():
+        row["mfu"] = tflops / peak_tflops
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row | prof
+
+
+COLUMNS = ["model", "loop", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
+           "tokens_per_s", "vs_torch", "vs_trainer", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
+           "host_syncs_per_step", "loss"]
 
 
 def main():
@@ -120,7 +145,12 @@ def main():
     p.add_argument("--no-baseline", "--no_baseline", action="store_true")
     p.add_argument("--peak-tflops", "--peak_tflops", type=float, default=TrainConfig.peak_tflops,
                    help="per-GPU matrix-product ceiling for MFU (800: bf16 measured on the H100)")
-    p.add_argument("--profile", action="store_true", help="print the top kernels of the timed steps")
+    p.add_argument("--plain", action="store_true",
+                   help="beside each trainer row, the same model and tokens through a plain PyTorch loop (one rank)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after each row's timed steps, profile --profile-steps more: a Chrome trace in DIR, the top "
+                        "20 kernels and CPU ops printed, GPU busy and host syncs per step in the table (one rank)")
+    p.add_argument("--profile-steps", "--profile_steps", type=int, default=2)
     p.add_argument("--kernels", default="torch",
                    help="torch, liger or both (torch,liger): each model runs with each, side by side")
     p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
@@ -135,8 +165,16 @@ def main():
     except FoldscaleError as e:
         p.error(str(e))
     rank, world = init_distributed()
+    if world > 1 and (args.plain or args.profile):
+        p.error("--plain and --profile run on one rank: start with python, not a launcher of several ranks")
+    if args.plain and "liger" in kernel_list:
+        p.error("--plain runs the model under bf16 autocast, which liger's fused loss is not written for: "
+                "use --kernels torch with --plain")
     rows = []
     settings = [(int(t), int(g)) for t in args.tokens_per_rank.split(",") for g in args.grad_accum.split(",")]
+    loops = ["trainer", "plain"] if args.plain else ["trainer"]
+    meta = dict(ds_config=args.ds_config, world_size=world, compile=args.compile, peak_tflops=args.peak_tflops,
+                kernels=kernel_list)
     with tempfile.TemporaryDirectory() as tmp:
         for preset, (tokens, accum) in itertools.product(args.presets.split(","), settings):
             folded = ModelConfig.load(preset)
@@ -144,27 +182,36 @@ def main():
             if not args.no_baseline:
                 pairs.append((f"{preset} baseline (full attention, window 2l)",
                               folded.full_attention(2 * folded.segment_len)))
-            for (name, cfg), kernels in itertools.product(pairs, kernel_list):
-                row = measure(name, cfg, args.ds_config, tokens, accum, args.steps, args.warmup, Path(tmp),
-                              rank, world, args.compile, args.peak_tflops, args.profile, kernels)
+            for (name, cfg), kernels, loop in itertools.product(pairs, kernel_list, loops):
+                if loop == "trainer":
+                    row = measure(name, cfg, args.ds_config, tokens, accum, args.steps, args.warmup, Path(tmp), rank,
+                                  world, args.compile, args.peak_tflops, kernels, args.profile, args.profile_steps)
+                else:
+                    row = measure_plain(name, cfg, tokens, accum, args.steps, args.warmup, Path(tmp), args.compile,
+                                        args.peak_tflops, kernels, args.profile, args.profile_steps)
                 row.update(tokens_per_micro_step=tokens, grad_accum=accum)
                 torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name
-                                  and r["tokens_per_micro_step"] == tokens and r["grad_accum"] == accum), None)
+                                  and r["loop"] == loop and r["tokens_per_micro_step"] == tokens
+                                  and r["grad_accum"] == accum), None)
                 if len(kernel_list) > 1 and torch_row is not None:
                     row["vs_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
+                trainer_row = next((r for r in rows if r["loop"] == "trainer" and r["model"] == name
+                                    and r["kernels"] == kernels and r["tokens_per_micro_step"] == tokens
+                                    and r["grad_accum"] == accum), None)
+                if loop == "plain" and trainer_row is not None:
+                    row["vs_trainer"] = row["tokens_per_s"] / trainer_row["tokens_per_s"]
                 rows.append(row)
                 if rank == 0:
-                    print(f"{name}, kernels={kernels}: {row['tokens_per_s']:,.0f} tok/s, "
+                    write_json(args.json, rows, **meta)  # after every row: a run stopped early keeps its rows
+                    print(f"{name}, {loop}, kernels={kernels}: {row['tokens_per_s']:,.0f} tok/s, "
                           f"{row['tflops_per_gpu']:.1f} TFLOP/s"
                           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
-                          + (f", {row['vs_torch']:.3f}x torch" if "vs_torch" in row else ""), flush=True)
+                          + (f", {row['vs_torch']:.3f}x torch" if "vs_torch" in row else "")
+                          + (f", {row['vs_trainer']:.3f}x the trainer" if "vs_trainer" in row else ""), flush=True)
     if rank == 0:
         print(f"\n{device_name()}, {world} rank(s), {args.ds_config}, compile={args.compile}, "
               f"MFU against {args.peak_tflops:.0f} TFLOP/s; step = one optimizer step")
-        print_table(rows, ["model", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
-                           "tokens_per_s", "vs_torch", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "loss"])
-        write_json(args.json, rows, ds_config=args.ds_config, world_size=world, compile=args.compile,
-                   peak_tflops=args.peak_tflops, kernels=kernel_list)
+        print_table(rows, COLUMNS)
 
 
 if __name__ == "__main__":

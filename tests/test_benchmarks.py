@@ -1,11 +1,13 @@
 """Every benchmark runs at toy size on the CPU (--quick; scaling_model is analytic), as
 `python -m benchmarks.NAME`, and writes a table whose figures are present and sane: a benchmark
 that breaks fails here, not on the GPU."""
+import gzip
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,46 @@ def test_multi_gpu_scaling(tmp_path):
     rows, _, _ = run_quick("benchmarks.multi_gpu", tmp_path)
     assert [(r["preset"], r["zero"]) for r in rows] == [("tiny", 2)]
     assert all(positive(r["tok_s_1"], r["tok_s_2"], r["per_gpu_efficiency"]) for r in rows)
+
+
+def test_bench_anchor(tmp_path):
+    rows, record, _ = run_quick("benchmarks.bench_anchor", tmp_path, "--profile", str(tmp_path / "traces"))
+    assert [(r["model"], r["loop"], r["l"], r["streams"]) for r in rows] == [
+        ("anchor tiny (nanoGPT-style)", "plain", 64, 4)]
+    row = rows[0]
+    assert positive(row["tokens_per_s"], row["tflops_per_gpu"], row["step_ms"], row["loss"], row["profiled_step_ms"])
+    assert row["host_syncs_per_step"] == 0  # no GPU, nothing to wait for
+    trace = json.loads(gzip.decompress((tmp_path / "traces" / "anchor_tiny_nanoGPT_style.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert record["peak_tflops"] == 800 and record["vocab"] == 512
+
+
+def test_anchor_flops_follow_foldscale_convention():
+    """6 x (block parameters + V x d) + 12 x d x n_layer x T/2, as ModelConfig.flops_per_token counts a
+    plain GPT (DESIGN.md §1): here a block is 12 d^2 weights and two LayerNorm scales."""
+    from benchmarks.bench_anchor import GPT, GPTConfig
+    L, h, d, T, V = 3, 4, 64, 32, 100
+    model = GPT(GPTConfig(n_layer=L, n_head=h, d_model=d, seq_len=T, vocab_size=V))
+    assert model.flops_per_token() == 6 * (L * (12 * d * d + 2 * d) + V * d) + 12 * d * L * T / 2
+
+
+def test_perf_session(tmp_path):
+    """The issue-28 device command at toy size: every row in one table, the plain loop beside the trainer."""
+    env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/perf_session.sh", str(tmp_path / "out"), "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "perf_session.json").read_text())
+    rows = record["rows"]
+    assert [(r["model"].split(" (")[0], r["loop"]) for r in rows] == [
+        ("anchor tiny", "plain"), ("tiny folded", "trainer"), ("tiny folded", "plain"),
+        ("tiny baseline", "trainer"), ("tiny baseline", "plain")]
+    assert rows[0]["vs_anchor"] == 1 and all(positive(r["vs_anchor"], r["tokens_per_s"]) for r in rows)
+    for trainer, plain in (rows[1:3], rows[3:5]):
+        assert plain["vs_trainer"] == pytest.approx(plain["tokens_per_s"] / trainer["tokens_per_s"])
+        assert plain["flops_per_token"] == trainer["flops_per_token"]  # the same model, the same FLOPs
+    assert set(record["headline"]) == {"anchor_mfu_350m", "mfu_350m", "baseline_mfu_350m"}
+    with tarfile.open(tmp_path / "out" / "traces.tar") as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".json.gz")]) == 5
+    log = (tmp_path / "out" / "perf.log").read_text()
+    assert log.count("Self CPU time total") == 5 and "headline:" in log

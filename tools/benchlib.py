@@ -1,10 +1,11 @@
 """What every benchmark, experiment and tool shares: a synthetic token store, a table, a JSON
-record, plain PyTorch training segment by segment, and launch/pretrain.py run as a user runs it
-(on N ranks, with a DeepSpeed config made from a shipped one)."""
+record, a profile of a few steps, plain PyTorch training segment by segment, and
+launch/pretrain.py run as a user runs it (on N ranks, with a DeepSpeed config made from a shipped one)."""
 import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -79,6 +80,73 @@ def speed_ds_config(path, out, **overrides) -> Path:
 def cuda_sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+KERNEL_KINDS = [("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")), ("attention", ("flash", "fmha", "sdpa")),
+                ("loss (liger)", ("liger", "cross_entropy")), ("fused elementwise (triton)", ("triton",)),
+                ("optimizer", ("adam", "multi_tensor")), ("communication", ("nccl",)),
+                ("copy/fill", ("memcpy", "memset", "copy", "fill"))]
+# CUDA runtime calls that make the host wait for the GPU: while it waits, nothing new is queued.
+HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
+    """Run step() STEPS times under torch.profiler and print the top TOP GPU kernels (by their GPU
+    time; on a GPU) and CPU operators (by their own host time). TRACE (a path ending .json.gz), if
+    given, gets the Chrome trace (chrome://tracing, ui.perfetto.dev). Returns figures for a table
+    row: host_syncs_per_step (HOST_SYNCS calls) and profiled_step_ms, and on a GPU gpu_ms_per_step
+    by kernel kind (KERNEL_KINDS) and gpu_busy, the share of wall time the GPU ran kernels: well
+    under 1 is time the host left it idle."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    cuda_sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        cuda_sync()
+        wall_ms = 1000 * (time.perf_counter() - t0) / steps
+    if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    if cuda:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=top))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+    ms = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, not the operators that launch them
+            name = e.key.lower()
+            kind = next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
+            ms[kind] += e.self_device_time_total / 1000 / steps
+    syncs = sum(e.count for e in events if e.key in HOST_SYNCS) - cuda  # less the cuda_sync() ending the profile
+    figures = {"host_syncs_per_step": syncs / steps, "profiled_step_ms": wall_ms}
+    if cuda:
+        figures.update(gpu_busy=sum(ms.values()) / wall_ms, gpu_ms_per_step=ms)
+    return figures
+
+
+def time_steps(step, steps: int, warmup: int, name: str, profile_dir=None,
+               profile_steps: int = 2) -> tuple[float, dict]:
+    """Seconds per step() over STEPS timed steps, after WARMUP untimed ones (compilation, allocation,
+    kernel selection), and with PROFILE_DIR PROFILE_STEPS more under the profiler (profile_run;
+    its trace PROFILE_DIR/NAME.json.gz), which would slow the timed ones. Returns (seconds per step,
+    the profile's figures or {})."""
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step()
+        cuda_sync()
+        print(f"{name}: warm-up step {i + 1}/{warmup} in {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    cuda_sync()
+    dt = (time.perf_counter() - t0) / steps
+    if profile_dir is None:
+        return dt, {}
+    print(f"{name}: profiling {profile_steps} step(s)", flush=True)
+    trace = Path(profile_dir) / (re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") + ".json.gz")
+    return dt, profile_run(step, profile_steps, trace)
 
 
 def train_by_segment(model, ids, targets, device) -> float:
