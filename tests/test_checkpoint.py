@@ -227,25 +227,20 @@ class FullDiskEngine:
         torch.save(self.module.state_dict(), Path(root) / tag / "mp_rank_00_model_states.pt")
 
 
-def test_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(dist, tmp_path, monkeypatch):
     import collections
 
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        root, engine = tmp_path / "checkpoints", FullDiskEngine()
-        args = dict(trainer_state={"step": 0}, rank_state={}, configs={}, tokenizer=None, keep_last=3)
-        ckpt.save(engine, root, 2, 0, 1, **args)
-        engine.full = True
-        with pytest.raises(ckpt.CheckpointError, match=r"no space left on .*checkpoints: a checkpoint needs about "
-                                                       r"[\d,]+ bytes, [\d,]+ are free; .*--resume auto takes"):
-            ckpt.save(engine, root, 4, 0, 1, **args)
-        assert not (root / "step00000004").exists() and ckpt.find("auto", root) == root / "step00000002"
-        usage = collections.namedtuple("usage", "total used free")
-        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 10, 10))
-        engine.full = False
-        with pytest.raises(ckpt.CheckpointError, match=r", 10 are free"):  # refused before writing anything
-            ckpt.save(engine, root, 4, 0, 1, **args)
-        assert not (root / "step00000004").exists()
-    finally:
-        dist.destroy_process_group()
+    root, engine = tmp_path / "checkpoints", FullDiskEngine()
+    args = dict(trainer_state={"step": 0}, rank_state={}, configs={}, tokenizer=None, keep_last=3)
+    ckpt.save(engine, root, 2, 0, 1, **args)
+    engine.full = True
+    with pytest.raises(ckpt.CheckpointError, match=r"no space left on .*checkpoints: a checkpoint needs about "
+                                                   r"[\d,]+ bytes, [\d,]+ are free; .*--resume auto takes"):
+        ckpt.save(engine, root, 4, 0, 1, **args)
+    assert not (root / "step00000004").exists() and ckpt.find("auto", root) == root / "step00000002"
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 10, 10))
+    engine.full = False
+    with pytest.raises(ckpt.CheckpointError, match=r", 10 are free"):  # refused before writing anything
+        ckpt.save(engine, root, 4, 0, 1, **args)
+    assert not (root / "step00000004").exists()

@@ -46,21 +46,15 @@ class SavingEngine:
         torch.save(self.module.state_dict(), Path(root) / tag / "mp_rank_00_model_states.pt")
 
 
-def test_inspect_checkpoint_reports_and_verifies(tmp_path, capsys):
-    import torch.distributed as dist
-
+def test_inspect_checkpoint_reports_and_verifies(dist, tmp_path, capsys):
     from foldscale import checkpoint as ckpt
     from foldscale.config import ModelConfig
     from tools import inspect_checkpoint
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "scheduler": {"type": "WarmupCosineLR"}}
-        configs = {"model.json": ModelConfig(segment_len=32).to_dict(), "ds_config.json": ds}
-        for step in (2, 4):
-            ckpt.save(SavingEngine(), tmp_path / "run" / "checkpoints", step, 0, 1, trainer_state={"step": step},
-                      rank_state={}, configs=configs, tokenizer=None, keep_last=3)
-    finally:
-        dist.destroy_process_group()
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "scheduler": {"type": "WarmupCosineLR"}}
+    configs = {"model.json": ModelConfig(segment_len=32).to_dict(), "ds_config.json": ds}
+    for step in (2, 4):
+        ckpt.save(SavingEngine(), tmp_path / "run" / "checkpoints", step, 0, 1, trainer_state={"step": step},
+                  rank_state={}, configs=configs, tokenizer=None, keep_last=3)
     info = inspect_checkpoint.inspect(tmp_path / "run")
     assert info["verifies"] and info["step"] == 4 and info["world_size"] == 1
     assert info["model"]["segment_len"] == 32 and info["batch"]["gradient_accumulation_steps"] == 2
