@@ -89,8 +89,11 @@ def test_extending_a_schedule_keeps_its_warm_up(tmp_path):
                                                  "warmup_min_ratio": 0.0}}
     params = load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 20, extend_from=saved)["scheduler"]["params"]
     assert params == {**saved["params"], "total_num_steps": 20}
-    with pytest.raises(ConfigError, match="pass a larger --steps"):
-        load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 10, extend_from=saved)
+    # an extended run resumed to the same end keeps its schedule (a fraction would be worked out anew)
+    same = load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 10, extend_from=saved)["scheduler"]["params"]
+    assert same == saved["params"]
+    with pytest.raises(ConfigError, match="pass --steps 10 or more"):
+        load_ds_config(SHIPPED[0].parent / "cpu.json", 1, 9, extend_from=saved)
 
 
 def test_unreadable_configs_are_refused(tmp_path):
