@@ -134,13 +134,9 @@ def failure(run: dict, log: Path) -> str:
 
 
 def metrics_at(path: Path, step: int) -> dict | None:
-    """The metrics line pretrain wrote for STEP, if it is there (complete lines only)."""
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        if line.endswith("}") and json.loads(line)["step"] == step:
-            return json.loads(line)
-    return None
+    """The metrics line pretrain wrote for STEP into PATH (a metrics.jsonl), if it is there."""
+    from foldscale.metrics import read_metrics
+    return next((r for r in read_metrics(path.parent) if r["step"] == step), None)
 
 
 def run_ds(model_path, ds_path, store, work, logs, steps, cap_gib, timeout) -> dict:

@@ -51,7 +51,7 @@ from foldscale.config import ModelConfig, read_json
 from foldscale.data import TokenStore
 from foldscale.evaluate import evaluate
 from foldscale.export import export
-from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss
+from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss, read_metrics
 from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,7 @@ def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.
 
 def metrics(work: Path, name: str) -> list[dict]:
     """The run's metrics.jsonl: one {"step": N, "train/loss": ...} per log."""
-    path = work / name / "run" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return read_metrics(work / name / "run")
 
 
 def train_all(runs: dict[str, dict], args, work: Path):

@@ -1,9 +1,10 @@
 """Loss and perplexity over whole documents, overall and by position in the document.
 
 Each model reads every document from its start with its own segment length and carried state,
-many documents side by side as training reads them (`position_losses`). To compare models whose segment lengths differ on the same footing, a token
-at position p of its document is counted in the bucket of segment index p // l_ref, l_ref being
-the first model's segment length; the buckets (0, 1, 2-3, 4-7, ...) are training's.
+many documents side by side as training reads them (`position_losses`). To compare models whose
+segment lengths differ on the same footing, a token at position p of its document is counted in
+the bucket of segment index p // l_ref, l_ref being the first model's segment length; the
+buckets (0, 1, 2-3, 4-7, ...) are training's.
 """
 import math
 

@@ -166,6 +166,14 @@ class ConsoleLogger(Logger):
         print(text, flush=True)
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """RUN/metrics.jsonl as JsonlLogger writes it, one dict per log; a line still being written is
+    left out, and a run that has logged nothing yet gives []."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
 class JsonlLogger(Logger):
     """RUN/metrics.jsonl: one JSON object per log, {"step": N, name: value, ...}, unrounded."""
 

@@ -72,3 +72,14 @@ def test_resume_logs_every_step_once(tmp_path):
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == list(range(1, 10))
     assert json.loads(path.read_text().splitlines()[5])["train/loss"] == 16.0  # step 6, logged once, anew
+
+
+def test_read_metrics_is_what_the_jsonl_logger_wrote_complete_lines_only(tmp_path):
+    from foldscale.metrics import JsonlLogger, read_metrics
+    assert read_metrics(tmp_path) == []  # nothing logged yet
+    logger = JsonlLogger(tmp_path / "metrics.jsonl")
+    logger.log(1, {"train/loss": 2.5})
+    logger.log(2, {"train/loss": 2.25, "val/loss": 2.75})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train/lo')  # a line still being written
+    assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 2.5}, {"step": 2, "train/loss": 2.25, "val/loss": 2.75}]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from foldscale.config import read_json
+from foldscale.metrics import read_metrics
 from foldscale.model import segments
 
 
@@ -228,5 +229,5 @@ def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[
 
 
 def metrics(out: Path, key: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
+    """{step: value} of metric KEY in run directory OUT."""
+    return {r["step"]: r[key] for r in read_metrics(out) if key in r}
