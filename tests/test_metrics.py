@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from foldscale.metrics import ConsoleLogger, JsonlLogger, MetricsLogger, PositionLoss, bucket_label
+from foldscale.metrics import ConsoleLogger, JsonlLogger, MetricsLogger, PositionLoss, bucket_label, read_metrics
 
 
 def test_position_loss_of_k_segments_per_row_equals_k_calls():
@@ -75,7 +75,6 @@ def test_resume_logs_every_step_once(tmp_path):
 
 
 def test_read_metrics_is_what_the_jsonl_logger_wrote_complete_lines_only(tmp_path):
-    from foldscale.metrics import JsonlLogger, read_metrics
     assert read_metrics(tmp_path) == []  # nothing logged yet
     logger = JsonlLogger(tmp_path / "metrics.jsonl")
     logger.log(1, {"train/loss": 2.5})
