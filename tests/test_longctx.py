@@ -1,6 +1,7 @@
 """The long-context suite (experiments/suite.py, experiments/longctx/): documents are laid out as
 they claim, answers are scored as they are tokenized, the local-only ablation cannot see a
 needle, and the runner works end to end, from scratch and from a pretrained export."""
+import dataclasses
 import json
 import os
 import re
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from experiments import suite
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.babi import PLACES
-from experiments.longctx.train import TrainArgs, exact_match, lr_at, train
+from experiments.longctx.train import TrainArgs, describe_profile, exact_match, lr_at, score, state_grad_profile, train
 from foldscale.trainer import TrainingError
 from foldscale.config import ModelConfig
 from foldscale.data import StoreError, TokenStore, default_store
-from foldscale.model import FoldedLM, LMOutput
+from foldscale.model import FoldedLM, LMOutput, segments
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 8
@@ -439,8 +440,52 @@ def test_a_non_finite_gradient_is_explained_by_the_backward_function_that_made_i
                     torch.device("cpu"), 0, "toy")
     out = capsys.readouterr().out
     assert summary["skipped_steps"] == 2
-    assert out.count("again, eager, under anomaly detection: Function 'NaNInBackwardBackward' returned nan") == 1
+    assert out.count("again, eager, under anomaly detection: forward finite; "
+                     "Function 'NaNInBackwardBackward' returned nan") == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_forward_is_traced_to_the_first_module_that_made_it(store, corpus, capsys):
+    """An infinity made in the forward pass where no loss counts it (after the answer) leaves the
+    loss finite and the gradient not: the explanation names the module whose output it was."""
+    model = toy(store.vocab_size).float().train()
+
+    def overflow_after_the_answer(module, inputs, out):
+        return out.index_fill(1, torch.tensor([out.shape[1] - 1]), float("inf"))
+
+    model.global_blocks[0].mlp.register_forward_hook(overflow_after_the_answer)
+    args = TrainArgs(batch_size=2, steps=1, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=5,
+                     log_every=100, explain_non_finite=1)
+    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
+                    torch.device("cpu"), 0, "toy")
+    out = capsys.readouterr().out
+    assert summary["skipped_steps"] == 1
+    assert "under anomaly detection: forward not finite first in global_blocks.0.mlp;" in out
+
+
+def test_the_gradient_through_time_is_measured_at_every_carried_state(store, corpus):
+    """score's state_grads gets the norm of the gradient reaching every carried state that the
+    gradient flows back into (every segment's but the last, within bptt), equal to autograd's.
+    (With the paper's carry, no gate or norm, the state is the global stack's output itself, so
+    its gradient also holds the segment's own loss: the recipe models are gated.)"""
+    torch.manual_seed(0)
+    model = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=32, n_head=2, n_local=1, n_global=2,
+                                 segment_len=L, state_gate=True, state_norm=True, state_gate_hard=True))
+    ids, targets = suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))(2, 16 * L, torch.Generator())
+    for bptt, carried in ((16, list(range(15))), (2, [14])):
+        model.cfg = dataclasses.replace(model.cfg, bptt_segments=bptt)
+        grads = {}
+        score(model, ids, targets, state_grads=grads).loss.backward()
+        assert sorted(grads) == carried
+        states = list(segments(model, ids, L, targets, bptt=bptt))
+        for out in states:
+            if out.state.requires_grad:
+                out.state.retain_grad()
+        sum(out.token_loss.sum() for out in states).backward()
+        expected = [float(states[i].state.grad.norm()) for i in carried]
+        assert state_grad_profile(grads) == pytest.approx(expected, rel=1e-5)
+        model.zero_grad(set_to_none=True)
+    assert "/segment" in describe_profile([4.0, 2.0, 1.0]) and "x2.00/segment" in describe_profile([4.0, 2.0, 1.0])
 
 
 def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):

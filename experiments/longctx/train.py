@@ -24,13 +24,16 @@ class Score(NamedTuple):
     state: torch.Tensor | None  # after the last complete segment, to carry into the next call
 
 
-def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None, step=None) -> Score:
+def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None, step=None,
+          state_grads: dict | None = None) -> Score:
     """Walk ids (B, T) on the model's device segment by segment (`segments`, through `step`,
     default the model) and score the positions where targets (B, T), kept on the CPU, are not
     -100, with the model's own loss. Gradients flow back through the state over the last
     cfg.bptt_segments segments. Only segments that hold a target are checked for exact match
     (the CPU targets say which, so the host never waits for the GPU); under no_grad nothing of
-    a segment outlives it but the state."""
+    a segment outlives it but the state. With a dict `state_grads`, the backward pass fills it
+    with {segment i: norm of the gradient reaching the state segment i carried out} (0-d fp32
+    tensors on the device, no host sync)."""
     l = model.cfg.segment_len
     holds = [bool((targets[:, a:a + l] != -100).any()) for a in range(0, targets.shape[1], l)]
     cuda = ids.device.type == "cuda"
@@ -45,6 +48,8 @@ def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None,
             exact &= ((out.logits.argmax(-1) == t) | (t == -100)).all(dim=1)
         if out.state is not None:
             state = out.state
+            if state_grads is not None and state.requires_grad:
+                state.register_hook(lambda g, i=i: state_grads.__setitem__(i, g.float().norm()))
     return Score(loss, int((targets != -100).sum()), exact, state)
 
 
@@ -154,25 +159,53 @@ def non_finite_grads(model, most: int = 6) -> list[str]:
     return bad[:most] + ([f"... {len(bad) - most} more"] if len(bad) > most else [])
 
 
+def state_grad_profile(state_grads: dict) -> list[float]:
+    """The norms `score` collected, in segment order (the earliest carried state first)."""
+    return [float(v) for v in torch.stack([state_grads[i] for i in sorted(state_grads)]).tolist()] if state_grads else []
+
+
+def describe_profile(profile: list[float]) -> str:
+    """The gradient reaching the state through time: its norm at the latest and the earliest
+    carried state, and the growth per segment going back (above 1: it explodes through time)."""
+    if len(profile) < 2 or not all(math.isfinite(v) and v > 0 for v in profile):
+        return f"state grad by segment {['%.2g' % v for v in profile]}"
+    growth = (profile[0] / profile[-1]) ** (1 / (len(profile) - 1))
+    return f"state grad {profile[-1]:.2e} (latest) .. {profile[0]:.2e} (earliest), x{growth:.2f}/segment, max {max(profile):.2e}"
+
+
 def explain_non_finite(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bf16: bool) -> str:
     """Take the step's forward and backward again, eager, under autograd's anomaly detection
-    (the weights are those of the failed step: its update is skipped). Returns which backward
-    function first made a NaN; anomaly mode also prints where the forward called it, a traceback
-    into foldscale/model.py. The model's gradients are cleared again afterwards."""
+    (the weights are those of the failed step: its update is skipped). Returns the first module
+    whose forward output was not finite, which backward function first made a NaN, and the
+    gradient reaching the state segment by segment; anomaly mode also prints where the forward
+    called that function, a traceback into foldscale/model.py. The model's gradients are cleared
+    again afterwards."""
     model.zero_grad(set_to_none=True)
+    bad_forward, grads = [], {}
+
+    def check(module, _, out):
+        t = out[0] if isinstance(out, tuple) else out
+        if not bad_forward and torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            bad_forward.append(next(n for n, m in model.named_modules() if m is module) or "model")
+
+    hooks = [m.register_forward_hook(check) for m in model.modules()]
     try:
         with torch.autograd.detect_anomaly(check_nan=True), \
                 torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            s = score(model, ids, targets)
+            s = score(model, ids, targets, state_grads=grads)
             (s.loss / max(s.n_tokens, 1)).backward()
     except RuntimeError as e:
-        return str(e).splitlines()[0]
+        verdict = str(e).splitlines()[0]
     else:
         bad = non_finite_grads(model)
-        return (f"no backward function made a NaN, yet {bad} are not finite (an infinity, or a gradient hook)"
-                if bad else "the eager step's gradient is finite: the compiled step's kernels, or not reproducible")
+        verdict = (f"no backward function made a NaN, yet {bad} are not finite (an infinity, or a gradient hook)"
+                   if bad else "the eager step's gradient is finite: the compiled step's kernels, or not reproducible")
     finally:
+        for h in hooks:
+            h.remove()
         model.zero_grad(set_to_none=True)
+    forward = f"forward not finite first in {bad_forward[0]}" if bad_forward else "forward finite"
+    return f"{forward}; {verdict}; {describe_profile(state_grad_profile(grads))}"
 
 
 def whole_segments(ids: torch.Tensor, targets: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +228,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     guard = NonFiniteGuard(args.max_bad_steps, "lower --lr or raise --warmup-steps",
                            log=lambda message: print(f"[{name}] {message}", flush=True), what="gradient")
     step_fn = segment_step(model, args, device)
-    max_segments, recent = args.start_segments, []
+    max_segments, recent, through_time = args.start_segments, [], []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
     step, tokens, skipped, t0, last = 0, 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
@@ -218,15 +251,16 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
+        grads = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16):
-            s = score(model, ids, targets, step=step_fn)
+            s = score(model, ids, targets, step=step_fn, state_grads=grads)
         loss = s.loss / max(s.n_tokens, 1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         finite = bool(torch.isfinite(norm))  # a host sync a step: one bad gradient would poison every weight
         if not finite:
             print(f"[{name}] step {step + 1}: loss {loss.item():.4g}, non-finite gradient in "
-                  f"{non_finite_grads(model)}", flush=True)
+                  f"{non_finite_grads(model)}; {describe_profile(state_grad_profile(grads))}", flush=True)
             if skipped < args.explain_non_finite:
                 print(f"[{name}] step {step + 1} again, eager, under anomaly detection: "
                       f"{explain_non_finite(model, ids, targets, device.type == 'cuda' and args.bf16)}", flush=True)
@@ -243,9 +277,13 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             elapsed = time.perf_counter() - t0
             rate = (tokens - last[1]) / (elapsed - last[0])  # over the last log_every steps
             last = (elapsed, tokens)
+            profile = state_grad_profile(grads)
+            if len(profile) >= 2:
+                through_time.append({"step": step, "segments": n_seg, "latest": profile[-1], "earliest": profile[0],
+                                     "max": max(profile)})
             print(f"[{name}] step {step} | stage {max_segments} seg | loss {loss.item():.3f} | "
                   f"acc@{max_segments} {acc:.3f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                  f"{rate:,.0f} tok/s | {elapsed / 60:.1f}/{args.minutes:.1f} min", flush=True)
+                  f"{rate:,.0f} tok/s | {elapsed / 60:.1f}/{args.minutes:.1f} min | {describe_profile(profile)}", flush=True)
             if len(recent) == args.window and acc >= args.advance_at and max_segments < args.max_train_segments:
                 max_segments = min(2 * max_segments, args.max_train_segments)
                 recent = []
@@ -256,4 +294,5 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
             "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped}
+            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped,
+            "state_grad_through_time": through_time}
