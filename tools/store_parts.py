@@ -32,20 +32,20 @@ def split(store, out, max_bytes: int) -> list[Path]:
     store, out = TokenStore.open(store).path, Path(out)
     if out.exists():
         raise PartsError(f"{out} already exists: remove it or give another directory")
-    chunks = []  # {"file", "offset", "bytes", "sha256", "part"}, packed greedily into parts
-    used = [0]
-    for file in sorted(p for p in store.iterdir() if p.is_file()):
+    chunks = []  # {"file", "offset", "bytes", "sha256", "part"}, largest first, each in the first part with room
+    used = []
+    for file in sorted((p for p in store.iterdir() if p.is_file()), key=lambda p: -p.stat().st_size):
         size = file.stat().st_size
         for offset in range(0, max(size, 1), max_bytes):
             n = min(max_bytes, size - offset)
-            if used[-1] + n > max_bytes:
-                used.append(0)
+            index = next((i for i, u in enumerate(used) if u + n <= max_bytes), len(used))
+            used += [0] * (index == len(used))
             with open(file, "rb") as f:
                 f.seek(offset)
                 data = f.read(n)
-            chunks.append({"file": file.name, "offset": offset, "bytes": n, "part": len(used) - 1,
+            chunks.append({"file": file.name, "offset": offset, "bytes": n, "part": index,
                            "sha256": hashlib.sha256(data).hexdigest()})
-            used[-1] += n
+            used[index] += n
             part = out / f"part-{chunks[-1]['part']:02d}"
             part.mkdir(parents=True, exist_ok=True)
             (part / f"{file.name}.{offset}").write_bytes(data)
