@@ -14,6 +14,7 @@
 # from there (runs/text/ stays on a warm machine) and skips rows already done. text.json is made from
 # every row finished so far.
 set -euo pipefail
+shopt -s nullglob
 out=${1:?usage: bash experiments/text_session.sh OUT_DIR [--quick]}
 python=${PYTHON:-python3}
 deadline=$((SECONDS + ${BUDGET_S:-540}))
@@ -62,9 +63,8 @@ for row in "${todo[@]}"; do
     sleep 20  # the row's first trainings pick their ports before the next row starts
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done
-for f in "$out"/*_*.log; do [[ -f $f ]] && grep -E "^\[|overall loss|better than" "$f" | tail -8; done | tee -a "$log"
+for f in "$out"/*_*.log; do grep -E "^\[|overall loss|better than" "$f" | tail -8 || true; done | tee -a "$log"
 
-shopt -s nullglob
 done_rows=("$work"/*.json)
 if ((${#done_rows[@]})); then
     cp "${done_rows[@]}" "$out/"
