@@ -11,7 +11,10 @@ DeepSpeed trainer), then exported and evaluated on exactly the same held-out doc
                     by default bptt_segments, whose rows are the folded model's, then 8)
     full_Wl_flops   the reference again, trained for the folded model's training FLOPs
 
-Every model trains on the folded model's number of real (non-padding) tokens. The sampler pads a
+Every model trains on the folded model's number of real (non-padding) tokens, set by --steps or by
+--train-tokens (the folded model's real tokens; `max` is the most that keeps every run within one
+epoch). No run reads a document twice: a plan in which any stream would start its second epoch is
+refused before training, with the budget that fits. The sampler pads a
 document's last segment, so a window of 8l pads up to 8l tokens per document where the folded
 model pads up to l: at equal positions the baseline would read fewer real tokens (8.5% fewer on
 the built-in corpus, BENCHMARKS.md). Each model's streams are set from the padding its window
@@ -33,7 +36,12 @@ with the folded model's context cut to K segments (a fresh state every K segment
 eval --context`): the loss on tokens past the largest K shows how far back its context reaches.
 
     python -m experiments.context_use --model default --data STORE --steps 1000 --json experiments/results/context_use.json
+    python -m experiments.context_use --model paper --data STORE --train-tokens 10e6 --plan  # steps, epochs, ETA
     python -m experiments.context_use --quick         # CPU smoke test in a few minutes
+
+A run whose directory under --work already holds its finished training is not trained again, and an
+interrupted one (stopped by SIGTERM, which saves a checkpoint) goes on from its checkpoint, so a
+table larger than one device command is made by repeating the command.
 """
 import argparse
 import json
@@ -47,14 +55,20 @@ import numpy as np
 import torch
 
 from tools.benchlib import device_name, print_table, write_json
-from foldscale.config import ModelConfig, read_json
+from foldscale.config import FoldscaleError, ModelConfig, read_json
 from foldscale.data import TokenStore
+from foldscale.data.sampler import assign_documents
 from foldscale.evaluate import evaluate
 from foldscale.export import export
 from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss, read_metrics
 from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class EpochError(FoldscaleError):
+    """A training budget under which some run would read a document twice; the message gives the
+    budget that fits."""
 
 
 def variants(cfg: ModelConfig, windows: list[int]) -> dict[str, ModelConfig]:
@@ -74,11 +88,26 @@ def row_tokens(cfg: ModelConfig) -> int:
     return cfg.segment_len * cfg.bptt_segments
 
 
-def plan(configs: dict[str, ModelConfig], store: TokenStore, streams: int, steps: int) -> dict[str, dict]:
-    """{run name: {"cfg", "streams", "steps"}}. Every model reads about the folded model's real
-    (non-padding) tokens per step, in whole streams, for as many steps as make its real tokens
-    equal; NAME_flops is the first full-attention model again, for the folded run's training FLOPs
-    (flops_per_token x positions read, padding included)."""
+def epoch_steps(cfg: ModelConfig, store: TokenStore, streams: int, seed: int) -> int:
+    """Steps a run of STREAMS streams takes before any stream starts its second epoch: the sampler
+    deals the training documents to the streams once per epoch (a document of n tokens is ceil(n / l)
+    segments) and every stream reads bptt_segments segments per step."""
+    lengths = store.doc_lengths[store.docs("train")]
+    segments = -(-lengths // cfg.segment_len)
+    return min(int(segments[d].sum()) for d in assign_documents(lengths, streams, seed, 0)) // cfg.bptt_segments
+
+
+def real_tokens_per_step(cfg: ModelConfig, store: TokenStore, streams: int) -> float:
+    """Real (non-padding) training tokens a run of STREAMS streams reads per step, on average."""
+    return streams * row_tokens(cfg) * real_fraction(store, cfg.segment_len)
+
+
+def plan(configs: dict[str, ModelConfig], store: TokenStore, streams: int, steps: int, seed: int = 0) -> dict[str, dict]:
+    """{run name: {"cfg", "streams", "steps", "real_tokens", "epoch_steps"}}. Every model reads about
+    the folded model's real (non-padding) tokens per step, in whole streams, for as many steps as make
+    its real tokens equal; NAME_flops is the first full-attention model again, for the folded run's
+    training FLOPs (flops_per_token x positions read, padding included). epoch_steps is the most
+    steps the run may take within one epoch (`epoch_steps`)."""
     def real(cfg):
         return row_tokens(cfg) * real_fraction(store, cfg.segment_len)
 
@@ -92,11 +121,50 @@ def plan(configs: dict[str, ModelConfig], store: TokenStore, streams: int, steps
     cfg, s = runs[ref]["cfg"], runs[ref]["streams"]
     flops = folded.flops_per_token() * streams * row_tokens(folded) * steps
     runs[f"{ref}_flops"] = {"cfg": cfg, "streams": s, "steps": round(flops / (cfg.flops_per_token() * s * row_tokens(cfg)))}
+    for run in runs.values():
+        run["real_tokens"] = run["steps"] * real_tokens_per_step(run["cfg"], store, run["streams"])
+        run["epoch_steps"] = epoch_steps(run["cfg"], store, run["streams"], seed)
     return runs
 
 
+def within_one_epoch(runs: dict[str, dict]) -> bool:
+    return all(run["steps"] <= run["epoch_steps"] for run in runs.values())
+
+
+def max_steps(configs: dict[str, ModelConfig], store: TokenStore, streams: int, seed: int) -> int:
+    """The most steps of the folded model for which every run of `plan` stays within one epoch."""
+    lo, hi = 0, epoch_steps(configs["folded"], store, streams, seed)
+    while lo < hi:  # every run's steps grow with the folded model's
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if within_one_epoch(plan(configs, store, streams, mid, seed)) else (lo, mid - 1)
+    return lo
+
+
+def budget_steps(configs: dict[str, ModelConfig], store: TokenStore, streams: int, seed: int,
+                 steps: int | None, train_tokens: str | None) -> int:
+    """The folded model's steps: STEPS, or as many as read TRAIN_TOKENS real tokens (a number such
+    as 40e6, or `max`: the most within one epoch). EpochError when some run would pass one epoch."""
+    most = max_steps(configs, store, streams, seed)
+    per_step = real_tokens_per_step(configs["folded"], store, streams)
+    if train_tokens == "max":
+        steps = most
+    elif train_tokens is not None:
+        steps = max(1, round(float(train_tokens) / per_step))
+    if steps > most:
+        runs = plan(configs, store, streams, steps, seed)
+        name, run = next((n, r) for n, r in runs.items() if r["steps"] > r["epoch_steps"])
+        train = int(store.doc_lengths[store.docs("train")].sum())
+        raise EpochError(f"{name} would read {run['real_tokens'] / 1e6:.1f}M tokens in {run['steps']:,} steps, past "
+                         f"one epoch of {store.path}'s train split ({train / 1e6:.1f}M tokens; its {run['streams']} "
+                         f"streams run out of documents after {run['epoch_steps']:,} steps): the most that keeps "
+                         f"every run within one epoch is {most:,} steps, --train-tokens {most * per_step:.4g} "
+                         "(or pass --train-tokens max)")
+    return steps
+
+
 def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.Popen:
-    """Start one training run in WORK/NAME; its console goes to train.log, its metrics to run/metrics.jsonl."""
+    """Start one training run in WORK/NAME, or go on with the one there (--resume auto); its console
+    goes to train.log, its metrics to run/metrics.jsonl."""
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     run["cfg"].to_json(d / "model.json")
@@ -107,8 +175,8 @@ def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds-config", str(d / "ds.json"),
            "--model", str(d / "model.json"), "--data", args.data, "--out", str(d / "run"),
            "--steps", str(steps), "--save-every", str(steps), "--eval-every", str(steps + 1),
-           "--log-every", str(max(1, steps // 20)), "--seed", str(args.seed)]
-    return subprocess.Popen(cmd, stdout=open(d / "train.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+           "--log-every", str(max(1, steps // 20)), "--seed", str(args.seed), "--resume", "auto"]
+    return subprocess.Popen(cmd, stdout=open(d / "train.log", "a"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def metrics(work: Path, name: str) -> list[dict]:
@@ -116,21 +184,35 @@ def metrics(work: Path, name: str) -> list[dict]:
     return read_metrics(work / name / "run")
 
 
+def last_logged(work: Path, name: str) -> dict | None:
+    """The run's last metrics line with a training loss, or None before its first."""
+    return next((m for m in reversed(metrics(work, name)) if "train/loss" in m), None)
+
+
 def train_all(runs: dict[str, dict], args, work: Path):
-    """Train every run, --jobs at a time, with a progress line per run every --poll seconds."""
+    """Train every run, --jobs at a time, with a progress line (rate, ETA) per run every --poll
+    seconds. A run that already logged its last step in WORK is not trained again."""
     base = read_json(args.ds_config, "no such DeepSpeed config")
-    queue, running = list(runs), {}
+    done = [name for name in runs if (last_logged(work, name) or {}).get("step") == runs[name]["steps"]]
+    if done:
+        print(f"already trained in {work}: {', '.join(done)}", flush=True)
+    queue, running, started = [name for name in runs if name not in done], {}, {}
     t0 = time.perf_counter()
     while queue or running:
         while queue and len(running) < args.jobs:
             name = queue.pop(0)
+            first = (last_logged(work, name) or {}).get("step", 0)
             running[name] = launch(name, runs[name], base, args, work)
+            started[name] = (time.perf_counter(), first)
             time.sleep(1)  # each lone process picks a free port: do not race them
         time.sleep(args.poll)
         for name, proc in list(running.items()):
-            last = next((m for m in reversed(metrics(work, name)) if "train/loss" in m), None)
-            progress = (f"step {last['step']}/{runs[name]['steps']} loss {last['train/loss']:.4f}"
-                        if last else "starting")
+            last, steps = last_logged(work, name), runs[name]["steps"]
+            progress = "starting"
+            if last and last["step"] > started[name][1]:
+                rate = (last["step"] - started[name][1]) / (time.perf_counter() - started[name][0])
+                progress = (f"step {last['step']}/{steps} loss {last['train/loss']:.4f}, {rate:.2f} steps/s, "
+                            f"ETA {(steps - last['step']) / rate / 60:.1f} min")
             print(f"[{name} {(time.perf_counter() - t0) / 60:.1f} min] {progress}", flush=True)
             if proc.poll() is not None:
                 del running[name]
@@ -140,9 +222,10 @@ def train_all(runs: dict[str, dict], args, work: Path):
                     raise SystemExit(f"{name}: training failed (exit {proc.returncode}); log in {log}")
 
 
-def training_rows(runs: dict[str, dict], work: Path) -> list[dict]:
+def training_rows(runs: dict[str, dict], work: Path, train_tokens: int) -> list[dict]:
     """What each run read and cost, from its metrics.jsonl: positions (padding included), the
-    padding fraction, real tokens, training FLOPs, and the last logged training loss."""
+    padding fraction, real tokens, the epochs they make of the TRAIN_TOKENS of the train split,
+    training FLOPs, and the last logged training loss."""
     rows = []
     for name, run in runs.items():
         last = [m for m in metrics(work, name) if "train/loss" in m][-1]
@@ -151,7 +234,7 @@ def training_rows(runs: dict[str, dict], work: Path) -> list[dict]:
         rows.append({"model": name, "window": cfg.segment_len, "streams": run["streams"],
                      "row_tokens": row_tokens(cfg), "steps": last["step"],
                      "positions": positions, "padding": pad, "real_tokens": round(positions * (1 - pad)),
-                     "pflops": positions * cfg.flops_per_token() / 1e15, "train_loss": last["train/loss"]})
+                     "epochs": positions * (1 - pad) / train_tokens, "pflops": positions * cfg.flops_per_token() / 1e15, "train_loss": last["train/loss"]})
     return rows
 
 
@@ -203,6 +286,23 @@ def reach(model: FoldedLM, unlimited: dict, store, args, device) -> list[dict]:
     return rows
 
 
+def print_plan(runs: dict[str, dict], train_tokens: int, rate: float, jobs: int) -> float:
+    """Print each run's steps, tokens, epochs and estimated minutes (positions / RATE, plus half a
+    minute to start); return the estimated minutes of all runs, JOBS at a time in order."""
+    rows, slots = [], [0.0] * jobs
+    for name, run in runs.items():
+        positions = run["steps"] * run["streams"] * row_tokens(run["cfg"])
+        minutes = 0.5 + positions / rate / 60
+        slots[slots.index(min(slots))] += minutes
+        rows.append({"model": name, "streams": run["streams"], "steps": run["steps"], "epoch_steps": run["epoch_steps"],
+                     "real_tokens": round(run["real_tokens"]), "epochs": run["real_tokens"] / train_tokens,
+                     "est_minutes": minutes})
+    print_table(rows, ["model", "streams", "steps", "epoch_steps", "real_tokens", "epochs", "est_minutes"])
+    print(f"estimate: {max(slots):.1f} min of training, {jobs} runs at a time, at {rate:,.0f} positions/s a run",
+          flush=True)
+    return max(slots)
+
+
 QUICK = dict(model="tiny", steps=60, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8,
              poll=2.0, ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
@@ -215,7 +315,11 @@ def main(argv=None):
     p.add_argument("--data", help="token store (default: the built-in corpus)")
     p.add_argument("--ds-config", "--ds_config", default=None,
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
-    p.add_argument("--steps", type=int, default=1000)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="the folded model's training steps (default 1000)")
+    budget.add_argument("--train-tokens", "--train_tokens",
+                        help="the folded model's real training tokens instead of --steps (e.g. 40e6), or `max`: the "
+                        "most that keeps every run within one epoch; a budget past one epoch is refused")
     p.add_argument("--streams", type=int, default=32, help="streams of the folded model per step")
     p.add_argument("--windows", help="full-attention windows in segments of l, e.g. 4,8,1; the first is the "
                    "reference (default: the folded model's bptt_segments, then 8)")
@@ -226,6 +330,10 @@ def main(argv=None):
     p.add_argument("--eval-streams", "--eval_streams", type=int, default=16)
     p.add_argument("--jobs", type=int, default=3, help="training runs at once (they share the GPU)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--rate", type=float, help="training positions per second of one run while --jobs run side by side, "
+                   "for the time estimate (default 80k on a GPU: the default preset, 8 at once on an H100, BENCHMARKS.md; "
+                   "2k on the CPU)")
+    p.add_argument("--plan", action="store_true", help="print the runs' steps, tokens, epochs and time estimate, then stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/context_use", help="run directories go here")
     p.add_argument("--json")
@@ -242,14 +350,23 @@ def main(argv=None):
     store = TokenStore.open(args.data)
     cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=store.vocab_size)
     windows = [int(w) for w in args.windows.split(",")] if args.windows else list(dict.fromkeys([cfg.bptt_segments, 8]))
-    runs = plan(variants(cfg, windows), store, args.streams, args.steps)
+    configs = variants(cfg, windows)
+    if args.steps is None and args.train_tokens is None:
+        args.steps = 1000
+    args.steps = budget_steps(configs, store, args.streams, args.seed, args.steps, args.train_tokens)
+    runs = plan(configs, store, args.streams, args.steps, args.seed)
+    train_tokens = int(store.doc_lengths[store.docs("train")].sum())
     work = Path(args.work)
     print(f"context use: {args.model} (l={cfg.segment_len}, {cfg.num_params():,} parameters), "
-          f"{args.steps} steps, {len(runs)} runs, on {device_name()}", flush=True)
+          f"{args.steps} steps, {len(runs)} runs, on {device_name()}; {store.path}: {train_tokens:,} training tokens",
+          flush=True)
+    print_plan(runs, train_tokens, args.rate or (80_000 if gpu else 2_000), args.jobs)
+    if args.plan:
+        return runs
     t0 = time.perf_counter()
     train_all(runs, args, work)
     train_minutes = (time.perf_counter() - t0) / 60
-    training = training_rows(runs, work)
+    training = training_rows(runs, work, train_tokens)
     models = {}
     for name in runs:
         export(work / name / "run", work / name / "export")
@@ -284,7 +401,9 @@ def main(argv=None):
         fig = plot_position_loss({r["model"]: r["by_position"] for r in result["models"]},
                                  title=f"{args.model}: loss by position (segments of {result['position_unit']})")
         fig.savefig(args.plot, dpi=120)
-    write_json(args.json, report["rows"], task="context_use", model=cfg.to_dict(), steps=args.steps,
+    corpus = {"path": str(store.path), "source": store.meta["source"], "fingerprint": store.fingerprint,
+              "tokens": store.n_tokens, "train_tokens": train_tokens}
+    write_json(args.json, report["rows"], task="context_use", model=cfg.to_dict(), steps=args.steps, corpus=corpus,
                training=training, train_minutes=round(train_minutes, 2), margin=args.margin,
                reach_bucket=report["reach_bucket"], reach_tokens=report["reach_tokens"],
                context_cuts=report.get("reach"),
@@ -295,4 +414,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    try:
+        main()
+    except FoldscaleError as e:
+        sys.exit(f"context_use: {e}")

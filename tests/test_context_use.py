@@ -10,6 +10,7 @@ import pytest
 from experiments import context_use
 from foldscale.config import ModelConfig
 from foldscale.data import write_store
+from foldscale.data.sampler import SegmentStreamSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,83 @@ def test_plan_gives_every_model_the_real_tokens_of_the_folded_model(store):
     folded_flops = cfg.flops_per_token() * 8 * 8 * 2 * 100
     full_flops = full["cfg"].flops_per_token() * full["streams"] * 32 * flops["steps"]
     assert flops["steps"] > full["steps"] and full_flops == pytest.approx(folded_flops, rel=0.01)
+
+
+@pytest.fixture
+def marked_store(tmp_path):
+    """Twelve training documents of 20..200 tokens, document i made of token i + 1 only, so a
+    segment read names its document."""
+    lengths = np.random.default_rng(0).integers(20, 200, 12)
+    return write_store([np.full(n, i + 1) for i, n in enumerate(lengths)], tmp_path / "marked", vocab_size=128,
+                       val_fraction=0.0)
+
+
+def segments_read(store, cfg, streams, steps):
+    """(document, segment) of every segment the trainer's sampler gives STEPS steps of STREAMS."""
+    sampler = SegmentStreamSampler(store, "train", 0, 1, streams, cfg.segment_len, seed=0)
+    read = []
+    for _ in range(steps):
+        for batch in [next(sampler) for _ in range(cfg.bptt_segments)]:
+            read += [(int(ids[0]), int(s)) for ids, s in zip(batch.ids, batch.seg_index) if ids[0]]
+    return read
+
+
+@pytest.mark.parametrize("segment_len,bptt,streams", [(8, 2, 3), (16, 1, 5), (32, 4, 2)])
+def test_epoch_steps_is_the_last_step_before_a_segment_is_read_twice(marked_store, segment_len, bptt, streams):
+    cfg = ModelConfig(vocab_size=128, segment_len=segment_len, bptt_segments=bptt)
+    steps = context_use.epoch_steps(cfg, marked_store, streams, seed=0)
+    first = segments_read(marked_store, cfg, streams, steps)
+    assert steps > 0 and len(first) == len(set(first))
+    again = segments_read(marked_store, cfg, streams, steps + 1)
+    assert len(again) > len(set(again))
+
+
+def test_a_token_budget_past_one_epoch_is_refused_with_the_budget_that_fits(marked_store):
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8, bptt_segments=2)
+    configs = context_use.variants(cfg, [4])
+    most = context_use.max_steps(configs, marked_store, 3, seed=0)
+    assert context_use.within_one_epoch(context_use.plan(configs, marked_store, 3, most))
+    over = context_use.plan(configs, marked_store, 3, most + 1)
+    assert not context_use.within_one_epoch(over)
+    # the equal-FLOPs run reads the most tokens, so it is the one that runs out first
+    assert over["full_4l_flops"]["steps"] > over["full_4l_flops"]["epoch_steps"]
+    assert over["folded"]["steps"] <= over["folded"]["epoch_steps"]
+    per_step = context_use.real_tokens_per_step(cfg, marked_store, 3)
+    assert context_use.budget_steps(configs, marked_store, 3, 0, None, "max") == most
+    assert context_use.budget_steps(configs, marked_store, 3, 0, None, str(most * per_step)) == most
+    with pytest.raises(context_use.EpochError, match=r"full_4l_flops would read .* past one epoch.*--train-tokens max"):
+        context_use.budget_steps(configs, marked_store, 3, 0, None, str((most + 1) * per_step))
+    with pytest.raises(context_use.EpochError, match=f"the most that keeps every run within one epoch is {most:,} steps"):
+        context_use.budget_steps(configs, marked_store, 3, 0, most + 1, None)
+
+
+def test_the_cli_refuses_a_budget_past_one_epoch_in_one_line(marked_store):
+    proc = subprocess.run([sys.executable, "-m", "experiments.context_use", "--model", "tiny", "--data",
+                           str(marked_store.path), "--streams", "3", "--train-tokens", "1e9", "--plan"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("context_use: ") and "past one epoch" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_finished_runs_are_not_trained_again(tmp_path, store, monkeypatch):
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8)
+    runs = {name: {"cfg": cfg, "streams": 2, "steps": 10} for name in ("folded", "local_only")}
+    (tmp_path / "folded" / "run").mkdir(parents=True)
+    (tmp_path / "folded" / "run" / "metrics.jsonl").write_text('{"step": 10, "train/loss": 2.0}\n')
+    (tmp_path / "local_only" / "run").mkdir(parents=True)  # interrupted at step 4: goes on
+    (tmp_path / "local_only" / "run" / "metrics.jsonl").write_text('{"step": 4, "train/loss": 3.0}\n')
+    launched = []
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(context_use, "launch", lambda name, *a: launched.append(name) or Done())
+    args = type("Args", (), {"ds_config": str(ROOT / "ds_configs" / "cpu.json"), "jobs": 2, "poll": 0.0})
+    context_use.train_all(runs, args, tmp_path)
+    assert launched == ["local_only"]
 
 
 def result(folded, local, full, full_flops=None, l=10):

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 27's scaling table in device commands of ~9 minutes: context_use rows (one preset at one
+# training budget: folded, local-only, full attention 4l at equal tokens and at equal FLOPs), PAR rows
+# side by side on one GPU (each trains its 4 models at once: small models leave an H100 mostly idle).
+# Before training, every row's plan is printed: steps, real tokens, epochs and minutes per run.
+#
+#   bash experiments/text_session.sh OUT            # on the GPU; OUT gets session.log, the rows' JSON, text.json, text.png
+#   bash experiments/text_session.sh OUT --quick    # toy sizes on the CPU (tests/test_text_table.py)
+#
+# ROWS (default "default:10e6 paper:10e6 default:40e6 paper:max") are PRESET:TOKENS, TOKENS the folded
+# model's training tokens or `max` (the most within one epoch; a row past one epoch is refused).
+# STORE (default .gpu_data/prose/store, see tools/store_parts.py), BUDGET_S (default 540): at the
+# deadline the trainings are stopped with SIGTERM and save a checkpoint; the same command again goes on
+# from there (runs/text/ stays on a warm machine) and skips rows already done. text.json is made from
+# every row finished so far.
+set -euo pipefail
+shopt -s nullglob
+out=${1:?usage: bash experiments/text_session.sh OUT_DIR [--quick]}
+python=${PYTHON:-python3}
+deadline=$((SECONDS + ${BUDGET_S:-540}))
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+work=${WORK:-runs/text}
+if [[ ${2:-} == --quick ]]; then
+    rows=(${ROWS:-tiny:8000 tiny:16000})
+    common=(--quick --windows 4 --reach 1,4)
+    declare -A opts=([tiny]="--streams 4")
+else
+    rows=(${ROWS:-default:10e6 paper:10e6 default:40e6 paper:max})
+    common=(--data "${STORE:-.gpu_data/prose/store}" --bptt-segments 4 --windows 4 --reach 1,4,16,64 --jobs 4 --poll 60)
+    # positions/s of one training with 8 at once on an H100: default measured (BENCHMARKS.md, issue 16's
+    # 600-step runs), paper a guess; the progress lines print the real rate
+    declare -A opts=([default]="--streams 32 --rate ${RATE_DEFAULT:-80000}"
+                     [paper]="--streams 128 --rate ${RATE_PAPER:-40000}")
+fi
+mkdir -p "$work"
+log=$out/session.log
+
+args() {  # args PRESET TOKENS: the row's context_use arguments
+    echo "--model $1 --train-tokens $2 ${opts[$1]} --work $work/$1_$2 --json $work/$1_$2.json"
+}
+todo=()
+for row in "${rows[@]}"; do
+    preset=${row%%:*} tokens=${row#*:}
+    if [[ -f $work/${preset}_$tokens.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
+    echo "== $row" | tee -a "$log"
+    "$python" -m experiments.context_use "${common[@]}" $(args "$preset" "$tokens") --plan 2>&1 | tee -a "$log"
+    todo+=("$row")
+done
+
+pids=()
+for row in "${todo[@]}"; do
+    preset=${row%%:*} tokens=${row#*:}
+    while (( $(jobs -rp | wc -l) >= ${PAR:-2} )); do sleep 5; done
+    left=$((deadline - SECONDS - 30))  # 30 s for the trainings to save their checkpoints
+    if ((left <= 60)); then echo "$row: not started, no time left" | tee -a "$log"; continue; fi
+    ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" $(args "$preset" "$tokens") \
+        > "$out/${preset}_$tokens.log" 2>&1 \
+        && echo "$row: finished" || echo "$row: stopped (status $?); the same command goes on with it" ) | tee -a "$log" &
+    pids+=($!)
+    sleep 20  # the row's first trainings pick their ports before the next row starts
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done
+for f in "$out"/*_*.log; do grep -E "^\[|overall loss|better than" "$f" | tail -8 || true; done | tee -a "$log"
+
+done_rows=("$work"/*.json)
+if ((${#done_rows[@]})); then
+    cp "${done_rows[@]}" "$out/"
+    "$python" -m experiments.text_table "${done_rows[@]}" --json "$out/text.json" --plot "$out/text.png" 2>&1 | tee -a "$log"
+else
+    echo "no row finished yet: run the same command again" | tee -a "$log"
+fi

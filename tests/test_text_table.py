@@ -1,0 +1,96 @@
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from experiments import text_table
+
+CORPUS = {"path": "/data/prose", "source": "tools.prose_corpus: 970 documents", "fingerprint": "abc",
+          "tokens": 54_000_000, "train_tokens": 51_000_000}
+
+
+def run_record(path, preset, train_tokens, folded, local, full_flops, l=10, corpus=CORPUS):
+    """A context_use record with buckets 0, 1, 2-3, 4-7 (tokens 10, 10, 20, 40) and losses per bucket."""
+    labels, tokens = ["0", "1", "2-3", "4-7"], [10, 10, 20, 40]
+    rows = [{"bucket": b, "from_token": first * l, "tokens": n, "folded": f, "local_only": lo, "full_4l": 9.0,
+             "full_4l_flops": ff, "gain_vs_local": (lo - f) / lo, "gap_to_full_flops": (f - ff) / ff}
+            for b, first, n, f, lo, ff in zip(labels, [0, 1, 2, 4], tokens, folded, local, full_flops)]
+    record = {"task": "context_use", "date": "2026-12-07", "device": "NVIDIA H100 80GB HBM3", "command": "python -m ...",
+              "corpus": corpus, "model": {"segment_len": l}, "args": {"model": preset},
+              "training": [{"model": "folded", "real_tokens": train_tokens, "epochs": 0.2},
+                           {"model": "full_4l_flops", "real_tokens": 1.25 * train_tokens, "epochs": 0.25}],
+              "overall": {"folded": 3.0, "local_only": 3.1, "full_4l": 3.2, "full_4l_flops": 2.9},
+              "reach_tokens": 20, "context_cuts": None, "rows": rows}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_the_record_has_issue_27s_keys_and_the_crossing(tmp_path):
+    paths = [run_record(tmp_path / "a.json", "default", 40_000_000, [3.0, 2.0, 2.0, 2.0], [3.0, 2.1, 2.2, 2.2],
+                        [2.9, 1.9, 1.9, 1.8]),  # 40M first: the table sorts by tokens
+             run_record(tmp_path / "b.json", "default", 10_000_000, [3.0, 2.0, 2.0, 2.0], [3.0, 2.05, 2.1, 2.1],
+                        [2.9, 1.9, 2.2, 2.1]),
+             run_record(tmp_path / "c.json", "paper", 10_000_000, [3.0, 2.0, 2.0, 2.0], [3.0, 2.0, 2.0, 2.0],
+                        [3.0, 2.0, 2.0, 2.0])]
+    out, png = tmp_path / "text.json", tmp_path / "text.png"
+    record = text_table.main([*map(str, paths), "--corpus", "prose", "--json", str(out), "--plot", str(png)])
+    assert json.loads(out.read_text()) == record and png.read_bytes()[:4] == b"\x89PNG"
+    assert (record["corpus"], record["corpus_tokens"], record["device"]) == ("prose", 54_000_000, "NVIDIA H100 80GB HBM3")
+    assert [(r["preset"], r["train_tokens"]) for r in record["runs"]] == [
+        ("default", 10_000_000), ("default", 40_000_000), ("paper", 10_000_000)]
+    run = record["runs"][1]
+    assert run["epochs"] == 0.25 and run["overall"] == {"folded": 3.0, "local_only": 3.1, "full_equal_tokens": 3.2,
+                                                        "full_equal_flops": 2.9}
+    assert run["gain_vs_local_by_bucket"]["2-3"] == pytest.approx(0.2 / 2.2)
+    assert run["gap_to_full_flops_by_bucket"]["4-7"] == pytest.approx(0.2 / 1.8)
+    # ranges: 0-4l holds buckets 0, 1 and 2-3, weighted by their tokens (10, 10, 20)
+    local = (3.0 * 10 + 2.1 * 10 + 2.2 * 20) / 40
+    assert run["gain_vs_local_by_range"]["0-4l"] == pytest.approx((local - 2.25) / local)
+    assert list(run["gap_to_full_flops_by_range"]) == ["0-4l", "4-16l"]
+    # 4-16l: folded 2.0 against full 2.1 at 10M (-4.8%), against 1.8 at 40M (+11.1%): behind after
+    # the crossing, at 10M x 4 ** (0.0476 / (0.0476 + 0.111))
+    (cross,) = [c for c in record["crossings"] if c["range"] == "4-16l"]
+    g0, g1 = -0.1 / 2.1, 0.2 / 1.8
+    assert cross["preset"] == "default" and cross["folded"] == "behind"
+    assert cross["train_tokens"] == pytest.approx(10e6 * math.exp(math.log(4) * g0 / (g0 - g1)), rel=1e-6)
+    assert not [c for c in record["crossings"] if c["preset"] == "paper"]  # one budget: no crossing
+
+
+def test_runs_of_two_corpora_or_old_records_are_refused(tmp_path):
+    a = run_record(tmp_path / "a.json", "default", 10_000_000, [3.0] * 4, [3.0] * 4, [3.0] * 4)
+    b = run_record(tmp_path / "b.json", "default", 40_000_000, [3.0] * 4, [3.0] * 4, [3.0] * 4,
+                   corpus={**CORPUS, "fingerprint": "other"})
+    with pytest.raises(text_table.TableError, match="2 different token stores"):
+        text_table.table([a, b])
+    old = json.loads(a.read_text())
+    del old["corpus"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(text_table.TableError, match="old.json: not a record of .*run it again"):
+        text_table.table([tmp_path / "old.json"])
+
+
+@pytest.mark.e2e
+def test_the_session_script_makes_the_table_and_skips_finished_rows(tmp_path):
+    """bash experiments/text_session.sh OUT --quick: two toy rows on the CPU, then the same command again."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "WORK": str(tmp_path / "w"),
+           "ROWS": "tiny:8000 tiny:16000", "BUDGET_S": "1000"}
+
+    def session(out):
+        proc = subprocess.run(["bash", "experiments/text_session.sh", str(out), "--quick"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=1100)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+    first = session(tmp_path / "a")
+    assert first.count("est_minutes") == 2 and "tiny:8000: finished" in first and "tiny:16000: finished" in first
+    record = json.loads((tmp_path / "a" / "text.json").read_text())
+    assert [r["train_tokens"] for r in record["runs"]] == pytest.approx([8000, 16000], rel=0.05)
+    assert all(0 < r["epochs"] < 0.1 and set(r["overall"]) == {"folded", "local_only", "full_equal_tokens",
+                                                               "full_equal_flops"} for r in record["runs"])
+    assert (tmp_path / "a" / "text.png").read_bytes()[:4] == b"\x89PNG"
+    again = session(tmp_path / "b")
+    assert "tiny:8000: done earlier" in again and "tiny:16000: done earlier" in again and "est_minutes" not in again
+    assert json.loads((tmp_path / "b" / "text.json").read_text())["runs"] == record["runs"]
