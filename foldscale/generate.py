@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import FoldedLM
 
@@ -62,10 +61,7 @@ class StreamDecoder:
     GPU it is compiled (its small kernels fused) and captured as one CUDA graph on first use, so
     a token costs one launch. The graph is captured here, around the compiled step, not by
     mode="reduce-overhead": the step writes the caches in place, and torch.compile's own graphs
-    are skipped for a step that mutates inputs other than parameters and buffers. Attention
-    avoids the cuDNN backend, which plans anew for each key length (ms a call)."""
-
-    BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    are skipped for a step that mutates inputs other than parameters and buffers."""
 
     def __init__(self, model: FoldedLM, state=None, use_graph=None, compile=None):
         """use_graph: replay one-token feeds as a CUDA graph; compile: run them through
@@ -94,17 +90,16 @@ class StreamDecoder:
         n, left = ids.shape[1], self.model.cfg.segment_len - self.t
         if not 1 <= n <= left:
             raise ValueError(f"{n} tokens do not fit the {left} left in this segment")
-        with sdpa_kernel(self.BACKENDS):
-            if self.caches is None:
-                self._allocate(ids, self.model.tok_emb.weight.dtype)
-            if self.t == 0:
-                self._read_memory(ids.shape[0])
-            if n == 1 and self.use_graph:
-                logits = self._replay(ids)
-            else:
-                fn = compiled_step() if n == 1 and self.compile else step
-                logits = fn(self.model, self.caches, self.outputs, ids,
-                            torch.arange(self.t, self.t + n, device=ids.device))
+        if self.caches is None:
+            self._allocate(ids, self.model.tok_emb.weight.dtype)
+        if self.t == 0:
+            self._read_memory(ids.shape[0])
+        if n == 1 and self.use_graph:
+            logits = self._replay(ids)
+        else:
+            fn = compiled_step() if n == 1 and self.compile else step
+            logits = fn(self.model, self.caches, self.outputs, ids,
+                        torch.arange(self.t, self.t + n, device=ids.device))
         self.t += n
         if self.t == self.model.cfg.segment_len:
             if self.model.cfg.recurrent:

@@ -12,6 +12,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kernels import check as check_kernels, linear_cross_entropy
@@ -31,6 +32,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the pairs (x[i], x[i + hs/2]) in x's own dtype: four kernels, not ten."""
     x1, x2 = x.chunk(2, dim=-1)  # (..., hs/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# Attention never runs on cuDNN's kernels. Their backward returned NaN for a finite forward, in
+# eager mode too, stopping 2 of 3 seeds of the suite's passkey training (H100, torch 2.13; flash
+# attention: none stopped, BENCHMARKS.md session 7), and they plan anew for each key length when
+# decoding (ms a call).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -58,14 +66,15 @@ class Attention(nn.Module):
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # (T, 1, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            y = self.attend_cached(q, k, v, n_mem, cache)
-        else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-            if n_mem:
-                y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
-                y = torch.cat([y_mem, y[:, :, n_mem:]], dim=2)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            if cache is not None:
+                y = self.attend_cached(q, k, v, n_mem, cache)
+            else:
+                p = self.dropout if self.training else 0.0
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                if n_mem:
+                    y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
+                    y = torch.cat([y_mem, y[:, :, n_mem:]], dim=2)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
     @staticmethod

@@ -194,6 +194,26 @@ def reference_gpt(model, ids):
     return rms(x, model.norm.weight) @ model.tok_emb.weight.T
 
 
+def test_attention_never_runs_on_cudnn(monkeypatch):
+    """Every attention call, training and decoding, runs with cuDNN's kernels switched off (their
+    backward returned NaN in training) and flash attention allowed."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = FoldedLM(ModelConfig(vocab_size=64, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8))
+    model.forward_stream(torch.randint(64, (2, 20)), torch.randint(64, (2, 20))).loss.backward()
+    training = len(seen)
+    generate(model, torch.randint(64, (1, 3)), max_new_tokens=10)
+    assert training == 3 * 3 and len(seen) > training  # per segment: local, global, global's memory rows
+    assert set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside attention: the process's setting is left alone
+
+
 def test_no_global_layers_is_a_plain_gpt():
     model = make(n_global=0, n_local=2, segment_len=24)
     for p in model.parameters():  # make the norms non-trivial too

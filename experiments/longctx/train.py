@@ -4,6 +4,7 @@ one segment loop (`foldscale.model.segments`) and the model's own loss, ModelCon
 bptt_segments, engine.param_groups for weight decay, and Trainer's rule for a non-finite step
 (trainer.NonFiniteGuard). Optimizer and schedule are plain torch: one process, a small model."""
 import dataclasses
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -22,6 +23,11 @@ class Score(NamedTuple):
     n_tokens: int  # answer tokens counted
     exact: torch.Tensor  # (B,) bool: every answer token of the row right by argmax
     state: torch.Tensor | None  # after the last complete segment, to carry into the next call
+
+
+def _record_norm(norms: dict, i: int, grad):
+    if grad is not None:  # None: a compiled step's gradient that is not defined (no path to the loss)
+        norms[i] = grad.float().norm()
 
 
 def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None, step=None,
@@ -49,7 +55,7 @@ def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None,
         if out.state is not None:
             state = out.state
             if state_grads is not None and state.requires_grad:
-                state.register_hook(lambda g, i=i: state_grads.__setitem__(i, g.float().norm()))
+                state.register_hook(functools.partial(_record_norm, state_grads, i))
     return Score(loss, int((targets != -100).sum()), exact, state)
 
 
