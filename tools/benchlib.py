@@ -200,10 +200,12 @@ def dp_ds_config(stage: int, streams: int, accum: int, gpu: bool, lr: float = 1e
 
 
 def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[str], timeout: float) -> str:
-    """Run pretrain on `ranks` processes in a process group of its own (a timeout kills every
-    child, which would otherwise keep the port and the GPU memory); returns its console. OUT is
-    started afresh (--overwrite), so a kept --work can be run again."""
-    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out), "--overwrite"]
+    """Run pretrain on `ranks` processes in a process group of its own (a timeout or an interrupt
+    of this process kills every child, which would otherwise keep the port and the GPU memory);
+    returns its console. OUT is started afresh (--overwrite) unless ARGS resume it, so a kept
+    --work can be run again."""
+    fresh = [] if "--resume" in args else ["--overwrite"]
+    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out), *fresh]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "FOLDSCALE_MPI_PORT": str(port),
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -215,14 +217,18 @@ def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[
         cmd = [sys.executable, *script]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "console.log"
-    with open(log, "w") as f:
+    start = log.stat().st_size if log.is_file() else 0
+    with open(log, "a") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    text = log.read_text()
+        except KeyboardInterrupt:  # a session script's `timeout -s INT`: leave no rank behind
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    text = log.read_text()[start:]
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
     return text
