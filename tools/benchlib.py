@@ -177,9 +177,14 @@ def train_by_segment(model, ids, targets, device) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def add_launch_args(p):
-    """The flags of a tool that runs launch/pretrain.py on 1 and N ranks (launch_pretrain)."""
-    p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
+def add_launch_args(p, several: bool = False):
+    """The flags of a tool that runs launch/pretrain.py on 1 and N ranks (launch_pretrain); with
+    SEVERAL, --gpus lists several N (2,4,8)."""
+    if several:
+        p.add_argument("--gpus", type=lambda s: [int(n) for n in s.split(",")], default=[2],
+                       help="ranks of the multi-rank runs, e.g. 2,4,8")
+    else:
+        p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
     p.add_argument("--stages", default="1,2,3", help="ZeRO stages")
     p.add_argument("--launcher", choices=["deepspeed", "mpirun"], default="deepspeed")
     p.add_argument("--steps", type=int, default=60)

@@ -65,7 +65,7 @@ def parity(args, work: Path, gpu: bool) -> list[dict]:
         one, many = metrics(runs[1], "train/loss"), metrics(runs[args.gpus], "train/loss")
         rel = [abs(many[s] - one[s]) / abs(one[s]) for s in one]
         where_one, where_many = placement(runs[1]), placement(runs[args.gpus])
-        row = {"zero": stage, "launcher": args.launcher, "steps": len(one), "first_loss": one[1],
+        row = {"zero": stage, "launcher": args.launcher, "gpus": args.gpus, "steps": len(one), "first_loss": one[1],
                "last_loss_1": one[max(one)], f"last_loss_{args.gpus}": many[max(many)], "max_rel_diff": max(rel),
                "same_segments": where_one == where_many, "documents_in_order": documents_stay_in_order(where_many)}
         row["ok"] = (row["max_rel_diff"] <= args.tolerance and row["same_segments"] and row["documents_in_order"]
