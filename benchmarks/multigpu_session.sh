@@ -108,7 +108,8 @@ for record in records:
             table[f"{key}_same_segments"] = r["same_segments"]
 print(f"\nissue 29, {table.get('device', '?')}: {len(records)} result file(s) in {out}, table {target}")
 rows = [{"key": k, "value": v} for k, v in table.items() if k not in ("commands", "device", "date")]
-print_table(rows, ["key", "value"])
+if rows:
+    print_table(rows, ["key", "value"])
 for path in {target, out / "multigpu.json"}:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
