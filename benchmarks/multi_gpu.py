@@ -32,9 +32,10 @@ def scaling(args, work: Path, gpu: bool, done=lambda rows: None) -> list[dict]:
     rows = []
     for preset in args.presets.split(","):
         cfg = ModelConfig.load(preset)
-        store = synthetic_store(work / f"store_{cfg.vocab_size}", cfg.vocab_size, n_docs=200,
-                                doc_len=8 * cfg.segment_len)
         streams = max(1, args.tokens // cfg.segment_len)
+        # a document for every stream of the largest run in every epoch
+        store = synthetic_store(work / f"store_{preset}", cfg.vocab_size, n_docs=max(200, streams * max(args.gpus)),
+                                doc_len=8 * cfg.segment_len)
         for stage in map(int, args.stages.split(",")):
             cfg_path = work / f"{preset}_z{stage}.json"
             cfg_path.write_text(json.dumps(dp_ds_config(stage, streams, args.accum, gpu, lr=3e-4)))
