@@ -15,9 +15,10 @@
 #
 # BUDGET_S (default 540) bounds the whole run: a piece still going at the deadline is interrupted (its
 # ranks killed) and the rows it finished are kept. GPUS (default: every GPU nvidia-smi lists; 2 with
-# --quick) is N. Expected on H100s: a compiled scaling run 1-2 min, so one scaling piece (4 runs at 8 GPUs)
-# ~6 min; parity ~2 min, elastic ~2 min. Split the pieces over several device calls and carry TARGET
-# from one call to the next: each call merges its keys into the TARGET it finds.
+# --quick) is N; a scaling piece runs 1 GPU, then N, N/2 .. 2 (SCALE_AT=8,4 leaves 2 out). Expected on
+# H100s (a guess: only 2-GPU runs were timed): a compiled scaling run 1-2 min, so a scaling piece at 8
+# GPUs 4-8 min; parity and elastic ~2 min each. Split the pieces over several device calls and carry
+# TARGET from one call to the next: each call merges its keys into the TARGET it finds.
 set -euo pipefail
 out=${1:?usage: bash benchmarks/multigpu_session.sh OUT_DIR [--quick] [PIECE...]}
 shift
@@ -39,10 +40,16 @@ else
     all="scaling:350m:2 parity elastic scaling:1b:3 scaling:350m:3 scaling:1b:2 parity:mpirun elastic:mpirun"
 fi
 if (($#)); then pieces=("$@"); else read -r -a pieces <<< "$all"; fi
-counts=$(for ((n = 2; n <= gpus; n *= 2)); do echo -n "$n,"; done)
-counts=${counts%,}
+for piece in "${pieces[@]}"; do
+    if ! [[ $piece =~ ^(scaling:[0-9a-z]+:[0-3]|parity|parity:mpirun|elastic|elastic:mpirun|summary)$ ]]; then
+        echo "multigpu_session: unknown piece '$piece' (scaling:PRESET:STAGE, parity[:mpirun], elastic[:mpirun], summary)" >&2
+        exit 2
+    fi
+done
+counts=$(for ((n = gpus; n >= 2; n /= 2)); do echo -n "$n,"; done)  # N first: the target's figure
+counts=${SCALE_AT:-${counts%,}}
 if [[ -z $counts && ${pieces[*]} != summary ]]; then echo "multigpu_session: needs 2 GPUs or more (GPUS=$gpus)" >&2; exit 2; fi
-echo "multigpu_session: N=$gpus (scaling at 1,$counts), pieces: ${pieces[*]}, budget ${BUDGET_S:-540} s" | tee -a "$out/session.log"
+echo "multigpu_session: N=$gpus (scaling on 1,$counts GPUs), pieces: ${pieces[*]}, budget ${BUDGET_S:-540} s" | tee -a "$out/session.log"
 
 run() {  # run NAME MODULE ARGS...: one piece, interrupted at the deadline; the session goes on either way
     local left=$((deadline - SECONDS))
@@ -73,7 +80,6 @@ for piece in "${pieces[@]}"; do
             launcher=${a:-deepspeed}
             run "$piece" tools.elastic "${quick[@]}" --gpus "$gpus" --launcher "$launcher" --json "$out/elastic_$launcher.json" ;;
         summary) ;;
-        *) echo "multigpu_session: unknown piece '$piece' (scaling:PRESET:STAGE, parity[:mpirun], elastic[:mpirun], summary)" >&2; exit 2 ;;
     esac
 done
 
