@@ -233,7 +233,7 @@ def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[
         except KeyboardInterrupt:  # a session script's `timeout -s INT`: leave no rank behind
             os.killpg(p.pid, signal.SIGKILL)
             raise
-    text = log.read_text()[start:]
+    text = log.read_bytes()[start:].decode(errors="replace")  # this launch's part
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
     return text
