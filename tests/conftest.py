@@ -36,7 +36,8 @@ def dist():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """For run_helpers.run: a token store of learnable documents (mostly counting up by a step of
-    their own, with noise), model.json (MODEL), and DeepSpeed configs for ZeRO 0-3."""
+    their own, with noise), model.json (MODEL), and DeepSpeed configs z{stage}_b{streams per rank}.json for ZeRO 0-3
+    and 1, 2, 4 or 8 streams."""
     tmp = tmp_path_factory.mktemp("train")
     rng = np.random.default_rng(0)
     docs = []
@@ -52,7 +53,7 @@ def setup(tmp_path_factory):
     base["scheduler"]["params"]["warmup_num_steps"] = 2
     base["optimizer"]["params"]["lr"] = 1e-2
     for stage in range(4):
-        for streams in (2, 4):
+        for streams in (1, 2, 4, 8):
             cfg = {**base, "train_micro_batch_size_per_gpu": streams, "zero_optimization": {"stage": stage}}
             (tmp / f"z{stage}_b{streams}.json").write_text(json.dumps(cfg))
     cfg = json.loads((tmp / "z0_b4.json").read_text())

@@ -81,8 +81,9 @@ def test_bench_data(tmp_path):
 
 def test_multi_gpu_scaling(tmp_path):
     rows, _, _ = run_quick("benchmarks.multi_gpu", tmp_path)
-    assert [(r["preset"], r["zero"]) for r in rows] == [("tiny", 2)]
-    assert all(positive(r["tok_s_1"], r["tok_s_2"], r["per_gpu_efficiency"]) for r in rows)
+    assert [(r["preset"], r["zero"], r["gpus"]) for r in rows] == [("tiny", 2, 1), ("tiny", 2, 2)]
+    assert all(positive(r["tok_s"], r["per_gpu_efficiency"]) for r in rows) and rows[0]["per_gpu_efficiency"] == 1
+    assert rows[1]["per_gpu_efficiency"] == pytest.approx(rows[1]["tok_s"] / (2 * rows[0]["tok_s"]))
 
 
 def test_bench_anchor(tmp_path):
@@ -126,3 +127,42 @@ def test_perf_session(tmp_path):
         assert len([n for n in tar.getnames() if n.endswith(".json.gz")]) == 5
     log = (tmp_path / "out" / "perf.log").read_text()
     assert log.count("Self CPU time total") == 5 and "headline:" in log
+
+
+def multigpu_session(out, *args, **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+    proc = subprocess.run(["bash", "benchmarks/multigpu_session.sh", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "multigpu.json").read_text()), proc.stdout
+
+
+def test_multigpu_session(tmp_path):
+    """The issue-29 device command at toy size, 2 gloo ranks: scaling, parity and elastic, one table."""
+    table, _ = multigpu_session(tmp_path / "out", "--quick", FOLDSCALE_CACHE=str(tmp_path / "cache"))
+    assert 0 < table["zero2_tiny_2gpu_efficiency"] and positive(table["zero2_tiny_1gpu_tokens_per_s"])
+    for key in ("parity_deepspeed_zero2_2gpu", "elastic_deepspeed_zero2_2_1_2gpu"):
+        assert table[f"{key}_ok"] and table[f"{key}_same_segments"] and table[f"{key}_max_rel_diff"] < 1e-6, key
+    assert len(table["commands"]) == 3 and table["device"].startswith("CPU")
+
+
+def test_multigpu_session_table_merges_over_the_earlier_one(tmp_path):
+    """`summary` turns the JSON files in OUT into keys merged over TARGET's, each measured efficiency
+    beside the scaling model's prediction at that configuration's own 1-GPU MFU."""
+    from tools import scaling_model
+    out, target = tmp_path / "out", tmp_path / "targets" / "multigpu.json"
+    out.mkdir()
+    target.parent.mkdir()
+    target.write_text(json.dumps({"commands": ["earlier"], "zero3_1b_8gpu_efficiency": 0.9}))
+    rows = [{"preset": "350m", "zero": 2, "gpus": g, "accum": 4, "tokens_per_gpu_step": 4 * 32768, "tok_s": t,
+             "mfu": m, "per_gpu_efficiency": t / (g * 100.0)} for g, t, m in ((1, 100.0, 0.5), (8, 780.0, 0.49))]
+    (out / "scaling_350m_z2.json").write_text(json.dumps(
+        {"date": "2030-01-01", "device": "NVIDIA H200", "command": "python -m benchmarks.multi_gpu", "mode": "scaling",
+         "rows": rows}))
+    table, stdout = multigpu_session(out, "summary", TARGET=str(target))
+    assert json.loads(target.read_text()) == table and "zero2_350m_8gpu_efficiency" in stdout
+    assert table["zero3_1b_8gpu_efficiency"] == 0.9 and table["commands"] == ["earlier", "python -m benchmarks.multi_gpu"]
+    assert table["zero2_350m_8gpu_efficiency"] == 0.975 and table["zero2_350m_1gpu_mfu"] == 0.5
+    predicted = scaling_model.main(["--presets", "350m", "--stages", "2", "--gpus", "8", "--mfu", "0.5"])
+    assert table["zero2_350m_8gpu_predicted_efficiency"] == predicted[0]["efficiency"] < 1
+    assert "zero2_350m_1gpu_efficiency" not in table and table["device"] == "NVIDIA H200"

@@ -215,6 +215,29 @@ def test_two_ranks_match_one_rank(setup, tmp_path, launcher, stage):
     np.testing.assert_allclose(b, a, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def one_rank_eight_streams(setup, tmp_path_factory):
+    """The losses of 8 steps on 1 rank x 8 streams, ZeRO-0: what 4 and 8 ranks must reproduce."""
+    out = tmp_path_factory.mktemp("one_rank") / "run"
+    run(setup, out, "--steps", 8, "--eval_every", 100, "--save_every", 100, ds="z0_b8.json")
+    return np.array(losses(out))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("ranks,launcher,stage", [(4, "deepspeed", 3), (8, "deepspeed", 2), (8, "mpirun", 3)])
+def test_four_and_eight_ranks_match_one_rank(setup, tmp_path, monkeypatch, one_rank_eight_streams, ranks, launcher,
+                                             stage):
+    """Issue 29 on the CPU: 4 ranks x 2 streams and 8 ranks x 1 against 1 rank x 8, the same losses
+    up to the order of the float sums, as for 2 ranks above (~40 s each on 2 cores)."""
+    monkeypatch.setenv("FOLDSCALE_MPI_PORT", "29583")  # not the port other mpirun tests use
+    many = tmp_path / "many"
+    run(setup, many, "--steps", 8, "--eval_every", 100, "--save_every", 100, ranks=ranks, launcher=launcher,
+        ds=f"z{stage}_b{8 // ranks}.json")
+    b = np.array(losses(many))
+    assert len(b) == len(one_rank_eight_streams) == 8
+    np.testing.assert_allclose(b, one_rank_eight_streams, rtol=1e-6)
+
+
 @pytest.mark.e2e
 def test_a_dead_rank_stops_the_other_instead_of_hanging(setup, tmp_path):
     """Two ranks started by hand (no launcher to clean up after them): kill one mid-run, and

@@ -177,9 +177,14 @@ def train_by_segment(model, ids, targets, device) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def add_launch_args(p):
-    """The flags of a tool that runs launch/pretrain.py on 1 and N ranks (launch_pretrain)."""
-    p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
+def add_launch_args(p, several: bool = False):
+    """The flags of a tool that runs launch/pretrain.py on 1 and N ranks (launch_pretrain); with
+    SEVERAL, --gpus lists several N (2,4,8)."""
+    if several:
+        p.add_argument("--gpus", type=lambda s: [int(n) for n in s.split(",")], default=[2],
+                       help="ranks of the multi-rank runs, e.g. 2,4,8")
+    else:
+        p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-rank run")
     p.add_argument("--stages", default="1,2,3", help="ZeRO stages")
     p.add_argument("--launcher", choices=["deepspeed", "mpirun"], default="deepspeed")
     p.add_argument("--steps", type=int, default=60)
@@ -200,10 +205,12 @@ def dp_ds_config(stage: int, streams: int, accum: int, gpu: bool, lr: float = 1e
 
 
 def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[str], timeout: float) -> str:
-    """Run pretrain on `ranks` processes in a process group of its own (a timeout kills every
-    child, which would otherwise keep the port and the GPU memory); returns its console. OUT is
-    started afresh (--overwrite), so a kept --work can be run again."""
-    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out), "--overwrite"]
+    """Run pretrain on `ranks` processes in a process group of its own (a timeout or an interrupt
+    of this process kills every child, which would otherwise keep the port and the GPU memory);
+    returns its console. OUT is started afresh (--overwrite) unless ARGS resume it, so a kept
+    --work can be run again."""
+    fresh = [] if "--resume" in args else ["--overwrite"]
+    script = [str(ROOT / "launch" / "pretrain.py"), *args, "--out", str(out), *fresh]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "FOLDSCALE_MPI_PORT": str(port),
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -215,14 +222,18 @@ def launch_pretrain(ranks: int, launcher: str, port: int, out: Path, args: list[
         cmd = [sys.executable, *script]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "console.log"
-    with open(log, "w") as f:
+    start = log.stat().st_size if log.is_file() else 0
+    with open(log, "a") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    text = log.read_text()
+        except KeyboardInterrupt:  # a session script's `timeout -s INT`: leave no rank behind
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    text = log.read_bytes()[start:].decode(errors="replace")  # this launch's part
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{text[-3000:]}")
     return text

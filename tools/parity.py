@@ -1,12 +1,14 @@
 """Loss parity and stream placement across world sizes, through launch/pretrain.py as a user
-launches it (issue 14): for each ZeRO stage, N ranks x B streams against 1 rank x N*B streams.
+launches it (issues 14 and 29): for each ZeRO stage, N ranks x B streams against 1 rank x N*B streams.
 Streams are numbered globally, so both runs read the same segments into the same streams; the
 loss of every step must agree within --tolerance, and the placement logs must show every stream
 reading the same segments in both runs, each document's segments in order in one stream.
 
     python -m tools.parity --gpus 2 --stages 1,2,3 --steps 60 --launcher deepspeed
     python -m tools.parity --gpus 2 --stages 2 --steps 60 --launcher mpirun
-    python -m tools.parity --quick       # CPU, gloo: 2 ranks against 1
+    python -m tools.parity --gpus 8 --streams 2 --stages 2,3 --steps 60    # 8 GPUs x 2 against 1 x 16
+    python -m tools.parity --quick                 # CPU, gloo: 2 ranks x 2 streams against 1 x 4
+    python -m tools.parity --quick --gpus 4        # 4 ranks x 2 against 1 x 8
 """
 import argparse
 import json
@@ -63,7 +65,7 @@ def parity(args, work: Path, gpu: bool) -> list[dict]:
         one, many = metrics(runs[1], "train/loss"), metrics(runs[args.gpus], "train/loss")
         rel = [abs(many[s] - one[s]) / abs(one[s]) for s in one]
         where_one, where_many = placement(runs[1]), placement(runs[args.gpus])
-        row = {"zero": stage, "launcher": args.launcher, "steps": len(one), "first_loss": one[1],
+        row = {"zero": stage, "launcher": args.launcher, "gpus": args.gpus, "steps": len(one), "first_loss": one[1],
                "last_loss_1": one[max(one)], f"last_loss_{args.gpus}": many[max(many)], "max_rel_diff": max(rel),
                "same_segments": where_one == where_many, "documents_in_order": documents_stay_in_order(where_many)}
         row["ok"] = (row["max_rel_diff"] <= args.tolerance and row["same_segments"] and row["documents_in_order"]
@@ -77,7 +79,7 @@ def main(argv=None):
     add_launch_args(p)
     p.add_argument("--streams", type=int, default=8, help="streams per rank of the multi-rank run")
     p.add_argument("--tolerance", type=float, default=0.02, help="largest relative loss difference")
-    p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 gloo ranks, 6 steps, ZeRO 2")
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: --gpus gloo ranks (2), 6 steps, ZeRO 2")
     args = p.parse_args(argv)
     if args.quick:
         # fp32 on the CPU: the loss is normalised by the step's tokens on all ranks, so one rank's
