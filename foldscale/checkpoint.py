@@ -41,6 +41,7 @@ from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 from foldscale.data.sampler import redeal, streams_to_set
 
 _TAG = re.compile(r"^step(\d{8})$")
+CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.model"
 UNIVERSAL = "universal"
 STREAMS = "train_micro_batch_size_per_gpu"
@@ -50,8 +51,13 @@ class CheckpointError(FoldscaleError):
     """A checkpoint that is missing, incomplete or damaged; the message names the file."""
 
 
+def run_checkpoints(out) -> Path:
+    """Where the run in directory OUT keeps its checkpoints: OUT/checkpoints."""
+    return Path(out) / CHECKPOINTS
+
+
 def configs(model_cfg, train_cfg, data_cfg, ds_config: dict) -> dict[str, dict]:
-    """The resolved configs a checkpoint records, by file name (for `save` and `load`)."""
+    """The resolved configs a checkpoint records, by file name (for `save` and `engine_config`)."""
     return {"model.json": dataclasses.asdict(model_cfg), "train.json": dataclasses.asdict(train_cfg),
             "data.json": dataclasses.asdict(data_cfg), "ds_config.json": ds_config}
 
@@ -186,8 +192,12 @@ def engine_config(path, rank: int, world_size: int, ds_config: dict, expect: dic
     DS_CONFIG itself when PATH was saved by WORLD_SIZE ranks or under ZeRO 0 (its one module file
     holds the whole model and optimizer). Otherwise (ZeRO 1-2 on another number of ranks) a copy
     with checkpoint.load_universal set, once rank 0 has converted PATH with DeepSpeed's
-    ds_to_universal into ROOT/universal/TAG (a complete conversion there is reused). Refused first,
-    like `load`, when the run cannot continue PATH, and for ZeRO 3 on another number of ranks.
+    ds_to_universal into ROOT/universal/TAG (a complete conversion there is reused).
+
+    Refused first, with a ConfigError saying what to pass, when the total number of streams, the
+    model or the schedule differ from EXPECT (the `configs` this run would save): the one check
+    that the run can continue PATH, made before anything is built or loaded. Refused too for
+    ZeRO 3 on another number of ranks.
     """
     path = Path(path)
     _check_same_run(path, world_size, expect)
@@ -216,19 +226,17 @@ def engine_config(path, rank: int, world_size: int, ds_config: dict, expect: dic
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> tuple[dict, dict]:
-    """Load checkpoint PATH (verified by `find`) into ENGINE; returns (trainer state, this rank's
-    state: its streams' sampler state and carried state).
+def load(engine, path, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Load checkpoint PATH into ENGINE, built with `engine_config` (which refused a run that
+    cannot continue PATH) after `find` verified PATH; returns (trainer state, this rank's state:
+    its streams' sampler state and carried state).
 
-    Refused before anything is loaded, with a ConfigError saying what to pass, when the total
-    number of streams, the model or the schedule differ from EXPECT (the `configs` this run would
-    save). On another number of ranks than saved (ENGINE built with `engine_config`), every rank
-    reads all foldscale_rank{r}.pt and takes its own global streams' sampler positions and
-    carried states. RNG states: a rank restores those of the file with its own rank number and,
-    when there is none (more ranks than saved), keeps its own (training with dropout 0 uses none).
+    On another number of ranks than saved, every rank reads all foldscale_rank{r}.pt and takes
+    its own global streams' sampler positions and carried states. RNG states: a rank restores
+    those of the file with its own rank number and, when there is none (more ranks than saved),
+    keeps its own (training with dropout 0 uses none).
     """
     path = Path(path)
-    _check_same_run(path, world_size, expect)
     universal = engine.load_universal_checkpoint()
     root = _universal(path).parent if universal else path.parent
     loaded, client = engine.load_checkpoint(str(root), tag=path.name)
@@ -245,7 +253,7 @@ def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> t
         mine = saved[rank]
         mine.pop("rng")
         return client["trainer"], mine
-    streams = expect["ds_config.json"][STREAMS]
+    streams = engine.train_micro_batch_size_per_gpu()
     states = [s["state"] for s in saved]
     carried = None if states[0] is None else torch.cat(states)[rank * streams:(rank + 1) * streams]  # (B, l, d)
     return client["trainer"], {"sampler": redeal([s["sampler"] for s in saved], rank, world_size, streams),
@@ -316,8 +324,8 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
                           f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
-    if expect.get("train.json", {}).get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
-        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps" or c[2] < c[1]]
+    if expect.get("train.json", {}).get("extend_schedule"):  # its end is this run's (engine.load_ds_config checks it)
+        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps"]
     if changed:
         saved = {key: old for key, old, _ in changed}
         fix = "set " + ", ".join(f"{k} to {json.dumps(v)}" for k, v in saved.items()) + " in the DeepSpeed JSON"

@@ -87,7 +87,7 @@ class Trainer:
         self.model_cfg, self.data_cfg, self.cfg, self.ds_config = model_cfg, data_cfg, train_cfg, ds_config
         self.store, self.rank, self.world_size = store, rank, world_size
         self.out = Path(train_cfg.out)
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = ckpt.run_checkpoints(self.out)
         self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
         resume_from = None
         if resume:
@@ -316,7 +316,7 @@ class Trainer:
     def _load(self, path: Path):
         """Load checkpoint PATH (found and verified in __init__, the engine built for it)."""
         t0 = time.perf_counter()
-        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size, expect=self._configs())
+        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size)
         self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)

@@ -236,3 +236,16 @@ def test_a_dead_rank_stops_the_other_instead_of_hanging(setup, tmp_path):
     finally:
         ranks[0].kill()
     assert code != 0 and time.time() - t0 < 60
+
+
+def test_a_resume_checks_the_run_against_its_checkpoint_once(setup, dist, tmp_path, monkeypatch):
+    from foldscale import checkpoint as ckpt
+    trainer = in_process_trainer(setup, tmp_path, 0, accum=1)
+    trainer.train_step(PositionLoss(trainer.device))
+    trainer.step = 1
+    trainer.save()
+    checks, check = [], ckpt._check_same_run
+    monkeypatch.setattr(ckpt, "_check_same_run", lambda *args: checks.append(args[0]) or check(*args))
+    resumed = Trainer(trainer.model_cfg, trainer.data_cfg, trainer.cfg, trainer.ds_config, trainer.store, rank=0,
+                      world_size=1, resume="auto")
+    assert resumed.step == 1 and checks == [ckpt.run_checkpoints(tmp_path / "run") / "step00000001"]
