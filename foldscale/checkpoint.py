@@ -71,15 +71,55 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     rank 0 writes COMPLETE from the gathered digests, last, and prunes to the newest KEEP_LAST
     checkpoints up to this one. A directory already at this tag (an interrupted save, or a later
     checkpoint of a run resumed from an earlier one) is moved aside, not deleted.
+
+    A save that cannot fit is refused before it starts when the free space is known to be short.
+    A failure on any rank (a full disk, where torch's writer says only "unexpected pos", or any
+    other error) reaches every rank at the end of that part of the save (`_failed_rank`): a
+    CheckpointError on each saying what to do, and the partial directory deleted, so that the
+    previous checkpoint stays the one `--resume auto` takes.
     """
     root = Path(root)
     path = root / f"step{step:08d}"
-    with _disk_full_refused(root, path, engine):
-        if rank == 0 and path.exists():
-            aside = _move_aside(path)
-            print(f"moved the earlier {path} aside to {aside}", flush=True)
-        dist.barrier()
-        engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
+    root.mkdir(parents=True, exist_ok=True)
+    done = [p for p in _checkpoint_dirs(root) if (p / "COMPLETE").is_file() and p != path]
+    needed = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else \
+        16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # fp32 weights + Adam
+    resume = f"--resume auto takes {done[-1]}" if done else "there is no earlier checkpoint"
+
+    def agree(error: Exception | None, partial: bool = True):
+        """Raise on every rank when ERROR (what this part of the save raised on this rank, or
+        None) is set on any; rank 0 first deletes PATH unless it is complete (PARTIAL: PATH holds
+        this save's files)."""
+        failed = _failed_rank(error is not None, rank)
+        if failed is None:
+            return
+        if partial and rank == 0 and not (path / "COMPLETE").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+        if error is None:
+            raise CheckpointError(f"rank {failed} could not write its part of {path} (see its error); fix that and "
+                                  f"resume ({resume})")
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+                "unexpected pos" in str(error):  # torch's writer on a full disk
+            raise CheckpointError(f"no space left on {root}: a checkpoint needs about {needed:,} bytes, "
+                                  f"{shutil.disk_usage(root).free:,} are free; free some space (or lower --keep-last) "
+                                  f"and resume ({resume})") from None
+        if isinstance(error, (OSError, RuntimeError)):
+            raise CheckpointError(f"cannot write {path} ({type(error).__name__}: {error}): fix that and resume "
+                                  f"({resume})") from None
+        raise error
+
+    short = shutil.disk_usage(root).free < needed
+    if rank == 0 and not short and path.exists():
+        print(f"moved the earlier {path} aside to {_move_aside(path)}", flush=True)
+    agree(OSError(errno.ENOSPC, "No space left") if short else None, partial=False)  # refused before any write
+    error = None
+    try:
+        try:
+            engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state},
+                                   save_latest=False)
+        except Exception:
+            dist.barrier()  # the one that ends DeepSpeed's save_checkpoint, where the other ranks wait
+            raise
         _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
         if rank == 0:
             for name, cfg in configs.items():
@@ -87,45 +127,39 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
             if tokenizer and Path(tokenizer).is_file():
                 shutil.copyfile(tokenizer, path / TOKENIZER)
         os.sync()  # on disk before COMPLETE says so, and before _prune deletes an older checkpoint
-    dist.barrier()
-    files = _files(path)
-    sizes = {name: f.stat().st_size for name, f in files.items()}
-    mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+    except Exception as e:
+        error = e
+    agree(error)
+    mine = None
+    try:
+        files = _files(path)
+        sizes = {name: f.stat().st_size for name, f in files.items()}
+        mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+    except Exception as e:
+        error = e
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
-    if rank == 0:
-        digests = {name: sha for share in gathered for name, sha in share.items()}
-        record = {"tag": path.name, "step": step, "world_size": world_size,
-                  "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
-        _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
-        _prune(root, keep_last, path)
-    dist.barrier()
+    if rank == 0 and None not in gathered:
+        try:
+            digests = {name: sha for share in gathered for name, sha in share.items()}
+            record = {"tag": path.name, "step": step, "world_size": world_size,
+                      "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
+            _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
+            _prune(root, keep_last, path)
+        except Exception as e:
+            error = e
+    agree(error)
     return path
 
 
-@contextlib.contextmanager
-def _disk_full_refused(root: Path, path: Path, engine):
-    """Refuse a save that cannot fit, before it starts when the free space is known to be short,
-    and when a write fails for want of space (torch's writer says only "unexpected pos"): one
-    CheckpointError saying how much is needed; the partial PATH is deleted, so the previous
-    checkpoint stays the one `--resume auto` takes."""
-    root.mkdir(parents=True, exist_ok=True)
-    done = [p for p in _checkpoint_dirs(root) if (p / "COMPLETE").is_file() and p != path]
-    needed = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else \
-        16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # fp32 weights + Adam
-    previous = f"--resume auto takes {done[-1]}" if done else "there is no earlier checkpoint"
-    message = f"no space left on {root}: a checkpoint needs about {needed:,} bytes, {{free:,}} are free; free some " \
-              f"space (or lower --keep-last) and resume ({previous})"
-    if shutil.disk_usage(root).free < needed:
-        raise CheckpointError(message.format(free=shutil.disk_usage(root).free))
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
-        if not full:
-            raise
-        shutil.rmtree(path, ignore_errors=True)
-        raise CheckpointError(message.format(free=shutil.disk_usage(root).free)) from None
+def _failed_rank(failed: bool, rank: int) -> int | None:
+    """The highest rank where FAILED, agreed by every rank, or None. An all-reduce that every rank
+    reaches at the end of a part of `save`, as it would a barrier: a failure on one rank reaches
+    every rank there, instead of leaving the others waiting at the next collective until its
+    timeout."""
+    flag = torch.tensor(rank + 1 if failed else 0, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) - 1 if int(flag) else None
 
 
 def find(resume: str, root, warn=print, rank: int = 0, world_size: int = 1) -> Path | None:

@@ -4,8 +4,10 @@ One tiny ZeRO 2 run (a token store with its tokenizer; checkpoints at steps 2 an
 and each case damages a copy of it. The cases are the files of that real checkpoint, so a file the
 trainer starts writing is covered without touching this test.
 """
+import errno
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from click.testing import CliRunner
 from foldscale import checkpoint as ckpt
 from foldscale.cli import main
 from foldscale.config import ConfigError
-from run_helpers import TOKENIZED_MODEL, run, tokenized_store
+from run_helpers import TOKENIZED_MODEL, run, spawn_ranks, tokenized_store
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 2
@@ -266,3 +268,51 @@ def test_the_checkpoint_leaves_an_extended_schedule_s_end_to_load_ds_config(tmp_
     changed = {**ds, "scheduler": {**sched, "params": {**sched["params"], "warmup_num_steps": 2}}}
     with pytest.raises(ConfigError, match="warmup_num_steps is 2 in this run but 1"):
         ckpt.engine_config(tmp_path, 0, 1, changed, {**expect, "ds_config.json": changed})
+
+
+class BarrierEngine:
+    """Saves as DeepSpeed's engine does: a barrier, each rank's file, a barrier."""
+    module = torch.nn.Linear(4, 4)
+
+    def save_checkpoint(self, root, tag, **kwargs):
+        torch.distributed.barrier()
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        rank = torch.distributed.get_rank()
+        torch.save(self.module.state_dict(), Path(root) / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.distributed.barrier()
+
+
+def save_with_a_full_disk_on_rank_1(rank: int, root: Path, where: str):
+    """Save step 2, then step 4 with rank 1's disk full in DeepSpeed's write or foldscale's;
+    each rank records the error it got and how long it took."""
+    args = dict(trainer_state={"step": 0}, rank_state={}, configs={"model.json": {}}, tokenizer=None, keep_last=3)
+    ckpt.save(BarrierEngine(), root, 2, rank, 2, **args)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if rank == 1 and where == "deepspeed":
+        torch.save = no_space
+    elif rank == 1:
+        ckpt._atomic_torch_save = no_space
+    t0, error = time.perf_counter(), None
+    try:
+        ckpt.save(BarrierEngine(), root, 4, rank, 2, **args)
+    except ckpt.CheckpointError as e:
+        error = str(e)
+    (root.parent / f"rank{rank}.json").write_text(json.dumps({"error": error, "seconds": time.perf_counter() - t0}))
+
+
+@pytest.mark.parametrize("where", ["deepspeed", "foldscale"])
+def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path, where):
+    """Rank 1's disk is full: both ranks raise a CheckpointError saying what to do within
+    seconds (not at the collective timeout, 30 s here), and the partial step 4 is gone, so
+    --resume auto takes step 2."""
+    root = tmp_path / "checkpoints"
+    spawn_ranks(save_with_a_full_disk_on_rank_1, 2, root, where)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[1]["error"].startswith(f"no space left on {root}: a checkpoint needs about")
+    assert got[1]["error"].endswith(f"and resume (--resume auto takes {root / 'step00000002'})")
+    assert got[0]["error"] == (f"rank 1 could not write its part of {root / 'step00000004'} (see its error); fix "
+                               f"that and resume (--resume auto takes {root / 'step00000002'})")
+    assert max(g["seconds"] for g in got) < 15, got
+    assert not (root / "step00000004").exists() and ckpt.find("auto", root) == root / "step00000002"
