@@ -41,6 +41,7 @@ from foldscale.config import ConfigError, FoldscaleError, ModelConfig
 from foldscale.data.sampler import redeal, streams_to_set
 
 _TAG = re.compile(r"^step(\d{8})$")
+CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.model"
 UNIVERSAL = "universal"
 STREAMS = "train_micro_batch_size_per_gpu"
@@ -50,8 +51,13 @@ class CheckpointError(FoldscaleError):
     """A checkpoint that is missing, incomplete or damaged; the message names the file."""
 
 
+def run_checkpoints(out) -> Path:
+    """Where the run in directory OUT keeps its checkpoints: OUT/checkpoints."""
+    return Path(out) / CHECKPOINTS
+
+
 def configs(model_cfg, train_cfg, data_cfg, ds_config: dict) -> dict[str, dict]:
-    """The resolved configs a checkpoint records, by file name (for `save` and `load`)."""
+    """The resolved configs a checkpoint records, by file name (for `save` and `engine_config`)."""
     return {"model.json": dataclasses.asdict(model_cfg), "train.json": dataclasses.asdict(train_cfg),
             "data.json": dataclasses.asdict(data_cfg), "ds_config.json": ds_config}
 
@@ -65,15 +71,55 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     rank 0 writes COMPLETE from the gathered digests, last, and prunes to the newest KEEP_LAST
     checkpoints up to this one. A directory already at this tag (an interrupted save, or a later
     checkpoint of a run resumed from an earlier one) is moved aside, not deleted.
+
+    A save that cannot fit is refused before it starts when the free space is known to be short.
+    A failure on any rank (a full disk, where torch's writer says only "unexpected pos", or any
+    other error) reaches every rank at the end of that part of the save (`_failed_rank`): a
+    CheckpointError on each saying what to do, and the partial directory deleted, so that the
+    previous checkpoint stays the one `--resume auto` takes.
     """
     root = Path(root)
     path = root / f"step{step:08d}"
-    with _disk_full_refused(root, path, engine):
-        if rank == 0 and path.exists():
-            aside = _move_aside(path)
-            print(f"moved the earlier {path} aside to {aside}", flush=True)
-        dist.barrier()
-        engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state}, save_latest=False)
+    root.mkdir(parents=True, exist_ok=True)
+    done = [p for p in _checkpoint_dirs(root) if (p / "COMPLETE").is_file() and p != path]
+    needed = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else \
+        16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # fp32 weights + Adam
+    resume = f"--resume auto takes {done[-1]}" if done else "there is no earlier checkpoint"
+
+    def agree(error: Exception | None, partial: bool = True):
+        """Raise on every rank when ERROR (what this part of the save raised on this rank, or
+        None) is set on any; rank 0 first deletes PATH unless it is complete (PARTIAL: PATH holds
+        this save's files)."""
+        failed = _failed_rank(error is not None, rank)
+        if failed is None:
+            return
+        if partial and rank == 0 and not (path / "COMPLETE").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+        if error is None:
+            raise CheckpointError(f"rank {failed} could not write its part of {path} (see its error); fix that and "
+                                  f"resume ({resume})")
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+                "unexpected pos" in str(error):  # torch's writer on a full disk
+            raise CheckpointError(f"no space left on {root}: a checkpoint needs about {needed:,} bytes, "
+                                  f"{shutil.disk_usage(root).free:,} are free; free some space (or lower --keep-last) "
+                                  f"and resume ({resume})") from None
+        if isinstance(error, (OSError, RuntimeError)):
+            raise CheckpointError(f"cannot write {path} ({type(error).__name__}: {error}): fix that and resume "
+                                  f"({resume})") from None
+        raise error
+
+    short = shutil.disk_usage(root).free < needed
+    if rank == 0 and not short and path.exists():
+        print(f"moved the earlier {path} aside to {_move_aside(path)}", flush=True)
+    agree(OSError(errno.ENOSPC, "No space left") if short else None, partial=False)  # refused before any write
+    error = None
+    try:
+        try:
+            engine.save_checkpoint(str(root), tag=path.name, client_state={"trainer": trainer_state},
+                                   save_latest=False)
+        except Exception:
+            dist.barrier()  # the one that ends DeepSpeed's save_checkpoint, where the other ranks wait
+            raise
         _atomic_torch_save({**rank_state, "rng": _rng_state()}, path / f"foldscale_rank{rank}.pt")
         if rank == 0:
             for name, cfg in configs.items():
@@ -81,45 +127,39 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
             if tokenizer and Path(tokenizer).is_file():
                 shutil.copyfile(tokenizer, path / TOKENIZER)
         os.sync()  # on disk before COMPLETE says so, and before _prune deletes an older checkpoint
-    dist.barrier()
-    files = _files(path)
-    sizes = {name: f.stat().st_size for name, f in files.items()}
-    mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+    except Exception as e:
+        error = e
+    agree(error)
+    mine = None
+    try:
+        files = _files(path)
+        sizes = {name: f.stat().st_size for name, f in files.items()}
+        mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+    except Exception as e:
+        error = e
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
-    if rank == 0:
-        digests = {name: sha for share in gathered for name, sha in share.items()}
-        record = {"tag": path.name, "step": step, "world_size": world_size,
-                  "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
-        _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
-        _prune(root, keep_last, path)
-    dist.barrier()
+    if rank == 0 and None not in gathered:
+        try:
+            digests = {name: sha for share in gathered for name, sha in share.items()}
+            record = {"tag": path.name, "step": step, "world_size": world_size,
+                      "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
+            _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
+            _prune(root, keep_last, path)
+        except Exception as e:
+            error = e
+    agree(error)
     return path
 
 
-@contextlib.contextmanager
-def _disk_full_refused(root: Path, path: Path, engine):
-    """Refuse a save that cannot fit, before it starts when the free space is known to be short,
-    and when a write fails for want of space (torch's writer says only "unexpected pos"): one
-    CheckpointError saying how much is needed; the partial PATH is deleted, so the previous
-    checkpoint stays the one `--resume auto` takes."""
-    root.mkdir(parents=True, exist_ok=True)
-    done = [p for p in _checkpoint_dirs(root) if (p / "COMPLETE").is_file() and p != path]
-    needed = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else \
-        16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # fp32 weights + Adam
-    previous = f"--resume auto takes {done[-1]}" if done else "there is no earlier checkpoint"
-    message = f"no space left on {root}: a checkpoint needs about {needed:,} bytes, {{free:,}} are free; free some " \
-              f"space (or lower --keep-last) and resume ({previous})"
-    if shutil.disk_usage(root).free < needed:
-        raise CheckpointError(message.format(free=shutil.disk_usage(root).free))
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e)
-        if not full:
-            raise
-        shutil.rmtree(path, ignore_errors=True)
-        raise CheckpointError(message.format(free=shutil.disk_usage(root).free)) from None
+def _failed_rank(failed: bool, rank: int) -> int | None:
+    """The highest rank where FAILED, agreed by every rank, or None. An all-reduce that every rank
+    reaches at the end of a part of `save`, as it would a barrier: a failure on one rank reaches
+    every rank there, instead of leaving the others waiting at the next collective until its
+    timeout."""
+    flag = torch.tensor(rank + 1 if failed else 0, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) - 1 if int(flag) else None
 
 
 def find(resume: str, root, warn=print, rank: int = 0, world_size: int = 1) -> Path | None:
@@ -186,8 +226,12 @@ def engine_config(path, rank: int, world_size: int, ds_config: dict, expect: dic
     DS_CONFIG itself when PATH was saved by WORLD_SIZE ranks or under ZeRO 0 (its one module file
     holds the whole model and optimizer). Otherwise (ZeRO 1-2 on another number of ranks) a copy
     with checkpoint.load_universal set, once rank 0 has converted PATH with DeepSpeed's
-    ds_to_universal into ROOT/universal/TAG (a complete conversion there is reused). Refused first,
-    like `load`, when the run cannot continue PATH, and for ZeRO 3 on another number of ranks.
+    ds_to_universal into ROOT/universal/TAG (a complete conversion there is reused).
+
+    Refused first, with a ConfigError saying what to pass, when the total number of streams, the
+    model or the schedule differ from EXPECT (the `configs` this run would save): the one check
+    that the run can continue PATH, made before anything is built or loaded. Refused too for
+    ZeRO 3 on another number of ranks.
     """
     path = Path(path)
     _check_same_run(path, world_size, expect)
@@ -216,19 +260,17 @@ def engine_config(path, rank: int, world_size: int, ds_config: dict, expect: dic
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> tuple[dict, dict]:
-    """Load checkpoint PATH (verified by `find`) into ENGINE; returns (trainer state, this rank's
-    state: its streams' sampler state and carried state).
+def load(engine, path, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Load checkpoint PATH into ENGINE, built with `engine_config` (which refused a run that
+    cannot continue PATH) after `find` verified PATH; returns (trainer state, this rank's state:
+    its streams' sampler state and carried state).
 
-    Refused before anything is loaded, with a ConfigError saying what to pass, when the total
-    number of streams, the model or the schedule differ from EXPECT (the `configs` this run would
-    save). On another number of ranks than saved (ENGINE built with `engine_config`), every rank
-    reads all foldscale_rank{r}.pt and takes its own global streams' sampler positions and
-    carried states. RNG states: a rank restores those of the file with its own rank number and,
-    when there is none (more ranks than saved), keeps its own (training with dropout 0 uses none).
+    On another number of ranks than saved, every rank reads all foldscale_rank{r}.pt and takes
+    its own global streams' sampler positions and carried states. RNG states: a rank restores
+    those of the file with its own rank number and, when there is none (more ranks than saved),
+    keeps its own (training with dropout 0 uses none).
     """
     path = Path(path)
-    _check_same_run(path, world_size, expect)
     universal = engine.load_universal_checkpoint()
     root = _universal(path).parent if universal else path.parent
     loaded, client = engine.load_checkpoint(str(root), tag=path.name)
@@ -245,7 +287,7 @@ def load(engine, path, rank: int, world_size: int, expect: dict[str, dict]) -> t
         mine = saved[rank]
         mine.pop("rng")
         return client["trainer"], mine
-    streams = expect["ds_config.json"][STREAMS]
+    streams = engine.train_micro_batch_size_per_gpu()
     states = [s["state"] for s in saved]
     carried = None if states[0] is None else torch.cat(states)[rank * streams:(rank + 1) * streams]  # (B, l, d)
     return client["trainer"], {"sampler": redeal([s["sampler"] for s in saved], rank, world_size, streams),
@@ -316,8 +358,8 @@ def _check_same_run(path: Path, world_size: int, expect: dict[str, dict]):
                           f"{STREAMS} to {saved_ds.get(STREAMS)} in the DeepSpeed JSON (each stream's position and "
                           "carried state are in the checkpoint)")
     changed = _differences(saved_ds.get("scheduler"), ds.get("scheduler"), "scheduler")
-    if expect.get("train.json", {}).get("extend_schedule"):  # --extend-schedule: a later end is this run's to choose
-        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps" or c[2] < c[1]]
+    if expect.get("train.json", {}).get("extend_schedule"):  # its end is this run's (engine.load_ds_config checks it)
+        changed = [c for c in changed if c[0] != "scheduler.params.total_num_steps"]
     if changed:
         saved = {key: old for key, old, _ in changed}
         fix = "set " + ", ".join(f"{k} to {json.dumps(v)}" for k, v in saved.items()) + " in the DeepSpeed JSON"

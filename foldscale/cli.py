@@ -119,9 +119,10 @@ def _load_model(path, device, need_tokenizer=False):
     from foldscale.export import checkpoint_model
     from foldscale.model import FoldedLM
     path = Path(path)
-    if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
+    root = ckpt.run_checkpoints(path)
+    if root.is_dir() or (path / "COMPLETE").is_file():
         warn = lambda message: click.echo(message, err=True)  # noqa: E731 (stdout may be --json)
-        checkpoint = (ckpt.find("auto", path / "checkpoints", warn=warn) if (path / "checkpoints").is_dir()
+        checkpoint = (ckpt.find("auto", root, warn=warn) if root.is_dir()
                       else ckpt.find(str(path), path.parent, warn=warn))
         if checkpoint is None:
             raise UserError(f"{path}: a run directory with no complete checkpoint yet")

@@ -110,7 +110,7 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
         reference = FoldedLM.from_pretrained(source).eval()
         tokenizer = source / "tokenizer.model" if (source / "tokenizer.model").is_file() else None
     else:
-        root = source / "checkpoints"
+        root = ckpt.run_checkpoints(source)
         path = root / tag if tag else ckpt.newest(root)
         step = ckpt.verify(path)["step"]
         progress(f"{path.name} verified; reading its weights (ZeRO partitions are gathered by DeepSpeed's "

@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from foldscale.checkpoint import CHECKPOINTS, run_checkpoints
 from foldscale.config import ConfigError
 
 LOCK = ".lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "placement")
+RUN_FILES = (CHECKPOINTS, "metrics.jsonl", "tensorboard", "placement")
 """What a training writes into RUN, and all that --overwrite deletes."""
 
 
 def holds_run(out: Path) -> bool:
     """Whether OUT holds an earlier training's checkpoints or metrics."""
-    checkpoints = out / "checkpoints"
+    checkpoints = run_checkpoints(out)
     metrics = out / "metrics.jsonl"
     return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
 

@@ -43,18 +43,19 @@ class NonFiniteGuard:
         self.max_bad_steps, self.fix, self.log, self.what = max_bad_steps, fix, log, what
         self.bad_in_a_row = 0
 
-    def apply(self, finite, step: int) -> bool:
-        """FINITE (a 0-d bool tensor, read here, or a bool): whether step STEP's WHAT is finite (on
-        every rank: a caller with several ranks all-reduces it first). Returns whether to apply
-        the step's update."""
+    def apply(self, finite, step: int, what: str | None = None) -> bool:
+        """FINITE (a 0-d bool tensor, read here, or a bool): whether step STEP's WHAT (default:
+        the guard's) is finite (on every rank: a caller with several ranks all-reduces it first).
+        Returns whether to apply the step's update."""
         if bool(finite):
             self.bad_in_a_row = 0
             return True
+        what = what or self.what
         self.bad_in_a_row += 1
-        self.log(f"warning: non-finite {self.what} at step {step}: its update is skipped "
+        self.log(f"warning: non-finite {what} at step {step}: its update is skipped "
                  f"({self.bad_in_a_row}/{self.max_bad_steps} in a row)")
         if self.bad_in_a_row >= self.max_bad_steps:
-            plural = self.what + ("es" if self.what.endswith("s") else "s")
+            plural = what + ("es" if what.endswith("s") else "s")
             raise TrainingError(f"{self.bad_in_a_row} non-finite {plural} in a row at step {step}; {self.fix}")
         return False
 
@@ -87,7 +88,7 @@ class Trainer:
         self.model_cfg, self.data_cfg, self.cfg, self.ds_config = model_cfg, data_cfg, train_cfg, ds_config
         self.store, self.rank, self.world_size = store, rank, world_size
         self.out = Path(train_cfg.out)
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = ckpt.run_checkpoints(self.out)
         self.logger = MetricsLogger.for_run(self.out, rank, train_cfg.steps)
         resume_from = None
         if resume:
@@ -178,8 +179,8 @@ class Trainer:
             self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
 
     def train_step(self, loss_window: PositionLoss):
-        """One optimizer step; a step skipped for a non-finite loss (NonFiniteGuard) is taken
-        again on the next micro-batches."""
+        """One optimizer step; a step skipped for a non-finite loss or gradient (NonFiniteGuard)
+        is taken again on the next micro-batches."""
         while not self.try_step(loss_window):
             pass
 
@@ -190,8 +191,9 @@ class Trainer:
         before the first backward): each micro-batch back-propagates its summed token loss times
         world_size * grad_accum / global tokens, which DeepSpeed's division by grad_accum and mean
         over ranks turn into the global token mean, so the gradient is the same on any number of
-        ranks. One host sync, before the last backward: whether the loss is finite on every rank,
-        and whether a rank has been asked to stop. Returns whether the update was applied."""
+        ranks. One host sync, after the last backward: whether the loss and the gradient are
+        finite on every rank, and whether a rank has been asked to stop. Returns whether the
+        update was applied."""
         k, grad_accum = self.model_cfg.bptt_segments, self.grad_accum
         batches = [take(self.sampler, k) for _ in range(grad_accum)]
         local = sum(int((b.targets != -100).sum()) for b in batches)  # on the host: the batches are still there
@@ -214,48 +216,51 @@ class Trainer:
                 self.engine.backward(summed * scale)
                 self.engine.step()
                 continue
-            flags = torch.stack([~torch.isfinite(total), torch.tensor(self.stop_requested, device=self.device)]).int()
+            # A non-finite loss anywhere in the step makes this backward's gradient NaN, so that
+            # the gradient check below (or DeepSpeed's own) skips the step on every rank.
+            poison = torch.where(torch.isfinite(total), 1.0, float("nan"))
+            self.engine.backward(summed * scale * poison)
+            norm = self._grad_norm()  # the same on every rank: DeepSpeed has summed the gradients
+            zero = torch.zeros((), device=self.device)
+            flags = torch.stack([~torch.isfinite(total), torch.tensor(self.stop_requested, device=self.device),
+                                 zero if norm is None else ~torch.isfinite(norm), zero if norm is None else norm])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
+            bad_loss, stop, bad_grad, norm_value = flags.tolist()
             self.stopping = bool(stop)  # on every rank at the same step, wherever the signal came
-            if not self.guard.apply(not bad, self.step + 1):
+            skipped = self.engine.skipped_steps
+            self._step_without_update() if bad_grad else self.engine.step()
+            # DeepSpeed's own optimizers skip a non-finite gradient themselves (under fp16 such a
+            # skip is the loss scaler's, not a fault)
+            bad_grad = self.engine.skipped_steps > skipped and not self.engine.fp16_enabled()
+            if not self.guard.apply(not (bad_loss or bad_grad), self.step + 1, "loss" if bad_loss else "gradient"):
                 self.state = None if self.state is None else torch.where(torch.isfinite(self.state), self.state, 0)
-                self._step_without_update(summed * scale)
                 return False
-            self.engine.backward(summed * scale)
-            if (self.step + 1) % self.cfg.log_every == 0:
-                self.grad_norm = self._grad_norm()
-            self.engine.step()
+            self.grad_norm = None if norm is None else norm_value
         return True
 
-    def _step_without_update(self, loss):
-        """The last backward and engine.step() of a step whose update is dropped, through
-        DeepSpeed's own path for an fp16 overflow (engine._take_model_step): the gradients are
-        cleared, the optimizer's state and the learning-rate schedule do not move, and the engine
-        counts the step in skipped_steps, so its counters stay those of the steps applied.
-        DeepSpeed's bf16, fp16 and ZeRO optimizers take that path on a non-finite gradient, which a
-        NaN loss gives. A plain torch optimizer (ZeRO 0 in fp32) has no such check: for this one
-        step it gets the overflow flag the engine reads and a step that does nothing (the engine
-        then drops the gradients)."""
+    def _step_without_update(self):
+        """engine.step() for a step whose gradient is not finite under a plain torch optimizer
+        (ZeRO 0 in fp32), which has no check of its own, through DeepSpeed's path for an fp16
+        overflow (engine._take_model_step): for this one step the optimizer gets the overflow
+        flag the engine reads and a step that does nothing, and the engine drops the gradients,
+        keeps the learning-rate schedule where it is and counts the step in skipped_steps, so its
+        counters stay those of the steps applied. DeepSpeed's bf16, fp16 and ZeRO optimizers take
+        that path themselves on a non-finite gradient."""
         optimizer = self.engine.optimizer
-        if hasattr(optimizer, "overflow"):
-            self.engine.backward(loss * float("nan"))
-            self.engine.step()
-            return
-        self.engine.backward(loss)  # the engine clips the gradients before its (here empty) step
         optimizer.overflow, optimizer.step = True, lambda closure=None: None
         try:
             self.engine.step()
         finally:
             del optimizer.overflow, optimizer.step
 
-    def _grad_norm(self) -> float | None:
-        """Before clipping. ZeRO stages 1-3 hand it over after the step; stage 0 keeps the
-        gradients on the parameters, so it is measured here."""
-        if self.engine.zero_optimization_stage() > 0:
+    def _grad_norm(self) -> torch.Tensor | None:
+        """Of the step's gradient before clipping, on the device, where a plain torch optimizer
+        steps (ZeRO 0 in fp32: the gradients are on the parameters). DeepSpeed's own optimizers
+        (ZeRO 1-3, bf16, fp16) check the gradient themselves and hand its norm over after the step."""
+        if hasattr(self.engine.optimizer, "overflow"):
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads).item() if grads else None
+        return torch.nn.utils.get_total_norm(grads) if grads else None
 
     def log_metrics(self, window: PositionLoss, rate: dict):
         loss, table = window.summary(all_reduce_sum)
@@ -316,7 +321,7 @@ class Trainer:
     def _load(self, path: Path):
         """Load checkpoint PATH (found and verified in __init__, the engine built for it)."""
         t0 = time.perf_counter()
-        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size, expect=self._configs())
+        trainer_state, mine = ckpt.load(self.engine, path, self.rank, self.world_size)
         self.step, self.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         self.sampler.load_state_dict(mine["sampler"])
         self.state = None if mine["state"] is None else mine["state"].to(self.device)

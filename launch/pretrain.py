@@ -75,9 +75,10 @@ def _schedule_to_extend(args) -> dict | None:
         return None
     if not args.resume:
         raise ConfigError("--extend-schedule goes on with a checkpoint's schedule: add --resume auto")
-    path = Path(args.resume) if args.resume != "auto" else ckpt.newest_complete(Path(args.out) / "checkpoints")
+    root = ckpt.run_checkpoints(args.out)
+    path = Path(args.resume) if args.resume != "auto" else ckpt.newest_complete(root)
     if path is None:
-        raise ConfigError(f"--extend-schedule: no checkpoint in {Path(args.out) / 'checkpoints'} to go on from")
+        raise ConfigError(f"--extend-schedule: no checkpoint in {root} to go on from")
     return ckpt.read_config(path, "ds_config.json").get("scheduler", {})
 
 

@@ -2,9 +2,14 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from foldscale.data import TokenStore, prepare, train_tokenizer
 
@@ -30,6 +35,26 @@ def run(setup, out, *args, ranks=1, launcher="python", ds="z0_b4.json", check=Tr
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def spawn_ranks(fn, world_size: int, *args, timeout_s: float = 30):
+    """FN(rank, *ARGS) in WORLD_SIZE processes of one gloo process group (collectives time out
+    after TIMEOUT_S), for what one rank does to the others; FN and ARGS must pickle (FN defined
+    at a test module's top level). Raises when a rank raises."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_main, (fn, world_size, port, timeout_s, args), nprocs=world_size)
+
+
+def _rank_main(rank: int, fn, world_size: int, port: int, timeout_s: float, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
 
 
 def losses(out):

@@ -4,8 +4,10 @@ One tiny ZeRO 2 run (a token store with its tokenizer; checkpoints at steps 2 an
 and each case damages a copy of it. The cases are the files of that real checkpoint, so a file the
 trainer starts writing is covered without touching this test.
 """
+import errno
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from click.testing import CliRunner
 from foldscale import checkpoint as ckpt
 from foldscale.cli import main
 from foldscale.config import ConfigError
-from run_helpers import TOKENIZED_MODEL, run, tokenized_store
+from run_helpers import TOKENIZED_MODEL, run, spawn_ranks, tokenized_store
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 2
@@ -146,11 +148,6 @@ def test_resume_refuses_a_damaged_checkpoint_it_is_given(trained, tmp_path):
     assert f"--resume {run_dir / 'checkpoints' / 'step00000002'}" in p.stderr
 
 
-class NoEngine:
-    def load_checkpoint(self, *args, **kwargs):
-        raise AssertionError("loaded before the run was checked")
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("change,message", [
     ("world size", r"written by 1 rank\(s\) but this run has 2, with 4 streams in all: this checkpoint has 2 "
@@ -160,7 +157,7 @@ class NoEngine:
     ("warmup", r"warmup_num_steps is 2 in this run but 1\): set scheduler.params.warmup_num_steps to 1 in the Deep"),
     ("steps", r"total_num_steps is 6 in this run but 4\): resume with --steps 4"),
 ])
-def test_load_refuses_another_run_before_loading_anything(trained, change, message):
+def test_a_resume_refuses_another_run_before_building_anything(trained, change, message):
     path = trained / "run" / "checkpoints" / "step00000004"
     expect = {name: ckpt.read_config(path, name) for name in ("model.json", "ds_config.json")}
     world_size, ds = 2 if change == "world size" else 1, expect["ds_config.json"]
@@ -173,7 +170,7 @@ def test_load_refuses_another_run_before_loading_anything(trained, change, messa
     elif change == "steps":
         ds["scheduler"]["params"]["total_num_steps"] = 6
     with pytest.raises(ConfigError, match=message):
-        ckpt.load(NoEngine(), path, 0, world_size, expect)
+        ckpt.engine_config(path, 0, world_size, ds, expect, log=lambda m: None)
 
 
 @pytest.mark.e2e
@@ -244,3 +241,78 @@ def test_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(dist, tmp_pa
     with pytest.raises(ckpt.CheckpointError, match=r", 10 are free"):  # refused before writing anything
         ckpt.save(engine, root, 4, 0, 1, **args)
     assert not (root / "step00000004").exists()
+
+
+def test_the_checkpoints_folder_is_named_in_checkpoint_py_alone():
+    """Every module finds a run's checkpoints through checkpoint.run_checkpoints."""
+    sources = sorted((ROOT / "foldscale").rglob("*.py")) + [ROOT / "launch" / "pretrain.py"]
+    spelled = [f.relative_to(ROOT).as_posix() for f in sources
+               if f.name != "checkpoint.py" and any(q + "checkpoints" + q in f.read_text() for q in "\"'")]
+    assert spelled == [] and ckpt.run_checkpoints("runs/a") == Path("runs/a/checkpoints")
+
+
+def test_the_checkpoint_leaves_an_extended_schedule_s_end_to_load_ds_config(tmp_path):
+    """Under --extend-schedule the total is this run's (engine.load_ds_config alone refuses a
+    shorter one); every other scheduler key is still checked."""
+    from foldscale.config import ModelConfig
+    from run_helpers import MODEL
+    sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_num_steps": 1}}
+    ds = {"train_micro_batch_size_per_gpu": 2, "scheduler": sched}
+    (tmp_path / "ds_config.json").write_text(json.dumps(ds))
+    (tmp_path / "model.json").write_text(json.dumps(MODEL))
+    (tmp_path / "COMPLETE").write_text(json.dumps({"tag": "step00000002", "step": 2, "world_size": 1, "files": {}}))
+    expect = {"model.json": ModelConfig.from_dict(MODEL).to_dict(), "train.json": {"extend_schedule": True}}
+    for total in (5, 20):
+        changed = {**ds, "scheduler": {**sched, "params": {**sched["params"], "total_num_steps": total}}}
+        assert ckpt.engine_config(tmp_path, 0, 1, changed, {**expect, "ds_config.json": changed}) == changed
+    changed = {**ds, "scheduler": {**sched, "params": {**sched["params"], "warmup_num_steps": 2}}}
+    with pytest.raises(ConfigError, match="warmup_num_steps is 2 in this run but 1"):
+        ckpt.engine_config(tmp_path, 0, 1, changed, {**expect, "ds_config.json": changed})
+
+
+class BarrierEngine:
+    """Saves as DeepSpeed's engine does: a barrier, each rank's file, a barrier."""
+    module = torch.nn.Linear(4, 4)
+
+    def save_checkpoint(self, root, tag, **kwargs):
+        torch.distributed.barrier()
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        rank = torch.distributed.get_rank()
+        torch.save(self.module.state_dict(), Path(root) / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.distributed.barrier()
+
+
+def save_with_a_full_disk_on_rank_1(rank: int, root: Path, where: str):
+    """Save step 2, then step 4 with rank 1's disk full in DeepSpeed's write or foldscale's;
+    each rank records the error it got and how long it took."""
+    args = dict(trainer_state={"step": 0}, rank_state={}, configs={"model.json": {}}, tokenizer=None, keep_last=3)
+    ckpt.save(BarrierEngine(), root, 2, rank, 2, **args)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if rank == 1 and where == "deepspeed":
+        torch.save = no_space
+    elif rank == 1:
+        ckpt._atomic_torch_save = no_space
+    t0, error = time.perf_counter(), None
+    try:
+        ckpt.save(BarrierEngine(), root, 4, rank, 2, **args)
+    except ckpt.CheckpointError as e:
+        error = str(e)
+    (root.parent / f"rank{rank}.json").write_text(json.dumps({"error": error, "seconds": time.perf_counter() - t0}))
+
+
+@pytest.mark.parametrize("where", ["deepspeed", "foldscale"])
+def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path, where):
+    """Rank 1's disk is full: both ranks raise a CheckpointError saying what to do within
+    seconds (not at the collective timeout, 30 s here), and the partial step 4 is gone, so
+    --resume auto takes step 2."""
+    root = tmp_path / "checkpoints"
+    spawn_ranks(save_with_a_full_disk_on_rank_1, 2, root, where)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[1]["error"].startswith(f"no space left on {root}: a checkpoint needs about")
+    assert got[1]["error"].endswith(f"and resume (--resume auto takes {root / 'step00000002'})")
+    assert got[0]["error"] == (f"rank 1 could not write its part of {root / 'step00000004'} (see its error); fix "
+                               f"that and resume (--resume auto takes {root / 'step00000002'})")
+    assert max(g["seconds"] for g in got) < 15, got
+    assert not (root / "step00000004").exists() and ckpt.find("auto", root) == root / "step00000002"

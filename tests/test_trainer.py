@@ -84,10 +84,12 @@ def weights_and_optimizer_state(engine) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("stage, accum", [(0, 1), (0, 2), (2, 2), (3, 2)])
-def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, dist, tmp_path, stage, accum):
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, dist, tmp_path, stage, accum, what):
     """ZeRO 0 in fp32 (a plain torch optimizer) and DeepSpeed's ZeRO optimizers alike: the
     step is skipped whole (with 2 micro-batches, the first one's gradient too), and
-    max_bad_steps of them in a row stop training."""
+    max_bad_steps of them in a row stop training. A NaN made in the backward pass (a gradient
+    hook here) with a finite loss is skipped as a NaN loss is."""
     trainer = in_process_trainer(setup, tmp_path, stage, accum)
     window = PositionLoss(trainer.device)
     trainer.train_step(window)
@@ -97,7 +99,12 @@ def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, 
     def poisoned(*args, **kwargs):
         out = forward_stream(*args, **kwargs)
         calls[0] += 1
-        return out._replace(loss=out.loss * float("nan")) if calls[0] in bad else out
+        if calls[0] not in bad:
+            return out
+        if what == "gradient":
+            out.loss.register_hook(lambda g: g * float("nan"))
+            return out
+        return out._replace(loss=out.loss * float("nan"))
     trainer.engine.module.forward_stream = poisoned
     assert not trainer.try_step(window)
     after = weights_and_optimizer_state(trainer.engine)
@@ -106,7 +113,7 @@ def test_a_non_finite_step_changes_no_weight_optimizer_state_or_schedule(setup, 
     assert trainer.try_step(window)  # the next step applies its update
     assert not all(torch.equal(a, b) for a, b in zip(weights_and_optimizer_state(trainer.engine), before))
     bad.update(range(100))
-    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match=f"2 non-finite {what}e?s in a row"):
         trainer.train_step(window)
 
 
@@ -182,17 +189,18 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
 
 
 @pytest.mark.e2e
-def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(setup, tmp_path):
+def test_non_finite_gradients_stop_the_run_and_keep_the_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     run(setup, out, "--steps", 4, "--save_every", 2, ds="fixed20.json")
-    # An absurd learning rate drives the weights, then the loss, to inf/NaN within a few steps.
+    # An absurd learning rate drives the gradient to inf within a few steps (while the loss is
+    # finite: the guard skips that update, which would have made the weights and the loss NaN).
     bad = json.loads((setup / "fixed20.json").read_text())
     bad["optimizer"]["params"]["lr"] = 1e30
     (setup / "bad.json").write_text(json.dumps(bad))
     p = run(setup, out, "--steps", 50, "--resume", "auto", "--max_bad_steps", 3, "--save_every", 100,
             ds="bad.json", check=False)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "non-finite losses in a row" in p.stderr and "warning: non-finite loss" in p.stdout
+    assert "3 non-finite gradients in a row" in p.stderr and "warning: non-finite gradient" in p.stdout
     newest = sorted(c.name for c in (out / "checkpoints").iterdir() if (c / "COMPLETE").is_file())[-1]
     assert newest == "step00000004"
 
@@ -259,3 +267,16 @@ def test_a_dead_rank_stops_the_other_instead_of_hanging(setup, tmp_path):
     finally:
         ranks[0].kill()
     assert code != 0 and time.time() - t0 < 60
+
+
+def test_a_resume_checks_the_run_against_its_checkpoint_once(setup, dist, tmp_path, monkeypatch):
+    from foldscale import checkpoint as ckpt
+    trainer = in_process_trainer(setup, tmp_path, 0, accum=1)
+    trainer.train_step(PositionLoss(trainer.device))
+    trainer.step = 1
+    trainer.save()
+    checks, check = [], ckpt._check_same_run
+    monkeypatch.setattr(ckpt, "_check_same_run", lambda *args: checks.append(args[0]) or check(*args))
+    resumed = Trainer(trainer.model_cfg, trainer.data_cfg, trainer.cfg, trainer.ds_config, trainer.store, rank=0,
+                      world_size=1, resume="auto")
+    assert resumed.step == 1 and checks == [ckpt.run_checkpoints(tmp_path / "run") / "step00000001"]

@@ -243,7 +243,8 @@ def _not_a_store(path: Path):
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         raise StoreError(f"{path} is an exported model, not a token store: give the store (from `foldscale "
                          "prepare`) as --data, after the model")
-    if (path / "checkpoints").is_dir() or (path / "COMPLETE").is_file():
+    from foldscale.checkpoint import run_checkpoints  # here: checkpoint.py imports the data package
+    if run_checkpoints(path).is_dir() or (path / "COMPLETE").is_file():
         raise StoreError(f"{path} is a training run or checkpoint, not a token store: give the store (from "
                          "`foldscale prepare`) as --data")
 
