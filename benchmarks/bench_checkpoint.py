@@ -68,7 +68,7 @@ def measure(work: Path, timeout: float) -> dict:
     print(rest, end="", flush=True)
     if code != 130:  # launch/pretrain.py's STOPPED_BY_SIGNAL: stopped cleanly, checkpoint saved
         raise SystemExit(f"bench_checkpoint: the SIGTERM'd run exited with {code}, not 130")
-    checkpoint = ckpt.newest(work / "run" / "checkpoints")
+    checkpoint = ckpt.newest(ckpt.run_checkpoints(work / "run"))
     record = ckpt.verify(checkpoint)
     step, size = record["step"], sum(f["bytes"] for f in record["files"].values())
     t0 = time.perf_counter()

@@ -245,7 +245,8 @@ def test_a_full_disk_is_one_error_and_keeps_the_previous_checkpoint(dist, tmp_pa
 
 def test_the_checkpoints_folder_is_named_in_checkpoint_py_alone():
     """Every module finds a run's checkpoints through checkpoint.run_checkpoints."""
-    sources = sorted((ROOT / "foldscale").rglob("*.py")) + [ROOT / "launch" / "pretrain.py"]
+    sources = [f for folder in ("foldscale", "launch", "tools", "benchmarks", "experiments")
+               for f in sorted((ROOT / folder).rglob("*.py"))]
     spelled = [f.relative_to(ROOT).as_posix() for f in sources
                if f.name != "checkpoint.py" and any(q + "checkpoints" + q in f.read_text() for q in "\"'")]
     assert spelled == [] and ckpt.run_checkpoints("runs/a") == Path("runs/a/checkpoints")

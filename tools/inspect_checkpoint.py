@@ -22,8 +22,8 @@ def inspect(path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise ckpt.CheckpointError(f"{path}: no such run or checkpoint directory")
-    if (path / "checkpoints").is_dir():
-        path = ckpt.newest(path / "checkpoints")
+    if ckpt.run_checkpoints(path).is_dir():
+        path = ckpt.newest(ckpt.run_checkpoints(path))
     info = {"checkpoint": str(path), "verifies": True, "problem": None}
     try:
         record = ckpt.verify(path)
