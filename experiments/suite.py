@@ -25,6 +25,7 @@ chunk by chunk under no_grad, so a million-token row needs no more memory than a
 import argparse
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -68,14 +69,16 @@ def parse_args(argv=None):
                    help="also report why needles are missed (experiments/longctx/probe.py): accuracy by the "
                         "needle's offset in its segment, its footprint in the state and the gate over "
                         "distance, the gradient reaching its segment")
+    p.add_argument("--save", help="save the trained folded model here (foldscale's exported format, the store's "
+                                  "tokenizer beside it): --init DIR goes on training it or, with --steps 0, scores it")
     p.add_argument("--baseline", action="store_true", help="also train and score full attention")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="write the table, configs, seeds and training summaries here")
-    p.add_argument("--quick", action="store_true", help=f"CPU smoke test in seconds; sets {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"CPU smoke test in seconds; sets {QUICK} where not given")
     args = p.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    if args.quick:  # what the command line sets itself stays
+        vars(args).update({k: v for k, v in QUICK.items() if getattr(args, k) == p.get_default(k)})
         torch.set_num_threads(1)  # toy tensors gain nothing from threads, which spin on a busy CPU
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
@@ -132,6 +135,11 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
           flush=True)
     make_batch = batch_maker(task, train_corpus)
     summaries = {"folded": train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")}
+    if args.save:
+        save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)
+        folded.save_pretrained(save)
+        shutil.copyfile(train_corpus.tokenizer.path, save / "tokenizer.model")
+        print(f"{name}: saved the trained folded model to {save}", flush=True)
     local = FoldedLM(cfg.local_only()).to(device).eval()
     local.load_state_dict(folded.state_dict())
     models = {"folded": folded, "local_only": local}

@@ -368,6 +368,20 @@ def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, sto
         suite.main(["--quick", "--tasks", "passkey", "--data", str(store.path), "--init", str(tmp_path / "other")])
 
 
+def test_a_saved_model_goes_on_where_it_stopped(tmp_path, store):
+    """--save writes the trained weights and the store's tokenizer; --init DIR --steps 0 scores
+    that model unchanged (saved again, the weights are the same bytes), not a fresh one."""
+    common = ["--quick", "--tasks", "passkey", "--data", str(store.path), "--state-gate", "--state-norm"]
+    suite.main(common + ["--save", str(tmp_path / "a")])
+    suite.main(common + ["--init", str(tmp_path / "a"), "--steps", "0", "--save", str(tmp_path / "b")])
+    a, b = FoldedLM.from_pretrained(tmp_path / "a"), FoldedLM.from_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    torch.manual_seed(0)
+    fresh = FoldedLM(a.cfg)
+    assert not torch.equal(a.s0, fresh.s0) and a.cfg.state_gate and b.cfg == a.cfg
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == Path(store.tokenizer_path).read_bytes()
+
+
 def test_probe_footprint_is_zero_where_the_state_cannot_hold_the_needle(store, corpus):
     """The footprint is the needle's trace in the state: none past its own segment for the
     local-only ablation (every segment starts from S0), some for the folded model, whose
@@ -499,3 +513,12 @@ def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
     assert [s["segments"] for s in summary["stages"]] == [16, 32] and summary["stages"][1]["step"] == 2
     assert summary["steps"] == 5 and summary["final_stage_steps"] == 3
     assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3
+
+
+def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, capsys):
+    model = toy(store.vocab_size).float().train()
+    args = TrainArgs(batch_size=2, minutes=1e-9, start_segments=16, max_train_segments=32, final_steps=3)
+    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
+                    torch.device("cpu"), 0, "toy")
+    assert summary["final_stage_steps"] is None
+    assert "warning: the time budget (1e-09 min) ended the run before the last stage" in capsys.readouterr().out

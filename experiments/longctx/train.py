@@ -297,6 +297,11 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                 final_at = step if max_segments == args.max_train_segments else None
                 print(f"[{name}] accuracy {acc:.3f} at {stages[-2]['segments']} segments -> "
                       f"stage {max_segments} segments", flush=True)
+    if args.final_steps is not None and not done():
+        print(f"[{name}] warning: the time budget ({args.minutes} min) ended the run "
+              f"{'before the last stage' if final_at is None else f'after {step - final_at} of --final-steps {args.final_steps}'}"
+              f": it is not trained as long at {args.max_train_segments} segments as asked (raise --minutes, or go on "
+              "with --save and --init)", flush=True)
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
             "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
