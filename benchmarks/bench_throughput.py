@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from tools.benchlib import device_name, print_table, speed_ds_config, synthetic_store, time_steps, write_json
 from foldscale.config import DataConfig, FoldscaleError, ModelConfig, TrainConfig
@@ -37,6 +38,7 @@ from foldscale.data import SegmentStreamSampler
 from foldscale.engine import init_distributed, load_ds_config, param_groups
 from foldscale.kernels import check as check_kernels
 from foldscale.metrics import PositionLoss
+import foldscale.model
 from foldscale.model import FoldedLM
 from foldscale.trainer import Trainer, take
 
@@ -126,7 +128,7 @@ def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step
     return row | prof
 
 
-COLUMNS = ["model", "loop", "kernels", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
+COLUMNS = ["model", "loop", "kernels", "attention", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
            "tokens_per_s", "vs_torch", "vs_trainer", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
            "host_syncs_per_step", "loss"]
 
@@ -153,6 +155,9 @@ def main():
     p.add_argument("--profile-steps", "--profile_steps", type=int, default=2)
     p.add_argument("--kernels", default="torch",
                    help="torch, liger or both (torch,liger): each model runs with each, side by side")
+    p.add_argument("--attention", default="flash", choices=["flash", "cudnn"],
+                   help="flash: foldscale's attention backends (model.ATTENTION_BACKENDS, no cuDNN); cudnn: cuDNN's "
+                        "kernels allowed too, which PyTorch then picks on an H100: what leaving them costs")
     p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
@@ -164,6 +169,8 @@ def main():
             check_kernels(kernels)
     except FoldscaleError as e:
         p.error(str(e))
+    if args.attention == "cudnn":  # read by Attention.forward at each call (or when it is compiled)
+        foldscale.model.ATTENTION_BACKENDS.insert(0, SDPBackend.CUDNN_ATTENTION)
     rank, world = init_distributed()
     if world > 1 and (args.plain or args.profile):
         p.error("--plain and --profile run on one rank: start with python, not a launcher of several ranks")
@@ -189,7 +196,7 @@ def main():
                 else:
                     row = measure_plain(name, cfg, tokens, accum, args.steps, args.warmup, Path(tmp), args.compile,
                                         args.peak_tflops, kernels, args.profile, args.profile_steps)
-                row.update(tokens_per_micro_step=tokens, grad_accum=accum)
+                row.update(tokens_per_micro_step=tokens, grad_accum=accum, attention=args.attention)
                 torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name
                                   and r["loop"] == loop and r["tokens_per_micro_step"] == tokens
                                   and r["grad_accum"] == accum), None)

@@ -39,25 +39,28 @@ run() {  # run NAME ARGS...: one benchmark, stopped at the deadline; the session
 }
 run bench_anchor "${anchor[@]}" --profile "$out/traces" --json "$out/anchor.json"
 run bench_throughput "${folded[@]}" --kernels torch --plain --profile "$out/traces" --json "$out/throughput.json"
+# foldscale's attention never runs on cuDNN (NaN in its backward, BENCHMARKS.md session 7): what that costs
+run bench_throughput "${folded[@]}" --kernels torch --no-baseline --attention cudnn --json "$out/throughput_cudnn.json"
 
 "$python" - "$out" <<'EOF' 2>&1 | tee -a "$out/perf.log"
 import json, sys
 from pathlib import Path
 from tools.benchlib import print_table, write_json
 out = Path(sys.argv[1])
-records = [json.loads((out / f).read_text()) for f in ("anchor.json", "throughput.json") if (out / f).is_file()]
+records = [json.loads((out / f).read_text()) for f in ("anchor.json", "throughput.json", "throughput_cudnn.json") if (out / f).is_file()]
 rows = [r for record in records for r in record["rows"]]
 anchor = next((r for r in rows if r["model"].startswith("anchor")), None)
 for r in rows:
     if anchor is not None:  # the ratio of MFUs, whatever the peak: TFLOP/s over TFLOP/s
         r["vs_anchor"] = r["tflops_per_gpu"] / anchor["tflops_per_gpu"]
-def mfu(prefix, loop="trainer"):
-    return next((r.get("mfu") for r in rows if r["model"].startswith(prefix) and r["loop"] == loop), None)
+def mfu(prefix, loop="trainer", attention="flash"):
+    return next((r.get("mfu") for r in rows if r["model"].startswith(prefix) and r["loop"] == loop
+                 and r.get("attention", "flash") == attention), None)
 headline = {"anchor_mfu_350m": mfu("anchor 350m", "plain"), "mfu_350m": mfu("350m folded"),
-            "baseline_mfu_350m": mfu("350m baseline")}
+            "baseline_mfu_350m": mfu("350m baseline"), "mfu_350m_cudnn_attention": mfu("350m folded", attention="cudnn")}
 print(f"\nissue 28, one session: {records[0]['device'] if records else '?'}; MFU in foldscale's convention "
       f"(ModelConfig.flops_per_token) against {records[0]['peak_tflops'] if records else '?'} TFLOP/s")
-print_table(rows, ["model", "loop", "kernels", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
+print_table(rows, ["model", "loop", "kernels", "attention", "tokens_per_micro_step", "grad_accum", "tokens_per_s",
                    "tflops_per_gpu", "mfu", "vs_anchor", "vs_trainer", "step_ms", "peak_mem_gib", "gpu_busy", "host_syncs_per_step", "loss"])
 print("headline:", json.dumps(headline))
 write_json(out / "perf_session.json", rows, headline=headline, sources=[r["command"] for r in records])

@@ -117,12 +117,13 @@ def test_perf_session(tmp_path):
     rows = record["rows"]
     assert [(r["model"].split(" (")[0], r["loop"]) for r in rows] == [
         ("anchor tiny", "plain"), ("tiny folded", "trainer"), ("tiny folded", "plain"),
-        ("tiny baseline", "trainer"), ("tiny baseline", "plain")]
+        ("tiny baseline", "trainer"), ("tiny baseline", "plain"), ("tiny folded", "trainer")]
+    assert [r["attention"] for r in rows[1:]] == ["flash"] * 4 + ["cudnn"]
     assert rows[0]["vs_anchor"] == 1 and all(positive(r["vs_anchor"], r["tokens_per_s"]) for r in rows)
     for trainer, plain in (rows[1:3], rows[3:5]):
         assert plain["vs_trainer"] == pytest.approx(plain["tokens_per_s"] / trainer["tokens_per_s"])
         assert plain["flops_per_token"] == trainer["flops_per_token"]  # the same model, the same FLOPs
-    assert set(record["headline"]) == {"anchor_mfu_350m", "mfu_350m", "baseline_mfu_350m"}
+    assert set(record["headline"]) == {"anchor_mfu_350m", "mfu_350m", "baseline_mfu_350m", "mfu_350m_cudnn_attention"}
     with tarfile.open(tmp_path / "out" / "traces.tar") as tar:
         assert len([n for n in tar.getnames() if n.endswith(".json.gz")]) == 5
     log = (tmp_path / "out" / "perf.log").read_text()
