@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from experiments import suite
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.babi import PLACES
-from experiments.longctx.train import TrainArgs, describe_profile, exact_match, lr_at, score, state_grad_profile, train
+from experiments.longctx import train as train_module
+from experiments.longctx.train import (Streams, TrainArgs, describe_profile, exact_match, lr_at, score,
+                                       state_grad_profile, train)
 from foldscale.trainer import TrainingError
 from foldscale.config import ModelConfig
 from foldscale.data import StoreError, TokenStore, default_store
@@ -513,6 +515,59 @@ def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
     assert [s["segments"] for s in summary["stages"]] == [16, 32] and summary["stages"][1]["step"] == 2
     assert summary["steps"] == 5 and summary["final_stage_steps"] == 3
     assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3
+
+
+def test_streams_read_documents_one_after_another_from_segment_starts():
+    """Each row's windows, put together, are its documents in order, each padded to whole
+    segments; reset marks exactly the segments where a document starts; lengths stay in bounds."""
+    made = []
+
+    def make_batch(n, length, generator):  # document k: tokens 1000 k + 1, 1000 k + 2, ...; an answer at its end
+        made.append(length)
+        ids = torch.arange(1, length + 1).add(1000 * len(made)).view(1, -1)
+        targets = torch.full_like(ids, -100)
+        targets[0, -1] = 7
+        return ids, targets
+
+    streams = Streams(make_batch, rows=3, l=4, min_segments=2, max_segments=20, generator=torch.Generator().manual_seed(0))
+    windows = [streams.window(5) for _ in range(12)]
+    ids = torch.cat([w[0] for w in windows], dim=1)
+    reset = torch.cat([w[2] for w in windows], dim=1)
+    assert ids.shape == (3, 12 * 5 * 4) and reset.shape == (3, 12 * 5) and reset[:, 0].all()
+    assert all(4 < n <= 20 * 4 for n in made) and len(set(made)) > 3
+    for r in range(3):
+        starts = reset[r].nonzero().flatten().tolist()
+        for a, b in zip(starts, starts[1:]):
+            doc = ids[r, a * 4:b * 4]
+            k = int(doc[0]) // 1000
+            n = made[k - 1]
+            assert torch.equal(doc[:n], torch.arange(1, n + 1) + 1000 * k)  # the document, whole
+            assert (doc[n:] == 0).all() and len(doc) == -(-n // 4) * 4  # then padding to its segment's end
+    targets = torch.cat([w[1] for w in windows], dim=1)
+    assert (targets == 7).sum() >= len(made) - 3  # every finished document's answer is read
+
+
+def test_the_last_stage_alternates_fresh_sequences_and_streams_that_carry_their_state(store, corpus, monkeypatch):
+    """With stream_segments, every other step at the last stage reads the streams' next window
+    from the state the previous stream window left (S0 where a document starts)."""
+    model = toy(store.vocab_size).float().train()
+    calls = []
+    real = train_module.score
+
+    def spy(model, ids, targets, state=None, step=None, state_grads=None, reset=None):
+        out = real(model, ids, targets, state, step, state_grads, reset)
+        calls.append((state, reset, out.state))
+        return out
+
+    monkeypatch.setattr(train_module, "score", spy)
+    args = TrainArgs(batch_size=2, steps=5, minutes=5, start_segments=16, max_train_segments=16, stream_segments=64,
+                     log_every=100)
+    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
+                    torch.device("cpu"), 0, "toy")
+    assert summary["stream_steps"] == 2
+    assert [reset is not None for _, reset, _ in calls] == [False, True, False, True, False]
+    assert calls[0][0] is None and calls[1][0] is None and calls[1][1][:, 0].all()  # the first window starts documents
+    assert torch.equal(calls[3][0], calls[1][2].detach())  # the second goes on from the first's state
 
 
 def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, capsys):

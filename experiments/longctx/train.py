@@ -31,13 +31,14 @@ def _record_norm(norms: dict, i: int, grad):
 
 
 def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None, step=None,
-          state_grads: dict | None = None) -> Score:
+          state_grads: dict | None = None, reset: torch.Tensor | None = None) -> Score:
     """Walk ids (B, T) on the model's device segment by segment (`segments`, through `step`,
     default the model) and score the positions where targets (B, T), kept on the CPU, are not
     -100, with the model's own loss. Gradients flow back through the state over the last
     cfg.bptt_segments segments. Only segments that hold a target are checked for exact match
     (the CPU targets say which, so the host never waits for the GPU); under no_grad nothing of
-    a segment outlives it but the state. With a dict `state_grads`, the backward pass fills it
+    a segment outlives it but the state. reset (B, n_segments) bool, on the device, marks where
+    a document starts (Streams). With a dict `state_grads`, the backward pass fills it
     with {segment i: norm of the gradient reaching the state segment i carried out} (0-d fp32
     tensors on the device, no host sync)."""
     l = model.cfg.segment_len
@@ -46,7 +47,7 @@ def score(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, state=None,
     on_device = (targets.pin_memory() if cuda else targets).to(ids.device, non_blocking=cuda)
     loss = torch.zeros((), device=ids.device)
     exact = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for i, out in enumerate(segments(model if step is None else step, ids, l, on_device, state,
+    for i, out in enumerate(segments(model if step is None else step, ids, l, on_device, state, reset,
                                      bptt=model.cfg.bptt_segments)):
         loss = loss + out.token_loss.sum()
         if holds[i]:
@@ -110,6 +111,12 @@ class TrainArgs:
     """Stop after this many steps at the last stage (max_train_segments) instead of after --steps:
     every seed then trains as long at the length it is scored for, however fast it climbs. The
     learning rate stays at its peak until the last stage and decays over these steps."""
+    stream_segments: int = 0
+    """At the last stage, every other step reads streams instead of fresh sequences: each row
+    reads documents one after another, up to this many segments long (log-uniform), one
+    max_train_segments window a step, its state carried from step to step (detached between
+    steps, S0 at each document's start). The state is then trained on gaps far longer than
+    back-propagation reaches, as a folded model is pretrained. 0: off."""
     start_segments: int = 2
     """The curriculum's first stage, in segments (raised to fit the task's stories)."""
     max_train_segments: int = 32
@@ -221,6 +228,47 @@ def whole_segments(ids: torch.Tensor, targets: torch.Tensor, l: int) -> tuple[to
     return F.pad(ids, (0, pad)), F.pad(targets, (0, pad), value=-100)
 
 
+class Streams:
+    """`rows` streams of documents, each read one after another in windows of whole segments of l
+    tokens: a document is make_batch(1, length, generator), its length drawn log-uniformly from
+    min_segments to max_segments segments, padded to whole segments (`whole_segments`), so that
+    every document starts at a segment's start."""
+
+    def __init__(self, make_batch, rows: int, l: int, min_segments: int, max_segments: int,
+                 generator: torch.Generator):
+        self.make_batch, self.l, self.generator = make_batch, l, generator
+        self.bounds = (math.log(min_segments), math.log(max_segments + 1))
+        self.docs = [None] * rows  # (ids, targets) of the document each row reads, and how far
+        self.pos = [0] * rows
+
+    def _document(self):
+        low, high = self.bounds
+        n = int(math.exp(low + (high - low) * float(torch.rand((), generator=self.generator))))
+        length = int(torch.randint((n - 1) * self.l + 1, n * self.l + 1, (), generator=self.generator))
+        ids, targets = whole_segments(*self.make_batch(1, length, self.generator), self.l)
+        return ids[0], targets[0]
+
+    def window(self, n_segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next n_segments segments of every row: ids, targets (rows, n_segments * l) and
+        reset (rows, n_segments), true where a document starts."""
+        width = n_segments * self.l
+        ids = torch.empty(len(self.docs), width, dtype=torch.long)
+        targets = torch.empty_like(ids)
+        reset = torch.zeros(len(self.docs), n_segments, dtype=torch.bool)
+        for r in range(len(self.docs)):
+            filled = 0
+            while filled < width:
+                if self.docs[r] is None or self.pos[r] == len(self.docs[r][0]):
+                    self.docs[r], self.pos[r] = self._document(), 0
+                    reset[r, filled // self.l] = True
+                doc_ids, doc_targets = self.docs[r]
+                n = min(width - filled, len(doc_ids) - self.pos[r])
+                ids[r, filled:filled + n] = doc_ids[self.pos[r]:self.pos[r] + n]
+                targets[r, filled:filled + n] = doc_targets[self.pos[r]:self.pos[r] + n]
+                filled, self.pos[r] = filled + n, self.pos[r] + n
+        return ids, targets, reset
+
+
 def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: int, name: str) -> dict:
     """Train on sequences of up to args.max_train_segments * l tokens with a curriculum over the
     number of segments (of the folded model's length l, also for a baseline, whose segments
@@ -235,6 +283,8 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                            log=lambda message: print(f"[{name}] {message}", flush=True), what="gradient")
     step_fn = segment_step(model, args, device)
     max_segments, recent, through_time = args.start_segments, [], []
+    carries = model.cfg.recurrent and model.cfg.use_state
+    streams, stream_state, stream_steps, stream_right = None, None, 0, []
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
     step, tokens, skipped, t0, last = 0, 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
@@ -247,9 +297,19 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         return args.steps is not None and step >= args.steps
 
     while time.perf_counter() - t0 < budget and not done():
-        n_seg = sample_segments(max_segments, args.start_segments, generator)
-        length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
-        ids, targets = whole_segments(*make_batch(args.batch_size, length, generator), model.cfg.segment_len)
+        if streams is None and final_at is not None and args.stream_segments and carries:
+            streams = Streams(make_batch, args.batch_size, model.cfg.segment_len, args.start_segments,
+                              args.stream_segments, generator)
+        streaming = streams is not None and step % 2 == 1
+        reset = None
+        if streaming:
+            n_seg = args.max_train_segments
+            ids, targets, reset = streams.window(n_seg)
+            reset = reset.to(device, non_blocking=True)
+        else:
+            n_seg = sample_segments(max_segments, args.start_segments, generator)
+            length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
+            ids, targets = whole_segments(*make_batch(args.batch_size, length, generator), model.cfg.segment_len)
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
         if args.final_steps is not None:  # constant until the last stage, then decaying over its steps
             progress = 0.0 if final_at is None else (step - final_at) / args.final_steps
@@ -259,7 +319,11 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             group["lr"] = lr_at(args, step, progress)
         grads = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16):
-            s = score(model, ids, targets, step=step_fn, state_grads=grads)
+            s = score(model, ids, targets, stream_state if streaming else None, step_fn, grads, reset)
+        if streaming:  # the next window goes on from here; rows that read no answer do not count
+            stream_state, stream_steps = s.state.detach(), stream_steps + 1
+            answered = (targets != -100).any(dim=1).to(device, non_blocking=True)
+            stream_right.append(torch.stack([(s.exact & answered).sum(), answered.sum()]))
         loss = s.loss / max(s.n_tokens, 1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -276,7 +340,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             skipped += 1
         opt.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + ids.numel()
-        if n_seg == max_segments:
+        if n_seg == max_segments and not streaming:
             recent = (recent + [s.exact.float().mean()])[-args.window:]
         if step % args.log_every == 0:  # the only host sync: the GPU runs ahead between log lines
             acc = torch.stack(recent).mean().item() if recent else 0.0
@@ -287,8 +351,12 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             if len(profile) >= 2:
                 through_time.append({"step": step, "segments": n_seg, "latest": profile[-1], "earliest": profile[0],
                                      "max": max(profile)})
+            streamed = ""
+            if stream_right:  # exact answers in the streams since the last line
+                right, answers = torch.stack(stream_right).sum(0).tolist()
+                streamed, stream_right = f" | streams {right / max(answers, 1):.3f} of {answers}", []
             print(f"[{name}] step {step} | stage {max_segments} seg | loss {loss.item():.3f} | "
-                  f"acc@{max_segments} {acc:.3f} | lr {opt.param_groups[0]['lr']:.2e} | "
+                  f"acc@{max_segments} {acc:.3f}{streamed} | lr {opt.param_groups[0]['lr']:.2e} | "
                   f"{rate:,.0f} tok/s | {elapsed / 60:.1f}/{args.minutes:.1f} min | {describe_profile(profile)}", flush=True)
             if len(recent) == args.window and acc >= args.advance_at and max_segments < args.max_train_segments:
                 max_segments = min(2 * max_segments, args.max_train_segments)
@@ -305,5 +373,5 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
             "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped,
+            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped, "stream_steps": stream_steps,
             "state_grad_through_time": through_time}
