@@ -186,7 +186,8 @@ def describe_profile(profile: list[float]) -> str:
     return f"state grad {profile[-1]:.2e} (latest) .. {profile[0]:.2e} (earliest), x{growth:.2f}/segment, max {max(profile):.2e}"
 
 
-def explain_non_finite(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bf16: bool) -> str:
+def explain_non_finite(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor, bf16: bool, state=None,
+                       reset=None) -> str:
     """Take the step's forward and backward again, eager, under autograd's anomaly detection
     (the weights are those of the failed step: its update is skipped). Returns the first module
     whose forward output was not finite, which backward function first made a NaN, and the
@@ -205,7 +206,7 @@ def explain_non_finite(model: FoldedLM, ids: torch.Tensor, targets: torch.Tensor
     try:
         with torch.autograd.detect_anomaly(check_nan=True), \
                 torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            s = score(model, ids, targets, state_grads=grads)
+            s = score(model, ids, targets, state, state_grads=grads, reset=reset)
             (s.loss / max(s.n_tokens, 1)).backward()
     except RuntimeError as e:
         verdict = str(e).splitlines()[0]
@@ -320,6 +321,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         grads = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16):
             s = score(model, ids, targets, stream_state if streaming else None, step_fn, grads, reset)
+        start = stream_state if streaming else None  # the state this step started from
         if streaming:  # the next window goes on from here; rows that read no answer do not count
             stream_state, stream_steps = s.state.detach(), stream_steps + 1
             answered = (targets != -100).any(dim=1).to(device, non_blocking=True)
@@ -333,7 +335,8 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                   f"{non_finite_grads(model)}; {describe_profile(state_grad_profile(grads))}", flush=True)
             if skipped < args.explain_non_finite:
                 print(f"[{name}] step {step + 1} again, eager, under anomaly detection: "
-                      f"{explain_non_finite(model, ids, targets, device.type == 'cuda' and args.bf16)}", flush=True)
+                      f"{explain_non_finite(model, ids, targets, device.type == 'cuda' and args.bf16, start, reset)}",
+                      flush=True)
         if guard.apply(finite, step + 1):
             opt.step()
         else:
