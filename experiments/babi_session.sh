@@ -36,7 +36,7 @@ log=$out/session.log
 mkdir -p "$work"
 if [[ ${2:-} == --quick || ${QUICK:-0} == 1 ]]; then
     quick=1
-    store=${STORE:-$("$python" -c "from foldscale.data import default_store; print(default_store(vocab_size=512, max_files=25, num_proc=1))")}
+    store=${STORE:-$("$python" -c "from foldscale.data import default_store; print(default_store(vocab_size=512, max_files=25, num_proc=1))" | tail -n 1)}
     ds=ds_configs/cpu.json
     shape=(d_model=32 n_head=2 n_local=1 n_global=1 segment_len=32)  # l 32: a qa1 story needs 12 segments
     tokens=${TOKENS:-10240} rate=${RATE:-2000} ft_s=${FT_S:-30} eval_s=${EVAL_S:-10} steps=${STEPS:-6}

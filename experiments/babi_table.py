@@ -82,7 +82,7 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
     for task in tasks:
         mine = {r["seed"]: r for r in fine if r["args"]["tasks"] == task}
         if sorted(mine) != seeds:
-            raise TableError(f"{task}: runs for seeds {sorted(mine)}, but the others have {seeds}: "
+            raise TableError(f"{task}: runs for seeds {sorted(mine)}, but the runs cover seeds {seeds}: "
                              "give every seed of every task")
         for m in map(int, headline.split(",")):
             record[f"{task}_{m}"] = [score(mine[s], m) for s in seeds]
