@@ -97,7 +97,7 @@ EOF
             --data "$store" --out "$work/pretrain" --steps "$pretrain_steps" --resume auto "${pretrain[@]}" \
             2>&1 | tee -a "$work/pretrain.log" | grep --line-buffered -E "step|error|stopped|done" || status=${PIPESTATUS[0]}
         if ((status == 124 || status == 130)); then  # timeout's, or the run's own after SIGTERM
-            say "pretrain: stopped at the deadline, its checkpoint saved: run the same command again to go on"
+            say "pretrain: stopped at the deadline: the same command goes on from its last checkpoint"
             exit 0
         elif ((status)); then
             say "pretrain: failed (status $status); see $work/pretrain.log"
