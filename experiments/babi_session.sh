@@ -155,7 +155,7 @@ for task in ${tasks//,/ }; do
         [[ -f $work/${task}_scratch.json ]] && scratch+=("$work/${task}_scratch.json")
     fi
 done
-logs=("$work"/*.json "$work"/*.log "$work"/pretrain/metrics.jsonl)
+logs=("$work"/*.json "$work"/*.log "$work"/pretrain/metrics.json[l])  # a glob: nullglob drops what is missing
 ((${#logs[@]})) && tar -C "$work" -cf "$out/runs.tar" "${logs[@]#$work/}"
 if ((${#runs[@]})); then
     "$python" -m experiments.babi_table "${runs[@]}" --scratch "${scratch[@]}" --backbone "$work/backbone" \
