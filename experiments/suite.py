@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -76,9 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="write the table, configs, seeds and training summaries here")
     p.add_argument("--quick", action="store_true", help=f"CPU smoke test in seconds; sets {QUICK} where not given")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**QUICK)  # defaults: what the command line sets itself stays
     args = p.parse_args(argv)
-    if args.quick:  # what the command line sets itself stays
-        vars(args).update({k: v for k, v in QUICK.items() if getattr(args, k) == p.get_default(k)})
+    if args.quick:
         torch.set_num_threads(1)  # toy tensors gain nothing from threads, which spin on a busy CPU
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:

@@ -370,6 +370,13 @@ def test_fine_tunes_a_model_pretrained_with_launch_pretrain(tmp_path, cache, sto
         suite.main(["--quick", "--tasks", "passkey", "--data", str(store.path), "--init", str(tmp_path / "other")])
 
 
+def test_quick_fills_in_only_what_the_command_line_leaves_unset():
+    quick = suite.parse_args(["--quick", "--max-train-segments", "32", "--steps", "0"])
+    assert (quick.max_train_segments, quick.steps, quick.d_model) == (32, 0, suite.QUICK["d_model"])
+    assert suite.parse_args(["--quick"]).max_train_segments == suite.QUICK["max_train_segments"]
+    assert suite.parse_args([]).d_model == 256
+
+
 def test_a_saved_model_goes_on_where_it_stopped(tmp_path, store):
     """--save writes the trained weights and the store's tokenizer; --init DIR --steps 0 scores
     that model unchanged (saved again, the weights are the same bytes), not a fresh one."""
