@@ -139,12 +139,12 @@ def multigpu_session(out, *args, **env):
 
 
 def test_multigpu_session(tmp_path):
-    """The issue-29 device command at toy size, 2 gloo ranks: scaling, parity and elastic, one table."""
-    table, _ = multigpu_session(tmp_path / "out", "--quick", FOLDSCALE_CACHE=str(tmp_path / "cache"))
-    assert 0 < table["zero2_tiny_2gpu_efficiency"] and positive(table["zero2_tiny_1gpu_tokens_per_s"])
+    """The issue-29 device command at toy size, 2 gloo ranks: parity and elastic, one table (the
+    scaling piece's module is test_multi_gpu_scaling's, its keys the next test's)."""
+    table, _ = multigpu_session(tmp_path / "out", "--quick", "parity", "elastic", FOLDSCALE_CACHE=str(tmp_path / "cache"))
     for key in ("parity_deepspeed_zero2_2gpu", "elastic_deepspeed_zero2_2_1_2gpu"):
         assert table[f"{key}_ok"] and table[f"{key}_same_segments"] and table[f"{key}_max_rel_diff"] < 1e-6, key
-    assert len(table["commands"]) == 3 and table["device"].startswith("CPU")
+    assert len(table["commands"]) == 2 and table["device"].startswith("CPU")
 
 
 def test_multigpu_session_table_merges_over_the_earlier_one(tmp_path):
