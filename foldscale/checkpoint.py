@@ -149,6 +149,10 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
         except Exception as e:
             error = e
     agree(error)
+    # Every rank leaves together. Without this barrier (the save ending on agree's all-reduce), 1 in
+    # 40 two-rank gloo runs aborted at exit after a finished run ("terminate called without an
+    # active exception"); with it 0 in 40, as before the all-reduce came in (session 7).
+    dist.barrier()
     return path
 
 
