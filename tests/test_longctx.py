@@ -217,6 +217,15 @@ def test_training_documents_fill_the_length_with_the_needle_at_any_depth(corpus)
         text.training_docs(t, corpus, 1, 2 * L, np.random.default_rng(0))
 
 
+def passkey_batches(store, corpus):
+    return suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))
+
+
+def train_toy(model, args, store, corpus) -> dict:
+    """The suite's trainer on passkey batches, on the CPU, seed 0."""
+    return train(model, passkey_batches(store, corpus), args, L, torch.device("cpu"), 0, "toy")
+
+
 def toy(vocab, local_only=False):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=L)
@@ -430,12 +439,11 @@ def test_a_non_finite_gradient_skips_the_step_and_too_many_stop_training(store, 
     model.tok_emb.weight.register_hook(poison)
     args = TrainArgs(batch_size=2, steps=4, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=3,
                      log_every=100)
-    make_batch = suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))
     if fails:
         with pytest.raises(TrainingError, match="3 non-finite gradients in a row.*--lr"):
-            train(model, make_batch, args, L, torch.device("cpu"), 0, "toy")
+            train_toy(model, args, store, corpus)
         return
-    summary = train(model, make_batch, args, L, torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     assert summary["steps"] == 4 and summary["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -459,8 +467,7 @@ def test_a_non_finite_gradient_is_explained_by_the_backward_function_that_made_i
     model.norm.register_forward_hook(lambda module, inputs, out: NaNInBackward.apply(out))
     args = TrainArgs(batch_size=2, steps=2, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=5,
                      log_every=100, explain_non_finite=1)
-    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
-                    torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     out = capsys.readouterr().out
     assert summary["skipped_steps"] == 2
     assert out.count("again, eager, under anomaly detection: forward finite; "
@@ -479,8 +486,7 @@ def test_a_non_finite_forward_is_traced_to_the_first_module_that_made_it(store, 
     model.global_blocks[0].mlp.register_forward_hook(overflow_after_the_answer)
     args = TrainArgs(batch_size=2, steps=1, minutes=5, start_segments=16, max_train_segments=16, max_bad_steps=5,
                      log_every=100, explain_non_finite=1)
-    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
-                    torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     out = capsys.readouterr().out
     assert summary["skipped_steps"] == 1
     assert "under anomaly detection: forward not finite first in global_blocks.0.mlp;" in out
@@ -494,7 +500,7 @@ def test_the_gradient_through_time_is_measured_at_every_carried_state(store, cor
     torch.manual_seed(0)
     model = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=32, n_head=2, n_local=1, n_global=2,
                                  segment_len=L, state_gate=True, state_norm=True, state_gate_hard=True))
-    ids, targets = suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))(2, 16 * L, torch.Generator())
+    ids, targets = passkey_batches(store, corpus)(2, 16 * L, torch.Generator())
     for bptt, carried in ((16, list(range(15))), (2, [14])):
         model.cfg = dataclasses.replace(model.cfg, bptt_segments=bptt)
         grads = {}
@@ -517,8 +523,7 @@ def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
     model = toy(store.vocab_size).float().train()
     args = TrainArgs(batch_size=2, minutes=5, start_segments=16, max_train_segments=32, final_steps=3, advance_at=0.0,
                      window=1, log_every=2, lr=1e-3, warmup_steps=1, min_lr_ratio=0.1)
-    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
-                    torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     assert [s["segments"] for s in summary["stages"]] == [16, 32] and summary["stages"][1]["step"] == 2
     assert summary["steps"] == 5 and summary["final_stage_steps"] == 3
     assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3
@@ -569,8 +574,7 @@ def test_the_last_stage_alternates_fresh_sequences_and_streams_that_carry_their_
     monkeypatch.setattr(train_module, "score", spy)
     args = TrainArgs(batch_size=2, steps=5, minutes=5, start_segments=16, max_train_segments=16, stream_segments=64,
                      log_every=100)
-    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
-                    torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     assert summary["stream_steps"] == 2
     assert [reset is not None for _, reset, _ in calls] == [False, True, False, True, False]
     assert calls[0][0] is None and calls[1][0] is None and calls[1][1][:, 0].all()  # the first window starts documents
@@ -580,7 +584,6 @@ def test_the_last_stage_alternates_fresh_sequences_and_streams_that_carry_their_
 def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, capsys):
     model = toy(store.vocab_size).float().train()
     args = TrainArgs(batch_size=2, minutes=1e-9, start_segments=16, max_train_segments=32, final_steps=3)
-    summary = train(model, suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train")), args, L,
-                    torch.device("cpu"), 0, "toy")
+    summary = train_toy(model, args, store, corpus)
     assert summary["final_stage_steps"] is None
     assert "warning: the time budget (1e-09 min) ended the run before the last stage" in capsys.readouterr().out
