@@ -55,6 +55,8 @@ def parse_args(argv=None):
     add_fields(p, ModelConfig, skip=("vocab_size", "use_state"), d_model=256, n_head=4, n_local=2, n_global=2,
                segment_len=64, bptt_segments=None)  # None: every segment of a sequence (--max-train-segments)
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
+    p.add_argument("--mix-keys", action="store_true",
+                   help="train multikey on stories of 1 to --keys needles (uniform); it is scored on --keys")
     add_fields(p, TrainArgs, minutes=1.5, min_lr_ratio=0.1)
     p.add_argument("--eval-multiples", default="1,2,4,8,16,32,64,128,256,512,1024")
     p.add_argument("--eval-samples", type=int, default=100)
@@ -119,6 +121,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     train_corpus, val_corpus = text.Corpus(store, "train"), text.Corpus(store, "val")
     tokenizer = train_corpus.tokenizer
     task = TASKS[name](tokenizer, args.keys) if name == "multikey" else TASKS[name](tokenizer)
+    train_task = TASKS[name](tokenizer, args.keys, mix=True) if name == "multikey" and args.mix_keys else task
     torch.manual_seed(args.seed)
     bptt = args.bptt_segments or args.max_train_segments  # default: through every segment of a sequence
     if args.init:
@@ -135,7 +138,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     print(f"{name}: {cfg.num_params():,} parameters, l={l}, curriculum {targs.start_segments} -> "
           f"{targs.max_train_segments} segments, {targs.minutes} min{' from ' + args.init if args.init else ''}",
           flush=True)
-    make_batch = batch_maker(task, train_corpus)
+    make_batch = batch_maker(train_task, train_corpus)
     summaries = {"folded": train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")}
     if args.save:
         save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)

@@ -145,6 +145,24 @@ def test_multikey_asks_one_of_k_with_a_distractor_closer(corpus):
     assert asked_ranks == {0, 1, 2}  # nor is the asked needle always the first
 
 
+def test_multikey_for_training_mixes_one_to_k_needles_and_asks_a_stated_one(corpus):
+    rng, counts = np.random.default_rng(0), set()
+    mixed = TASKS["multikey"](corpus.tokenizer, 4, mix=True)
+    for d in text.training_docs(mixed, corpus, 200, 400, rng):
+        found = [(role, *re.fullmatch(r"One of the special magic numbers for (\w+) is: (\d{7})\.", s).groups())
+                 for role, s in decoded(corpus, d)]
+        name = re.search(r"number for (\w+)\?", corpus.tokenizer.decode(d.piece("question")[1])).group(1)
+        asked, = [(n, v) for role, n, v in found if role == "support"]
+        assert asked == (name, corpus.tokenizer.decode(d.piece("answer")[1]))
+        assert len({n for _, n, _ in found}) == len(found)
+        if len(found) > 1:  # a distractor closer to the question, as in the scored stories
+            assert found[-1][0] == "distractor"
+        counts.add(len(found))
+    assert counts == {1, 2, 3, 4}
+    scored = task("multikey", corpus)
+    assert all(len(story.before + story.after) == 3 for story in (scored.story(rng) for _ in range(50)))
+
+
 def simulate(facts, question):
     """bAbI's world, read from the facts' text: where a person or a thing is."""
     where, holder, left = {}, {}, {}
@@ -527,6 +545,17 @@ def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
     assert [s["segments"] for s in summary["stages"]] == [16, 32] and summary["stages"][1]["step"] == 2
     assert summary["steps"] == 5 and summary["final_stage_steps"] == 3
     assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3
+
+
+def test_a_last_stage_cut_short_by_time_still_anneals_the_learning_rate(store, corpus):
+    """--final-steps far beyond what the time allows: the decay follows the time left instead,
+    so the run still ends near lr * min_lr_ratio rather than at its peak."""
+    model = toy(store.vocab_size).float().train()
+    args = TrainArgs(batch_size=2, minutes=0.05, start_segments=16, max_train_segments=16, final_steps=10**6,
+                     lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, log_every=10**6)
+    summary = train_toy(model, args, store, corpus)
+    assert summary["steps"] >= 3 and summary["final_stage_steps"] == summary["steps"]
+    assert summary["last_lr"] < 0.4e-3
 
 
 def test_streams_read_documents_one_after_another_from_segment_starts():

@@ -26,21 +26,25 @@ class MultiKey:
     name = "multikey"
     chance = 1e-7
 
-    def __init__(self, tokenizer, keys: int = 4):
+    def __init__(self, tokenizer, keys: int = 4, mix: bool = False):
         if not 2 <= keys <= len(NAMES):
             raise ValueError(f"multikey needs 2..{len(NAMES)} keys, got {keys}")
-        self.tokenizer, self.keys = tokenizer, keys
+        self.tokenizer, self.keys, self.mix = tokenizer, keys, mix
 
     def story(self, rng) -> Story:
-        """`keys` distinct names with distinct 7-digit values; the first is asked. Of the k - 1
-        distractors, 1 to k - 1 (uniform) come after the asked needle, the rest before it."""
-        names = [NAMES[i] for i in rng.choice(len(NAMES), self.keys, replace=False)]
+        """k = `keys` distinct names with distinct 7-digit values; the first is asked. Of the k - 1
+        distractors, 1 to k - 1 (uniform) come after the asked needle, the rest before it.
+        With `mix` (for training), k is uniform in 1..keys: a one-needle story teaches copying
+        the value, which a model shown only k >= 2 needles may never start to learn (its answer
+        loss stays at ln 10, a uniform digit)."""
+        k = int(rng.integers(1, self.keys + 1)) if self.mix else self.keys
+        names = [NAMES[i] for i in rng.choice(len(NAMES), k, replace=False)]
         values = []
-        while len(values) < self.keys:
+        while len(values) < k:
             value = str(int(rng.integers(10**6, 10**7)))
             values += [value] if value not in values else []
         needles = [encode(self.tokenizer, NEEDLE.format(name=n, value=v)) for n, v in zip(names, values)]
-        after = int(rng.integers(1, self.keys))
+        after = int(rng.integers(1, k)) if k > 1 else 0
         distractors = [("distractor", t) for t in needles[1:]]
         return Story(before=distractors[after:], needle=needles[0], after=distractors[:after],
                      question=encode(self.tokenizer, QUESTION.format(name=names[0])),

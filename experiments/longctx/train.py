@@ -110,7 +110,9 @@ class TrainArgs:
     final_steps: int | None = None
     """Stop after this many steps at the last stage (max_train_segments) instead of after --steps:
     every seed then trains as long at the length it is scored for, however fast it climbs. The
-    learning rate stays at its peak until the last stage and decays over these steps."""
+    learning rate stays at its peak until the last stage and decays over these steps or over
+    the time left when the stage began, whichever ends first (a run that the time budget
+    cuts short still ends at lr * min_lr_ratio)."""
     stream_segments: int = 0
     """At the last stage, every other step reads streams instead of fresh sequences: each row
     reads documents one after another, up to this many segments long (log-uniform), one
@@ -291,6 +293,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     budget = args.minutes * 60
     model.train()
     final_at = 0 if args.start_segments >= args.max_train_segments else None  # the step the last stage began
+    final_t = 0.0  # and the time
 
     def done() -> bool:
         if args.final_steps is not None:
@@ -312,10 +315,13 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             length = int(torch.randint((n_seg - 1) * l + 1, n_seg * l + 1, (), generator=generator))
             ids, targets = whole_segments(*make_batch(args.batch_size, length, generator), model.cfg.segment_len)
         ids = (ids.pin_memory() if device.type == "cuda" else ids).to(device, non_blocking=True)
-        if args.final_steps is not None:  # constant until the last stage, then decaying over its steps
-            progress = 0.0 if final_at is None else (step - final_at) / args.final_steps
+        elapsed = time.perf_counter() - t0
+        if args.final_steps is None:
+            progress = step / args.steps if args.steps else elapsed / budget
+        elif final_at is None:  # constant until the last stage, then decaying over its steps or its time
+            progress = 0.0
         else:
-            progress = step / args.steps if args.steps else (time.perf_counter() - t0) / budget
+            progress = max((step - final_at) / args.final_steps, (elapsed - final_t) / max(budget - final_t, 1e-9))
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
         grads = {}
@@ -365,7 +371,7 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                 max_segments = min(2 * max_segments, args.max_train_segments)
                 recent = []
                 stages.append({"segments": max_segments, "step": step, "minutes": round(elapsed / 60, 2)})
-                final_at = step if max_segments == args.max_train_segments else None
+                final_at, final_t = (step, elapsed) if max_segments == args.max_train_segments else (None, 0.0)
                 print(f"[{name}] accuracy {acc:.3f} at {stages[-2]['segments']} segments -> "
                       f"stage {max_segments} segments", flush=True)
     if args.final_steps is not None and not done():
@@ -376,5 +382,5 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
             "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "skipped_steps": skipped, "stream_steps": stream_steps,
+            "stages": stages, "max_segments": max_segments, "last_lr": opt.param_groups[0]["lr"], "skipped_steps": skipped, "stream_steps": stream_steps,
             "state_grad_through_time": through_time}
