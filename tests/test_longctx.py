@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 import torch
 import torch.nn.functional as F
 
@@ -616,3 +618,34 @@ def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, cap
     summary = train_toy(model, args, store, corpus)
     assert summary["final_stage_steps"] is None
     assert "warning: the time budget (1e-09 min) ended the run before the last stage" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(tmp_path):
+    """bash experiments/retrieval_session.sh OUT --quick, twice: the first call trains both tasks from
+    scratch (multikey with --mix-keys) and saves them; the second goes on from them, scores, and packs
+    each finished model in bf16."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORK": str(tmp_path / "w"), "SEEDS": "0",
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+
+    def session():
+        proc = subprocess.run(["bash", "experiments/retrieval_session.sh", str(tmp_path / "out"), "--quick"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+    assert "climb: passkey multikey x seeds 0" in session()
+    climbed = json.loads((tmp_path / "w" / "multikey_climb0.json").read_text())
+    assert climbed["args"]["mix_keys"] and climbed["args"]["save"].endswith("multikey_climb0")
+    assert "finish: passkey multikey x seeds 0" in session()
+    finished = json.loads((tmp_path / "w" / "passkey_finish0.json").read_text())
+    assert finished["args"]["init"].endswith("passkey_climb0") and finished["args"]["lr"] == 3e-4
+    assert [row["multiple"] for row in finished["rows"]] == [1, 2, 4]
+    for name in ("passkey_finish0", "multikey_finish0"):
+        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
+            tar.extractall(tmp_path / "back", filter="data")
+        model = FoldedLM.from_pretrained(tmp_path / "back" / name)
+        with safe_open(tmp_path / "back" / name / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert model.cfg.state_gate_hard and (tmp_path / "back" / name / "tokenizer.model").is_file()
+    with tarfile.open(tmp_path / "out" / "runs.tar") as tar:
+        assert {"passkey_climb0.log", "multikey_finish0.json"} <= set(tar.getnames())

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Issue 25 in device commands of ~9.5 minutes, the seeds and both tasks side by side on one GPU:
+#   climb:   passkey from scratch up the curriculum to 32 segments, and multikey from scratch with
+#            --mix-keys (1 to 4 needles a story), for CLIMB_MIN minutes; each model saved.
+#   finish:  each climbed model goes on (passkey at 32 segments, multikey up its curriculum again)
+#            at lr FINISH_LR for FINISH_MIN minutes, annealed to a tenth by the time budget, then
+#            scored at 1, 64, 1024 x l and 16384 x l (multikey: 1, 64, 1024) on 100 documents each.
+# A stage whose models exist in WORK (default runs/retrieval; it stays on a warm machine) is skipped,
+# so the same command, called again on the warm machine, runs the next stage. OUT gets runs.tar (every
+# log and JSON) and each finished model in bf16 (MODEL.tar, config, weights and tokenizer: ~11 MiB) to
+# probe on the CPU.
+#
+#   bash experiments/retrieval_session.sh OUT            # on the GPU
+#   bash experiments/retrieval_session.sh OUT --quick    # toy sizes on the CPU (tests/test_longctx.py)
+#
+# Settings: SEEDS ("0 1 2"), TASKS ("passkey multikey"), STORE (.gpu_data/store), CLIMB_MIN (7.8),
+# FINISH_MIN (5), FINISH_LR (3e-4).
+set -euo pipefail
+shopt -s nullglob
+out=${1:?usage: bash experiments/retrieval_session.sh OUT_DIR [--quick]}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+work=${WORK:-runs/retrieval}
+seeds=(${SEEDS:-0 1 2})
+tasks=(${TASKS:-passkey multikey})
+mkdir -p "$work"
+if [[ ${2:-} == --quick ]]; then
+    segments=16  # a 4-needle story needs 14 segments of --quick's l = 32
+    common=(--quick)
+    climb=(--minutes "${CLIMB_MIN:-0.05}" --eval-multiples 1 --eval-samples 4)
+    finish=(--minutes "${FINISH_MIN:-0.05}" --eval-multiples 1,2 --eval-samples 4)
+    far=(--far-multiples 4 --far-samples 2)
+else
+    segments=32
+    common=(--data "${STORE:-.gpu_data/store}")
+    climb=(--minutes "${CLIMB_MIN:-7.8}" --eval-multiples 1 --eval-samples 20)
+    finish=(--minutes "${FINISH_MIN:-5}" --eval-multiples 1,64,1024 --eval-samples 100)
+    far=(--far-multiples 16384 --far-samples 100)
+fi
+common+=(--max-train-segments $segments --final-steps 100000)
+model=(--state-gate --state-norm --state-gate-hard)
+
+run() {  # run NAME ARGS...: the suite, its log and JSON in WORK, one line when it ends
+    local name=$1; shift
+    ( "$python" -m experiments.suite "${common[@]}" "$@" --json "$work/$name.json" > "$work/$name.log" 2>&1 \
+        && echo "$name: finished" || echo "$name: failed (status $?), see $work/$name.log" ) &
+}
+
+stage=finish
+for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
+    [[ -f $work/${task}_climb$s/model.safetensors ]] && continue
+    stage=climb
+    extra=(); [[ $task == multikey ]] && extra=(--mix-keys)
+    run "${task}_climb$s" --tasks "$task" "${model[@]}" "${extra[@]}" "${climb[@]}" --seed "$s" --save "$work/${task}_climb$s"
+done; done
+if [[ $stage == finish ]]; then
+    for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
+        [[ -f $work/${task}_finish$s/model.safetensors ]] && continue
+        if [[ $task == passkey ]]; then extra=(--start-segments $segments "${far[@]}"); else extra=(--mix-keys); fi
+        run "${task}_finish$s" --tasks "$task" --init "$work/${task}_climb$s" --lr "${FINISH_LR:-3e-4}" \
+            --warmup-steps 20 "${finish[@]}" "${extra[@]}" --seed "$s" --save "$work/${task}_finish$s"
+    done; done
+fi
+echo "$stage: ${tasks[*]} x seeds ${seeds[*]}, side by side"
+wait
+missing=()
+for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
+    [[ -f $work/${task}_$stage$s/model.safetensors ]] || missing+=("${task}_$stage$s")
+done; done
+for log in "$work"/*_"$stage"*.log; do
+    echo "== $(basename "$log" .log)"
+    grep -E "\] (accuracy|warning|step .* non-finite)|^(passkey|multikey) [0-9]+ x l" "$log" | cut -c1-160 || true
+done
+logs=("$work"/*.log "$work"/*.json)
+tar -C "$work" -cf "$out/runs.tar" "${logs[@]#$work/}"
+for dir in "$work"/*_finish*/; do  # bf16, small enough to come back from the device
+    name=$(basename "$dir")
+    [[ -f $out/$name.tar ]] && continue
+    "$python" -m foldscale.cli export "$dir" --dtype bf16 --out "$work/bf16/$name" > /dev/null
+    cp "$dir/tokenizer.model" "$work/bf16/$name/" 2>/dev/null || true
+    tar -C "$work/bf16" -cf "$out/$name.tar" "$name"
+done
+if ((${#missing[@]})); then
+    echo "not done: ${missing[*]}: the same command runs them again"
+    exit 1
+fi
+[[ $stage == climb ]] && echo "climbed: the same command on the warm machine finishes and scores" || true
