@@ -70,8 +70,9 @@ def parse_args(argv=None):
                         "separates the distance to the needle from the age of the state it is written into")
     p.add_argument("--probe", action="store_true",
                    help="also report why needles are missed (experiments/longctx/probe.py): accuracy by the "
-                        "needle's offset in its segment, its footprint in the state and the gate over "
-                        "distance, the gradient reaching its segment")
+                        "needle's offset in its segment, what the model answered where it missed (rows up to "
+                        "1024 x l), the needle's footprint in the state and the gate over distance, the "
+                        "gradient reaching its segment")
     p.add_argument("--save", help="save the trained folded model here (foldscale's exported format, the store's "
                                   "tokenizer beside it): --init DIR goes on training it or, with --steps 0, scores it")
     p.add_argument("--baseline", action="store_true", help="also train and score full attention")
@@ -173,11 +174,15 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
                 row[key] = None if right is None else float(right.float().mean())
                 if key == "folded" and args.probe:
                     row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)
+                    if m <= 1024:  # each miss is read again alone: a million-token row would take minutes
+                        row["folded_misses"] = probe.misses(model, docs, right.numpy(), tokenizer, device)
             row["chance"] = task.chance
             rows.append(row)
             scores = ", ".join(f"{k} {row[k]}" for k in models)
-            print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores}"
-                  f"{' | by offset ' + str(row['folded_by_offset']) if args.probe else ''} | "
+            if args.probe:
+                scores += f" | by offset {row['folded_by_offset']}" + "".join(
+                    f" | {x['answer']} -> {x['predicted']}" for x in row.get("folded_misses", [])[:3])
+            print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores} | "
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     probes = {}
     if args.probe and cfg.recurrent:

@@ -446,6 +446,28 @@ def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):
     assert parts == [1.0 if any(e < L // 2 for e in ends) else None, 0.0 if any(e >= L // 2 for e in ends) else None]
 
 
+def test_probe_misses_reports_the_argmax_answer_of_the_missed_documents(store, corpus):
+    """What exact match scored wrong, read again alone: fewer digits right than the answer has, and
+    the same argmax as the whole batch read at once; documents scored right are left out."""
+    model, ds = toy(store.vocab_size), docs("passkey", corpus, 2, 6)
+    cpu = torch.device("cpu")
+    exact = exact_match(model, ds, cpu)
+    assert not exact.any()  # an untrained model
+    missed = probe.misses(model, ds, exact.numpy(), corpus.tokenizer, cpu, most=4)
+    assert len(missed) == 4
+    end = max(d.end for d in ds)
+    logits = model.forward_stream(torch.from_numpy(text.batch(ds, 0, end)[0])).logits
+    for d, x, row in zip(ds, missed, logits):
+        at, answer = d.piece("answer")
+        assert x["answer"] == corpus.tokenizer.decode(answer.tolist()) and x["digits_right"] < len(answer)
+        assert x["predicted"] == corpus.tokenizer.decode(row[at - 1:at - 1 + len(answer)].argmax(-1).tolist())
+        assert (x["needle_segment"], x["needle_offset"]) == divmod(probe.needle_end(d) - 1, L)
+        assert x["question_segment"] == d.piece("question")[0] // L > x["needle_segment"]
+    skip = [True, False, True, False, True, False]
+    assert [x["answer"] for x in probe.misses(model, ds, skip, corpus.tokenizer, cpu)] == \
+        [corpus.tokenizer.decode(d.piece("answer")[1].tolist()) for d, s in zip(ds, skip) if not s]
+
+
 @pytest.mark.parametrize("bad_steps, fails", [({2}, False), (set(range(1, 100)), True)])
 def test_a_non_finite_gradient_skips_the_step_and_too_many_stop_training(store, corpus, bad_steps, fails):
     """A step whose gradient is not finite changes no weight; max_bad_steps of them in a row stop

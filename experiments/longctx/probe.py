@@ -8,6 +8,8 @@
   ||S - S'|| / ||S||, per row, is the needle's footprint. Its mean over rows and its largest
   row, against k, show whether the memory forgets (decay), and the gate's values on the same
   walk (mean, and the share above 0.99) show whether the rows holding it saturate.
+- `misses`: what the model answered where it missed: its argmax digits beside the answer, and
+  where the needle and the question fell (segment, offset in it).
 - `gradient`: the norm of the answer loss's gradient with respect to the state carried out of
   the needle's segment, and out of the segment before the question, for documents whose
   needle is k segments back: how much training signal reaches the write.
@@ -35,6 +37,28 @@ def by_offset(docs: list, exact, l: int, bins: int = 4) -> list[float | None]:
     part = np.array([(needle_end(d) - 1) % l * bins // l for d in docs])
     exact = np.asarray(exact, bool)
     return [round(float(exact[part == b].mean()), 3) if (part == b).any() else None for b in range(bins)]
+
+
+@torch.no_grad()
+def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20) -> list[dict]:
+    """For up to `most` documents that `exact` marks wrong: the answer and the model's argmax at
+    each answer position (given the right digits before it, as exact match scores it), the
+    needle's last segment and the offset of its end in it, and the question's segment. Each
+    document is read alone, up to its answer."""
+    l, out = model.cfg.segment_len, []
+    for doc, right in zip(docs, exact):
+        if right or len(out) == most:
+            continue
+        at, answer = doc.piece("answer")
+        ids = torch.from_numpy(text.batch([doc], 0, at + len(answer))[0]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = torch.cat([o.logits for o in segments(model, ids, l)], dim=1)
+        guess = logits[0, at - 1:at - 1 + len(answer)].argmax(-1).tolist()
+        end = needle_end(doc) - 1
+        out.append({"answer": tokenizer.decode(answer.tolist()), "predicted": tokenizer.decode(guess),
+                    "digits_right": int(sum(g == a for g, a in zip(guess, answer.tolist()))),
+                    "needle_segment": end // l, "needle_offset": end % l, "question_segment": doc.piece("question")[0] // l})
+    return out
 
 
 def swapped(task, doc: text.Document, rng) -> text.Document | None:
