@@ -463,6 +463,7 @@ def test_probe_misses_reports_the_argmax_answer_of_the_missed_documents(store, c
         assert x["predicted"] == corpus.tokenizer.decode(row[at - 1:at - 1 + len(answer)].argmax(-1).tolist())
         assert (x["needle_segment"], x["needle_offset"]) == divmod(probe.needle_end(d) - 1, L)
         assert x["question_segment"] == d.piece("question")[0] // L > x["needle_segment"]
+        assert x["answer_segment"] * L + x["answer_offset"] == at - 1
     skip = [True, False, True, False, True, False]
     assert [x["answer"] for x in probe.misses(model, ds, skip, corpus.tokenizer, cpu)] == \
         [corpus.tokenizer.decode(d.piece("answer")[1].tolist()) for d, s in zip(ds, skip) if not s]

@@ -43,8 +43,10 @@ def by_offset(docs: list, exact, l: int, bins: int = 4) -> list[float | None]:
 def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20) -> list[dict]:
     """For up to `most` documents that `exact` marks wrong: the answer and the model's argmax at
     each answer position (given the right digits before it, as exact match scores it), the
-    needle's last segment and the offset of its end in it, and the question's segment. Each
-    document is read alone, up to its answer."""
+    needle's last segment and the offset of its end in it, the question's segment, and the
+    segment and offset of the position that predicts the answer's first token (past l - len
+    (answer) the answer crosses into the next segment, which sees the question only through
+    the state). Each document is read alone, up to its answer."""
     l, out = model.cfg.segment_len, []
     for doc, right in zip(docs, exact):
         if right or len(out) == most:
@@ -57,7 +59,8 @@ def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20
         end = needle_end(doc) - 1
         out.append({"answer": tokenizer.decode(answer.tolist()), "predicted": tokenizer.decode(guess),
                     "digits_right": int(sum(g == a for g, a in zip(guess, answer.tolist()))),
-                    "needle_segment": end // l, "needle_offset": end % l, "question_segment": doc.piece("question")[0] // l})
+                    "needle_segment": end // l, "needle_offset": end % l, "question_segment": doc.piece("question")[0] // l,
+                    "answer_segment": (at - 1) // l, "answer_offset": (at - 1) % l})
     return out
 
 
