@@ -3,7 +3,7 @@
 # fine-tune each bAbI task from it with the ARMT-like recipe (AdamW lr 1e-4, weight decay 0.01, answer-only
 # loss, curriculum up to 32 segments, back-propagation through every segment) for SEEDS side by side on
 # the one GPU, beside ONE run of the same command from a random initialisation of the same shape (same
-# steps), then score 1, 64, 1024 x l and the far row 16384 x l on 100 documents each (--quick: 1, 4, 16, 64).
+# steps) and ONE of full attention over 32 x l made of the backbone's blocks (suite --baseline-only), then score 1, 64, 1024 x l and the far row 16384 x l on 100 documents each (--quick: 1, 4, 16, 64).
 #
 #   bash experiments/babi_session.sh OUT            # on the GPU; OUT gets session.log, babi.json, runs.tar,
 #                                                   # backbone/ (the backbone in bf16: one file of 13.5 MiB)
@@ -123,7 +123,7 @@ fi
 
 for task in ${tasks//,/ }; do
     todo=()
-    for name in "${seeds[@]/#/seed}" scratch; do
+    for name in "${seeds[@]/#/seed}" scratch full; do
         if [[ -f $work/${task}_$name.json ]]; then say "$task $name: done earlier"; else todo+=("$name"); fi
     done
     ((${#todo[@]})) || continue
@@ -134,9 +134,10 @@ for task in ${tasks//,/ }; do
     minutes=$("$python" -c "print(round(($(left) - $eval_s - 60) / 60, 2))")  # a cap: --steps ends a run first
     say "$task: ${todo[*]} side by side, $steps steps, at most $minutes min of training each"
     for name in "${todo[@]}"; do
-        init=$work/backbone seed=${name#seed}
+        init=$work/backbone seed=${name#seed} only=()
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}
-        ( timeout -k 20 $(($(left) - 10)) "$python" -m experiments.suite --tasks "$task" --init "$init" --seed "$seed" \
+        [[ $name == full ]] && seed=${seeds[0]} only=(--baseline-only)
+        ( timeout -k 20 $(($(left) - 10)) "$python" -m experiments.suite --tasks "$task" --init "$init" --seed "$seed" "${only[@]}" \
             --minutes "$minutes" "${suite[@]}" --json "$work/${task}_$name.json" > "$work/${task}_$name.log" 2>&1 \
             && say "$task $name: finished" || say "$task $name: stopped (status $?); the same command runs it again" ) &
     done
@@ -146,19 +147,20 @@ for task in ${tasks//,/ }; do
     done
 done
 
-runs=() scratch=()
+runs=() scratch=() reference=()
 for task in ${tasks//,/ }; do
     mine=()
     for s in "${seeds[@]}"; do [[ -f $work/${task}_seed$s.json ]] && mine+=("$work/${task}_seed$s.json"); done
     if ((${#mine[@]} == ${#seeds[@]})); then
         runs+=("${mine[@]}")
         [[ -f $work/${task}_scratch.json ]] && scratch+=("$work/${task}_scratch.json")
+        [[ -f $work/${task}_full.json ]] && reference+=("$work/${task}_full.json")
     fi
 done
 logs=("$work"/*.json "$work"/*.log "$work"/pretrain/metrics.json[l])  # a glob: nullglob drops what is missing
 ((${#logs[@]})) && tar -C "$work" -cf "$out/runs.tar" "${logs[@]#$work/}"
 if ((${#runs[@]})); then
-    "$python" -m experiments.babi_table "${runs[@]}" --scratch "${scratch[@]}" --backbone "$work/backbone" \
+    "$python" -m experiments.babi_table "${runs[@]}" --scratch "${scratch[@]}" --reference "${reference[@]}" --backbone "$work/backbone" \
         $([[ -d $work/pretrain ]] && echo --pretrain "$work/pretrain") --headline "$headline" --json "$out/babi.json" 2>&1 | tee -a "$log"
     if ((!quick)); then mkdir -p experiments/results/targets && cp "$out/babi.json" experiments/results/targets/babi.json; fi
 else

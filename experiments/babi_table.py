@@ -65,20 +65,27 @@ def backbone_summary(backbone, pretrain) -> dict:
     return summary
 
 
-def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str = HEADLINE) -> dict:
-    """The record of issue 26 from suite records (fine-tuned RUNS, from-scratch SCRATCH), with the
-    folded model's scores of every seed in the rows HEADLINE as TASK_MULTIPLE."""
+def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str = HEADLINE,
+          reference: list = ()) -> dict:
+    """The record of issue 26 from suite records (fine-tuned RUNS, from-scratch SCRATCH, and the
+    full-attention REFERENCE fine-tuned from the same backbone, `--baseline-only`), with the
+    folded model's scores of every seed in the rows HEADLINE as TASK_MULTIPLE and the reference's
+    rows inside its window as TASK_full_attention."""
     fine = [load_run(p) for p in runs]
     if not fine:
         raise TableError("no fine-tuned run records given")
     base = [load_run(p) for p in scratch]
-    stores = {r["store_fingerprint"] for r in fine + base}
+    full = [load_run(p) for p in reference]
+    if any(not r["args"].get("baseline_only") for r in full):
+        raise TableError("a reference run is not `python -m experiments.suite --baseline-only ...`")
+    base_and_full = base + full
+    stores = {r["store_fingerprint"] for r in fine + base_and_full}
     if len(stores) > 1:
         raise TableError(f"the runs read {len(stores)} different token stores: give the records of one store")
     tasks = list(dict.fromkeys(r["args"]["tasks"] for r in fine))
     seeds = sorted({r["seed"] for r in fine})
-    record = {"device": " / ".join(sorted({r["device"] for r in fine + base})),
-              "date": max(r["date"] for r in fine + base), "seeds": seeds}
+    record = {"device": " / ".join(sorted({r["device"] for r in fine + base_and_full})),
+              "date": max(r["date"] for r in fine + base_and_full), "seeds": seeds}
     for task in tasks:
         mine = {r["seed"]: r for r in fine if r["args"]["tasks"] == task}
         if sorted(mine) != seeds:
@@ -86,6 +93,9 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
                              "give every seed of every task")
         for m in map(int, headline.split(",")):
             record[f"{task}_{m}"] = [score(mine[s], m) for s in seeds]
+    for r in full:
+        record[f"{r['args']['tasks']}_full_attention"] = {
+            str(row["multiple"]): row["full_attention"] for row in r["rows"] if row["full_attention"] is not None}
     record["local_only_max_past_1l"] = max(
         (r["local_only"] for rec in fine for r in rec["rows"] if r["multiple"] > 1 and r["local_only"] is not None),
         default=None)
@@ -95,13 +105,14 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
     if backbone:
         record["backbone"] = backbone_summary(backbone, pretrain)
     record["recipe"] = {k: fine[0]["args"][k] for k in RECIPE if k in fine[0]["args"]}
-    record["runs"] = [{"task": r["args"]["tasks"], "init": init, "seed": r["seed"],
-                       "steps": r["train"][r["args"]["tasks"]]["folded"]["steps"],
-                       "max_segments": r["train"][r["args"]["tasks"]]["folded"]["max_segments"],
-                       "skipped_steps": r["train"][r["args"]["tasks"]]["folded"]["skipped_steps"],
-                       "rows": [{k: row[k] for k in ("multiple", "samples", "folded", "local_only", "chance")}
-                                for row in r["rows"]]}
-                      for init, records in (("backbone", fine), ("scratch", base)) for r in records]
+    record["runs"] = [{"task": r["args"]["tasks"], "init": init, "model": model, "seed": r["seed"],
+                       "steps": r["train"][r["args"]["tasks"]][model]["steps"],
+                       "max_segments": r["train"][r["args"]["tasks"]][model]["max_segments"],
+                       "skipped_steps": r["train"][r["args"]["tasks"]][model]["skipped_steps"],
+                       "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": row[model],
+                                 "local_only": row.get("local_only"), "chance": row["chance"]} for row in r["rows"]]}
+                      for init, model, records in (("backbone", "folded", fine), ("scratch", "folded", base),
+                                                   ("backbone", "full_attention", full)) for r in records]
     return record
 
 
@@ -109,19 +120,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="suite --json records of the fine-tuned runs (one task and seed each)")
     p.add_argument("--scratch", nargs="*", default=[], help="suite --json records of the from-scratch runs")
+    p.add_argument("--reference", nargs="*", default=[],
+                   help="suite --baseline-only --json records: full attention fine-tuned from the backbone")
     p.add_argument("--backbone", help="the exported backbone (its config.json)")
     p.add_argument("--pretrain", help="the backbone's launch/pretrain.py run directory (its metrics.jsonl)")
     p.add_argument("--headline", default=HEADLINE, help="rows of the keys TASK_MULTIPLE (default: %(default)s)")
     p.add_argument("--json", help="where the record goes (issue 26: experiments/results/targets/babi.json)")
     args = p.parse_args(argv)
-    record = table(args.runs, args.scratch, args.backbone, args.pretrain, args.headline)
+    record = table(args.runs, args.scratch, args.backbone, args.pretrain, args.headline, args.reference)
     multiples = sorted({row["multiple"] for run in record["runs"] for row in run["rows"]})
-    print_table([{"task": r["task"], "init": r["init"], "seed": r["seed"], "steps": r["steps"],
+    print_table([{"task": r["task"], "init": r["init"], "model": r["model"], "seed": r["seed"], "steps": r["steps"],
                   "max_segments": r["max_segments"],
-                  **{f"{row['multiple']} x l": row["folded"] for row in r["rows"]},
-                  "local_only past 1 x l": max((row["local_only"] for row in r["rows"] if row["multiple"] > 1),
-                                               default=None)} for r in record["runs"]],
-                ["task", "init", "seed", "steps", "max_segments", *[f"{m} x l" for m in multiples],
+                  **{f"{row['multiple']} x l": row["score"] for row in r["rows"]},
+                  "local_only past 1 x l": max((row["local_only"] for row in r["rows"]
+                                                if row["multiple"] > 1 and row["local_only"] is not None), default=None)}
+                 for r in record["runs"]],
+                ["task", "init", "model", "seed", "steps", "max_segments", *[f"{m} x l" for m in multiples],
                  "local_only past 1 x l"])
     print("headline:", json.dumps({k: v for k, v in record.items() if k not in ("runs", "backbone", "recipe")}))
     if args.json:

@@ -75,7 +75,12 @@ def parse_args(argv=None):
                         "gradient reaching its segment")
     p.add_argument("--save", help="save the trained folded model here (foldscale's exported format, the store's "
                                   "tokenizer beside it): --init DIR goes on training it or, with --steps 0, scores it")
-    p.add_argument("--baseline", action="store_true", help="also train and score full attention")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train and score full attention over --max-train-segments x l tokens: a plain GPT "
+                        "of the folded model's blocks, with --init starting from the init's blocks (its "
+                        "global blocks after its local ones)")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="train and score only that baseline (no folded model), e.g. beside a folded run of the same seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="write the table, configs, seeds and training summaries here")
@@ -88,6 +93,8 @@ def parse_args(argv=None):
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         p.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    if args.baseline_only and (args.save or args.probe):
+        p.error("--baseline-only trains no folded model: --save and --probe are for the folded model")
     return args
 
 
@@ -140,21 +147,26 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
           f"{targs.max_train_segments} segments, {targs.minutes} min{' from ' + args.init if args.init else ''}",
           flush=True)
     make_batch = batch_maker(train_task, train_corpus)
-    summaries = {"folded": train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")}
-    if args.save:
-        save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)
-        folded.save_pretrained(save)
-        shutil.copyfile(train_corpus.tokenizer.path, save / "tokenizer.model")
-        print(f"{name}: saved the trained folded model to {save}", flush=True)
-    local = FoldedLM(cfg.local_only()).to(device).eval()
-    local.load_state_dict(folded.state_dict())
-    models = {"folded": folded, "local_only": local}
-    configs = {k: m.cfg.to_dict() for k, m in models.items()}
-    if args.baseline:
+    models, summaries = {}, {}
+    if not args.baseline_only:
+        summaries["folded"] = train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")
+        if args.save:
+            save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)
+            folded.save_pretrained(save)
+            shutil.copyfile(train_corpus.tokenizer.path, save / "tokenizer.model")
+            print(f"{name}: saved the trained folded model to {save}", flush=True)
+        local = FoldedLM(cfg.local_only()).to(device).eval()
+        local.load_state_dict(folded.state_dict())
+        models = {"folded": folded, "local_only": local}
+    if args.baseline or args.baseline_only:
         torch.manual_seed(args.seed)
-        full = FoldedLM(cfg.full_attention(targs.max_train_segments * l)).to(device)
+        window = targs.max_train_segments * l
+        full = FoldedLM.from_pretrained(args.init).as_full_attention(window) if args.init \
+            else FoldedLM(cfg.full_attention(window))
+        full = full.to(device)
         summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full")
-        models["full_attention"], configs["full_attention"] = full, full.cfg.to_dict()
+        models["full_attention"] = full
+    configs = {k: m.cfg.to_dict() for k, m in models.items()}
 
     steps = {key: segment_step(model, targs, device) for key, model in models.items()}
     near = [int(m) for m in args.eval_multiples.split(",") if m]
@@ -185,7 +197,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
             print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores} | "
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     probes = {}
-    if args.probe and cfg.recurrent:
+    if args.probe and "folded" in models and cfg.recurrent:
         after = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k <= max(near + far)]
         probes["footprint"] = probe.footprint(folded, task, val_corpus, device, args.seed + 2000, after)
         probes["gradient"] = probe.gradient(folded, task, val_corpus, device, args.seed + 3000,
@@ -214,8 +226,9 @@ def main(argv=None):
     for name in args.tasks.split(","):
         task_rows, summaries[name], configs[name], probes[name] = run_task(name, store, args, device)
         rows += task_rows
-    columns = ["task", "multiple", *(["prefix_cap"] if args.short_prefix else []), "distance", "folded", "local_only", *(["full_attention"] if args.baseline else []),
-               "chance"]
+    columns = ["task", "multiple", *(["prefix_cap"] if args.short_prefix else []), "distance",
+               *([] if args.baseline_only else ["folded", "local_only"]),
+               *(["full_attention"] if args.baseline or args.baseline_only else []), "chance"]
     print_table([{k: "n/a" if v is None else v for k, v in r.items()} for r in rows], columns)
     write_json(args.json, rows, suite="long-context", seed=args.seed, eval_seed=args.seed + 1000,
                store=str(store.path), store_fingerprint=store.fingerprint, args=vars(args), models=configs,

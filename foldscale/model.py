@@ -247,6 +247,21 @@ class FoldedLM(Pretrained, nn.Module):
     def head(self, x) -> torch.Tensor:
         return self.lm_head(self.norm(x))  # (B, t, V)
 
+    def as_full_attention(self, window: int) -> "FoldedLM":
+        """A plain causal GPT over `window` tokens (cfg.full_attention) made of this model's
+        embedding, blocks, norm and head, the global blocks after the local ones; S0 and the
+        carry are left out. The full-attention reference fine-tuned from the same backbone."""
+        first_global = self.cfg.n_local
+        state = {}
+        for key, value in self.export_state_dict().items():
+            if key == "s0" or key.startswith("carry."):
+                continue
+            if key.startswith("global_blocks."):
+                index, rest = key[len("global_blocks."):].split(".", 1)
+                key = f"local_blocks.{first_global + int(index)}.{rest}"
+            state[key] = value
+        return type(self).from_state_dict(self.cfg.full_attention(window), state, "as_full_attention")
+
     kernels = "torch"
 
     def set_kernels(self, kernels: str) -> "FoldedLM":

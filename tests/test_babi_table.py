@@ -43,7 +43,24 @@ def test_the_record_has_issue_26s_keys(tmp_path):
     assert record["recipe"] == {"lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.01, "steps": 100,
                                 "max_train_segments": 32}
     (base,) = [r for r in record["runs"] if r["init"] == "scratch"]
-    assert base["steps"] == 90 and [row["folded"] for row in base["rows"]] == [0.5, 0.2, 0.17, 0.1]
+    assert base["steps"] == 90 and [row["score"] for row in base["rows"]] == [0.5, 0.2, 0.17, 0.1]
+
+
+def test_the_full_attention_reference_is_scored_inside_its_window(tmp_path):
+    fine = [suite_record(tmp_path / f"qa1_{s}.json", "qa1", s, [1.0] * 4, [0.2] * 4) for s in (0, 1)]
+    full = json.loads(suite_record(tmp_path / "full.json", "qa1", 0, [None] * 4, [None] * 4).read_text())
+    for row, score in zip(full["rows"], (0.97, None, None, None)):  # beyond its window: None
+        row["full_attention"] = score
+        del row["folded"], row["local_only"]
+    full["args"]["baseline_only"] = True
+    full["train"]["qa1"] = {"full_attention": {"steps": 100, "max_segments": 32, "skipped_steps": 1}}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    record = babi_table.table(fine, [], reference=[tmp_path / "full.json"])
+    assert record["qa1_full_attention"] == {"1": 0.97}
+    (ref,) = [r for r in record["runs"] if r["model"] == "full_attention"]
+    assert ref["init"] == "backbone" and ref["skipped_steps"] == 1 and ref["rows"][0]["score"] == 0.97
+    with pytest.raises(babi_table.TableError, match="not `python -m experiments.suite --baseline-only"):
+        babi_table.table(fine, [], reference=[fine[0]])
 
 
 def test_missing_seeds_other_stores_and_other_records_are_refused(tmp_path):
@@ -73,6 +90,7 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
         return proc.stdout + proc.stderr
     first = session(tmp_path / "a")
     assert "est_minutes" in first and "qa1 seed0: finished" in first and "qa1 scratch: finished" in first
+    assert "qa1 full: finished" in first
     record = json.loads((tmp_path / "a" / "babi.json").read_text())
     assert record["seeds"] == [0] and len(record["qa1_16"]) == len(record["qa1_64"]) == 1
     assert all(0 <= x <= 1 for x in record["qa1_16"] + record["qa1_64"])
@@ -80,8 +98,9 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     backbone = record["backbone"]
     assert backbone["steps"] == 10 and backbone["tokens"] == 10240 and backbone["val_loss"] > 0
     assert backbone["config"]["state_gate_hard"] and backbone["config"]["segment_len"] == 32
-    assert [(r["init"], r["seed"], r["steps"]) for r in record["runs"]] == [
-        ("backbone", 0, 6), ("scratch", 0, 6)]
+    assert [(r["init"], r["model"], r["seed"], r["steps"]) for r in record["runs"]] == [
+        ("backbone", "folded", 0, 6), ("scratch", "folded", 0, 6), ("backbone", "full_attention", 0, 6)]
+    assert set(record["qa1_full_attention"]) == {"1", "4"}  # 16 x l and beyond: longer than its window
     assert [row["multiple"] for row in record["runs"][0]["rows"]] == [1, 4, 16, 64]
     exported = tmp_path / "a" / "backbone"
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]

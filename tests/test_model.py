@@ -93,6 +93,24 @@ def test_full_attention_variant_is_a_plain_gpt_over_its_window():
         cfg.d_model = 64
 
 
+def test_full_attention_from_a_folded_model_keeps_its_blocks_in_order():
+    folded = make()  # 1 local block, 2 global
+    full = folded.as_full_attention(24)
+    assert full.cfg == folded.cfg.full_attention(24)
+    params = dict(folded.named_parameters())
+    moved = {"local_blocks.1.": "global_blocks.0.", "local_blocks.2.": "global_blocks.1."}
+    for name, value in full.named_parameters():
+        prefix, rest = name[:len("local_blocks.1.")], name[len("local_blocks.1."):]
+        torch.testing.assert_close(value, params[moved[prefix] + rest if prefix in moved else name], rtol=0, atol=0)
+    ids = randint(2, 24)
+    changed = ids.clone()
+    changed[0, 0] += 1
+    assert not torch.allclose(full(ids).logits[0, -1], full(changed).logits[0, -1])  # one window of 24
+    with torch.no_grad():
+        full.tok_emb.weight.add_(1)  # its own weights, not the folded model's
+    assert not torch.equal(full.tok_emb.weight, folded.tok_emb.weight)
+
+
 def test_reset_gives_a_fresh_document():
     model = make()
     ids = randint(2, 8, seed=3)
