@@ -186,13 +186,16 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
                 row[key] = None if right is None else float(right.float().mean())
                 if key == "folded" and args.probe:
                     row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)
+                    row["folded_by_answer_split"] = probe.by_answer_split(docs, right.numpy(), l)
                     if m <= 1024:  # each miss is read again alone: a million-token row would take minutes
                         row["folded_misses"] = probe.misses(model, docs, right.numpy(), tokenizer, device)
             row["chance"] = task.chance
             rows.append(row)
             scores = ", ".join(f"{k} {row[k]}" for k in models)
             if args.probe:
-                scores += f" | by offset {row['folded_by_offset']}" + "".join(
+                split = row["folded_by_answer_split"]
+                scores += (f" | by offset {row['folded_by_offset']} | answer within a segment {split['within']['exact']}"
+                           f", crossing one {split['crossing']['exact']} of {split['crossing']['docs']}") + "".join(
                     f" | {x['answer']} -> {x['predicted']}" for x in row.get("folded_misses", [])[:3])
             print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores} | "
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)

@@ -446,6 +446,20 @@ def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):
     assert parts == [1.0 if any(e < L // 2 for e in ends) else None, 0.0 if any(e >= L // 2 for e in ends) else None]
 
 
+def test_probe_by_answer_split_separates_answers_that_cross_a_segment_boundary(corpus):
+    ds = docs("passkey", corpus, 1, 80)
+    crossing = []
+    for d in ds:
+        at, answer = d.piece("answer")
+        first, last = at - 1, at + len(answer) - 2  # the positions that predict the answer's first and last token
+        crossing.append(first // L != last // L)
+        assert probe.answer_crosses(d, L) == crossing[-1]
+    assert 0 < sum(crossing) < len(ds)
+    split = probe.by_answer_split(ds, crossing, L)  # right exactly where the answer crosses
+    assert split == {"within": {"exact": 0.0, "docs": len(ds) - sum(crossing)},
+                     "crossing": {"exact": 1.0, "docs": sum(crossing)}}
+
+
 def test_probe_misses_reports_the_argmax_answer_of_the_missed_documents(store, corpus):
     """What exact match scored wrong, read again alone: fewer digits right than the answer has, and
     the same argmax as the whole batch read at once; documents scored right are left out."""

@@ -8,6 +8,8 @@
   ||S - S'|| / ||S||, per row, is the needle's footprint. Its mean over rows and its largest
   row, against k, show whether the memory forgets (decay), and the gate's values on the same
   walk (mean, and the share above 0.99) show whether the rows holding it saturate.
+- `by_answer_split`: exact match of the documents whose answer lies in one segment and of those
+  whose answer crosses into the next (which sees the question only through the state).
 - `misses`: what the model answered where it missed: its argmax digits beside the answer, and
   where the needle and the question fell (segment, offset in it).
 - `gradient`: the norm of the answer loss's gradient with respect to the state carried out of
@@ -37,6 +39,20 @@ def by_offset(docs: list, exact, l: int, bins: int = 4) -> list[float | None]:
     part = np.array([(needle_end(d) - 1) % l * bins // l for d in docs])
     exact = np.asarray(exact, bool)
     return [round(float(exact[part == b].mean()), 3) if (part == b).any() else None for b in range(bins)]
+
+
+def answer_crosses(doc: text.Document, l: int) -> bool:
+    """Do the positions that predict the answer span two segments?"""
+    at, answer = doc.piece("answer")
+    return (at - 1) // l != (at + len(answer) - 2) // l
+
+
+def by_answer_split(docs: list, exact, l: int) -> dict:
+    """Exact match and count of the documents whose answer lies in one segment ("within") and of
+    those whose answer crosses a segment boundary ("crossing")."""
+    crossing, exact = np.array([answer_crosses(d, l) for d in docs]), np.asarray(exact, bool)
+    return {name: {"exact": round(float(exact[mask].mean()), 3) if mask.any() else None, "docs": int(mask.sum())}
+            for name, mask in (("within", ~crossing), ("crossing", crossing))}
 
 
 @torch.no_grad()
