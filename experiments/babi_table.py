@@ -78,14 +78,14 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
     full = [load_run(p) for p in reference]
     if any(not r["args"].get("baseline_only") for r in full):
         raise TableError("a reference run is not `python -m experiments.suite --baseline-only ...`")
-    base_and_full = base + full
-    stores = {r["store_fingerprint"] for r in fine + base_and_full}
+    others = base + full
+    stores = {r["store_fingerprint"] for r in fine + others}
     if len(stores) > 1:
         raise TableError(f"the runs read {len(stores)} different token stores: give the records of one store")
     tasks = list(dict.fromkeys(r["args"]["tasks"] for r in fine))
     seeds = sorted({r["seed"] for r in fine})
-    record = {"device": " / ".join(sorted({r["device"] for r in fine + base_and_full})),
-              "date": max(r["date"] for r in fine + base_and_full), "seeds": seeds}
+    record = {"device": " / ".join(sorted({r["device"] for r in fine + others})),
+              "date": max(r["date"] for r in fine + others), "seeds": seeds}
     for task in tasks:
         mine = {r["seed"]: r for r in fine if r["args"]["tasks"] == task}
         if sorted(mine) != seeds:

@@ -58,11 +58,11 @@ def by_answer_split(docs: list, exact, l: int) -> dict:
 @torch.no_grad()
 def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20) -> list[dict]:
     """For up to `most` documents that `exact` marks wrong: the answer and the model's argmax at
-    each answer position (given the right digits before it, as exact match scores it), the
-    needle's last segment and the offset of its end in it, the question's segment, and the
-    segment and offset of the position that predicts the answer's first token (past l - len
-    (answer) the answer crosses into the next segment, which sees the question only through
-    the state). Each document is read alone, up to its answer."""
+    each answer position (given the right tokens before it, as exact match scores it), the
+    segment of the needle's end and its offset there, the question's segment, and the segment
+    and offset of the position that predicts the answer's first token (`answer_crosses` tells
+    whether the answer goes on into the next segment). Each document is read alone, up to its
+    answer."""
     l, out = model.cfg.segment_len, []
     for doc, right in zip(docs, exact):
         if right or len(out) == most:
@@ -75,7 +75,8 @@ def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20
         end = needle_end(doc) - 1
         out.append({"answer": tokenizer.decode(answer.tolist()), "predicted": tokenizer.decode(guess),
                     "digits_right": int(sum(g == a for g, a in zip(guess, answer.tolist()))),
-                    "needle_segment": end // l, "needle_offset": end % l, "question_segment": doc.piece("question")[0] // l,
+                    "needle_segment": end // l, "needle_offset": end % l,
+                    "question_segment": doc.piece("question")[0] // l,
                     "answer_segment": (at - 1) // l, "answer_offset": (at - 1) % l})
     return out
 

@@ -382,5 +382,5 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
             "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
-            "stages": stages, "max_segments": max_segments, "last_lr": opt.param_groups[0]["lr"], "skipped_steps": skipped, "stream_steps": stream_steps,
-            "state_grad_through_time": through_time}
+            "stages": stages, "max_segments": max_segments, "last_lr": opt.param_groups[0]["lr"],
+            "skipped_steps": skipped, "stream_steps": stream_steps, "state_grad_through_time": through_time}
