@@ -2,13 +2,14 @@
 # Issue 25 in device commands of ~9.5 minutes, the seeds and both tasks side by side on one GPU:
 #   climb:   passkey from scratch up the curriculum to 32 segments, and multikey from scratch with
 #            --mix-keys (1 to 4 needles a story), for CLIMB_MIN minutes; each model saved.
-#   finish:  each climbed model goes on (passkey at 32 segments, multikey up its curriculum again)
-#            at lr FINISH_LR for FINISH_MIN minutes, annealed to a tenth by the time budget, then
-#            scored at 1, 64, 1024 x l and 16384 x l (multikey: 1, 64, 1024) on 100 documents each.
-# A stage whose models exist in WORK (default runs/retrieval; it stays on a warm machine) is skipped,
-# so the same command, called again on the warm machine, runs the next stage. OUT gets runs.tar (every
-# log and JSON) and each finished model in bf16 (MODEL.tar, config, weights and tokenizer: ~11 MiB) to
-# probe on the CPU.
+#   finish1, finish2, ...: each model of the round before goes on from the curriculum's stage it
+#            reached, at lr FINISH_LR for FINISH_MIN minutes, annealed to a tenth by the time
+#            budget, then is scored at 1, 64, 1024 x l and 16384 x l (multikey: 1, 64, 1024)
+#            on 100 documents each.
+# Each call runs the first round whose models are not all in WORK (default runs/retrieval; it stays
+# on a warm machine), so the same command, called again on the warm machine, runs the next round.
+# Models are WORK/TASK_ROUND_seedS. OUT gets runs.tar (every log and JSON) and each model this call
+# finished in bf16 (TASK_ROUND_seedS.tar: config, weights and tokenizer, ~11 MiB) to probe on the CPU.
 #
 #   bash experiments/retrieval_session.sh OUT            # on the GPU
 #   bash experiments/retrieval_session.sh OUT --quick    # toy sizes on the CPU (tests/test_longctx.py)
@@ -49,36 +50,46 @@ run() {  # run NAME ARGS...: the suite, its log and JSON in WORK, one line when 
         && echo "$name: finished" || echo "$name: failed (status $?), see $work/$name.log" ) &
 }
 
-stage=finish
-for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
-    [[ -f $work/${task}_climb$s/model.safetensors ]] && continue
-    stage=climb
-    extra=(); [[ $task == multikey ]] && extra=(--mix-keys)
-    run "${task}_climb$s" --tasks "$task" "${model[@]}" "${extra[@]}" "${climb[@]}" --seed "$s" --save "$work/${task}_climb$s"
-done; done
-if [[ $stage == finish ]]; then
+complete() {  # complete STAGE: has every task and seed a model of STAGE?
     for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
-        [[ -f $work/${task}_finish$s/model.safetensors ]] && continue
-        if [[ $task == passkey ]]; then extra=(--start-segments $segments "${far[@]}"); else extra=(--mix-keys); fi
-        run "${task}_finish$s" --tasks "$task" --init "$work/${task}_climb$s" --lr "${FINISH_LR:-3e-4}" \
-            --warmup-steps 20 "${finish[@]}" "${extra[@]}" --seed "$s" --save "$work/${task}_finish$s"
+        [[ -f $work/${task}_$1_seed$s/model.safetensors ]] || return 1
     done; done
+}
+stage=climb
+if complete climb; then  # the first finishing round not yet complete goes on from the one before
+    k=1
+    while complete finish$k; do k=$((k + 1)); done
+    stage=finish$k previous=$( ((k == 1)) && echo climb || echo finish$((k - 1)) )
 fi
+for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
+    name=${task}_${stage}_seed$s
+    [[ -f $work/$name/model.safetensors ]] && continue
+    extra=(); [[ $task == multikey ]] && extra=(--mix-keys)
+    if [[ $stage == climb ]]; then
+        run "$name" --tasks "$task" "${model[@]}" "${extra[@]}" "${climb[@]}" --seed "$s" --save "$work/$name"
+    else  # from the curriculum's stage the round before reached
+        from=$work/${task}_${previous}_seed$s
+        reached=$("$python" -c "import json, sys; print(json.load(open(sys.argv[1]))['train'][sys.argv[2]]['folded']['max_segments'])" "$from.json" "$task")
+        [[ $task == passkey ]] && extra=("${far[@]}")
+        run "$name" --tasks "$task" --init "$from" --start-segments "$reached" --lr "${FINISH_LR:-3e-4}" \
+            --warmup-steps 20 "${finish[@]}" "${extra[@]}" --seed "$s" --save "$work/$name"
+    fi
+done; done
 echo "$stage: ${tasks[*]} x seeds ${seeds[*]}, side by side"
 wait
 missing=()
 for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
-    [[ -f $work/${task}_$stage$s/model.safetensors ]] || missing+=("${task}_$stage$s")
+    [[ -f $work/${task}_${stage}_seed$s/model.safetensors ]] || missing+=("${task}_${stage}_seed$s")
 done; done
-for log in "$work"/*_"$stage"*.log; do
+for log in "$work"/*_"$stage"_seed*.log; do
     echo "== $(basename "$log" .log)"
     grep -E "\] (accuracy|warning|step .* non-finite)|^(passkey|multikey) [0-9]+ x l" "$log" | cut -c1-160 || true
 done
 logs=("$work"/*.log "$work"/*.json)
 tar -C "$work" -cf "$out/runs.tar" "${logs[@]#$work/}"
-for dir in "$work"/*_finish*/; do  # bf16, small enough to come back from the device
+for dir in "$work"/*_finish*_seed*/; do  # bf16, small enough to come back from the device
     name=$(basename "$dir")
-    [[ -f $out/$name.tar ]] && continue
+    [[ -f $out/$name.tar || $name != *_${stage}_seed* ]] && continue  # this call's: at most 8 files come back
     "$python" -m foldscale.cli export "$dir" --dtype bf16 --out "$work/bf16/$name" > /dev/null
     cp "$dir/tokenizer.model" "$work/bf16/$name/" 2>/dev/null || true
     tar -C "$work/bf16" -cf "$out/$name.tar" "$name"
@@ -87,4 +98,4 @@ if ((${#missing[@]})); then
     echo "not done: ${missing[*]}: the same command runs them again"
     exit 1
 fi
-[[ $stage == climb ]] && echo "climbed: the same command on the warm machine finishes and scores" || true
+echo "$stage done: the same command on the warm machine goes on with the next round"

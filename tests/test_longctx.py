@@ -659,9 +659,9 @@ def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, cap
 
 @pytest.mark.e2e
 def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(tmp_path):
-    """bash experiments/retrieval_session.sh OUT --quick, twice: the first call trains both tasks from
-    scratch (multikey with --mix-keys) and saves them; the second goes on from them, scores, and packs
-    each finished model in bf16."""
+    """bash experiments/retrieval_session.sh OUT --quick, three times: the first call trains both tasks
+    from scratch (multikey with --mix-keys) and saves them; each next one goes on from the round
+    before, scores, and packs the models it finished in bf16."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORK": str(tmp_path / "w"), "SEEDS": "0",
            "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
 
@@ -671,13 +671,20 @@ def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
     assert "climb: passkey multikey x seeds 0" in session()
-    climbed = json.loads((tmp_path / "w" / "multikey_climb0.json").read_text())
-    assert climbed["args"]["mix_keys"] and climbed["args"]["save"].endswith("multikey_climb0")
-    assert "finish: passkey multikey x seeds 0" in session()
-    finished = json.loads((tmp_path / "w" / "passkey_finish0.json").read_text())
-    assert finished["args"]["init"].endswith("passkey_climb0") and finished["args"]["lr"] == 3e-4
+    climbed = json.loads((tmp_path / "w" / "multikey_climb_seed0.json").read_text())
+    assert climbed["args"]["mix_keys"] and climbed["args"]["save"].endswith("multikey_climb_seed0")
+    assert "finish1: passkey multikey x seeds 0" in session()
+    finished = json.loads((tmp_path / "w" / "passkey_finish1_seed0.json").read_text())
+    assert finished["args"]["init"].endswith("passkey_climb_seed0") and finished["args"]["lr"] == 3e-4
+    assert finished["args"]["start_segments"] == json.loads(
+        (tmp_path / "w" / "passkey_climb_seed0.json").read_text())["train"]["passkey"]["folded"]["max_segments"]
     assert [row["multiple"] for row in finished["rows"]] == [1, 2, 4]
-    for name in ("passkey_finish0", "multikey_finish0"):
+    assert "finish2: passkey multikey x seeds 0" in session()
+    again = json.loads((tmp_path / "w" / "multikey_finish2_seed0.json").read_text())
+    assert again["args"]["init"].endswith("multikey_finish1_seed0") and again["args"]["mix_keys"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_finish2_*.tar")) == [
+        "multikey_finish2_seed0.tar", "passkey_finish2_seed0.tar"]
+    for name in ("passkey_finish1_seed0", "multikey_finish2_seed0"):
         with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
             tar.extractall(tmp_path / "back", filter="data")
         model = FoldedLM.from_pretrained(tmp_path / "back" / name)
@@ -685,4 +692,4 @@ def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
         assert model.cfg.state_gate_hard and (tmp_path / "back" / name / "tokenizer.model").is_file()
     with tarfile.open(tmp_path / "out" / "runs.tar") as tar:
-        assert {"passkey_climb0.log", "multikey_finish0.json"} <= set(tar.getnames())
+        assert {"passkey_climb_seed0.log", "multikey_finish2_seed0.json"} <= set(tar.getnames())
