@@ -2,8 +2,8 @@
 through foldscale.generate.stream_generate (the path `foldscale generate` takes: key/value caches,
 and on a GPU one CUDA graph replay per new token), side by side with the uncached reference that
 re-runs the current segment for every new token. Two cached rows: the one-token step eager
-("cached") and through torch.compile ("compiled", by default on a GPU only), so their ratio is
-measured in one run; compilation happens in a warm-up, outside the timing. Greedy, random
+("cached") and through torch.compile ("compiled", by default on a GPU only; --compile-modes adds a
+row per torch.compile mode), so their ratio is measured in one run; compilation happens in a warm-up, outside the timing. Greedy, random
 weights: speed and memory do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
@@ -43,6 +43,8 @@ def main():
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=256)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="add the torch.compile row (default: on a GPU)")
+    p.add_argument("--compile-modes", default="default",
+                   help="torch.compile modes of the compiled rows, e.g. default,max-autotune-no-cudagraphs")
     p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -54,7 +56,8 @@ def main():
     cfg = ModelConfig.load(args.model)
     model = FoldedLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
     compiled = cuda if args.compile is None else args.compile
-    steps = {"cached": False, "compiled": True} if compiled else {"cached": False}
+    modes = args.compile_modes.split(",") if compiled else []
+    steps = {"cached": False, **{"compiled" if m == "default" else f"compiled {m}": m for m in modes}}
     paths = {path: functools.partial(stream_generate, model, max_new_tokens=args.new_tokens, temperature=0,
                                      compile=on) for path, on in steps.items()}
     paths["uncached"] = lambda ids: uncached_generate(model, ids, args.new_tokens)
@@ -95,8 +98,8 @@ def main():
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])
     speed = {(r["prompt_tokens"], r["path"]): r["new_tok_s"] for r in rows}
     for n, path in speed:
-        if path == "compiled":
-            print(f"prompt {n}: compiled / cached new tokens/s = {speed[n, path] / speed[n, 'cached']:.2f}x")
+        if path.startswith("compiled"):
+            print(f"prompt {n}: {path} / cached new tokens/s = {speed[n, path] / speed[n, 'cached']:.2f}x")
     write_json(args.json, rows, model=args.model)
 
 

@@ -45,10 +45,12 @@ def step(model: FoldedLM, caches, outputs, ids, positions):
 
 
 @functools.cache
-def compiled_step():
-    """`step` through torch.compile with static shapes, made once per process: Inductor fuses each
-    block's norms, rotation, mask and SwiGLU into a few kernels, and caches the code by shape."""
-    return torch.compile(step, fullgraph=True, dynamic=False)
+def compiled_step(mode: str = "default"):
+    """`step` through torch.compile with static shapes, made once per process and mode: Inductor
+    fuses each block's norms, rotation, mask and SwiGLU into a few kernels, and caches the code by
+    shape. mode "max-autotune-no-cudagraphs" also times Triton templates for each matrix product
+    (minutes of compiling); the decoder captures its own graph, so not "reduce-overhead"."""
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
 
 class StreamDecoder:
@@ -65,7 +67,8 @@ class StreamDecoder:
 
     def __init__(self, model: FoldedLM, state=None, use_graph=None, compile=None):
         """use_graph: replay one-token feeds as a CUDA graph; compile: run them through
-        `compiled_step` (each defaults to whether the ids are on a GPU). Many-token feeds run eagerly."""
+        `compiled_step` (each defaults to whether the ids are on a GPU; a string is torch.compile's
+        mode). Many-token feeds run eagerly."""
         self.model, self.state, self.use_graph, self.compile = model, state, use_graph, compile
         self.t, self.caches, self.graph = 0, None, None
 
@@ -97,7 +100,7 @@ class StreamDecoder:
         if n == 1 and self.use_graph:
             logits = self._replay(ids)
         else:
-            fn = compiled_step() if n == 1 and self.compile else step
+            fn = self._compiled() if n == 1 and self.compile else step
             logits = fn(self.model, self.caches, self.outputs, ids,
                         torch.arange(self.t, self.t + n, device=ids.device))
         self.t += n
@@ -107,6 +110,9 @@ class StreamDecoder:
                 self.state = self.model.next_state(self.memory_rows, self.outputs.clone())
             self.t = 0
         return logits
+
+    def _compiled(self):
+        return compiled_step(self.compile if isinstance(self.compile, str) else "default")
 
     def _read_memory(self, batch_size):
         """A new segment: the memory rows' keys and values (they see only memory keys)."""
@@ -123,7 +129,7 @@ class StreamDecoder:
         into fixed buffers; the step writes the same cache rows and outputs as `step` would."""
         self.position.fill_(self.t)
         if self.graph is None:
-            fn = compiled_step() if self.compile else step
+            fn = self._compiled() if self.compile else step
             args = self.model, self.caches, self.outputs, ids.clone(), self.position
             self.ids = args[3]
             stream = torch.cuda.Stream()

@@ -295,8 +295,9 @@ def test_decoder_runs_the_blocks_training_runs():
     torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_global=0)])
-def test_compiled_one_token_step_gives_forward_stream_logits(kw, monkeypatch):
+@pytest.mark.parametrize("kw, compile, mode", [(dict(), True, "default"), (dict(n_global=0), True, "default"),
+                                              (dict(), "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compiled_one_token_step_gives_forward_stream_logits(kw, compile, mode, monkeypatch):
     """One token at a time through the torch.compile'd step (fullgraph, static shapes), across two
     segment boundaries, the decoder gives forward_stream's logits and state, from one compiled
     graph for every position. The backend is aot_eager (Dynamo's trace and the functionalised
@@ -309,16 +310,17 @@ def test_compiled_one_token_step_gives_forward_stream_logits(kw, monkeypatch):
         graphs.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     compiled = torch.compile(decoding.step, backend=backend, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(decoding, "compiled_step", lambda: compiled)
+    modes = []
+    monkeypatch.setattr(decoding, "compiled_step", lambda m: modes.append(m) or compiled)
     model = make(**kw).double()
     ids = randint(2, 21)  # 2 whole segments of 8 and 5 tokens
     full = model.forward_stream(ids)
-    decoder = StreamDecoder(model, compile=True)
+    decoder = StreamDecoder(model, compile=compile)
     pieces = [decoder.feed(ids[:, :3])] + [decoder.feed(ids[:, i:i + 1]) for i in range(3, 21)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-9, atol=1e-9)
     if model.cfg.recurrent:
         torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
-    assert len(graphs) == 1
+    assert len(graphs) == 1 and set(modes) == {mode}
 
 
 @pytest.mark.parametrize("n_global", [0, 2])
