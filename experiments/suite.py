@@ -55,6 +55,10 @@ def parse_args(argv=None):
     add_fields(p, ModelConfig, skip=("vocab_size", "use_state"), d_model=256, n_head=4, n_local=2, n_global=2,
                segment_len=64, bptt_segments=None)  # None: every segment of a sequence (--max-train-segments)
     p.add_argument("--keys", type=int, default=4, help="needles of the multikey task")
+    p.add_argument("--aligned-answers", action="store_true",
+                   help="end every training row's answer at the step's last token, as before session 8 (default: "
+                        "each row's answer up to l - 1 tokens earlier, so a step's rows do not all cross a "
+                        "segment boundary in their answer together)")
     p.add_argument("--mix-keys", action="store_true",
                    help="train multikey on stories of 1 to --keys needles (uniform); it is scored on --keys")
     add_fields(p, TrainArgs, minutes=1.5, min_lr_ratio=0.1)
@@ -110,10 +114,12 @@ def start_segments(task, l: int, args) -> int:
     return start
 
 
-def batch_maker(task, corpus):
+def batch_maker(task, corpus, tail: int = 0):
+    """make_batch(n, length, generator) for the trainer: n training documents of `length` tokens,
+    each answer ending up to `tail` tokens before the end (text.training_docs)."""
     def make_batch(n, length, generator):
         rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
-        docs = text.training_docs(task, corpus, n, length, rng)
+        docs = text.training_docs(task, corpus, n, length, rng, tail)
         return tuple(torch.from_numpy(x) for x in text.batch(docs, 0, length))
     return make_batch
 
@@ -146,7 +152,7 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
     print(f"{name}: {cfg.num_params():,} parameters, l={l}, curriculum {targs.start_segments} -> "
           f"{targs.max_train_segments} segments, {targs.minutes} min{' from ' + args.init if args.init else ''}",
           flush=True)
-    make_batch = batch_maker(train_task, train_corpus)
+    make_batch = batch_maker(train_task, train_corpus, 0 if args.aligned_answers else l - 1)
     models, summaries = {}, {}
     if not args.baseline_only:
         summaries["folded"] = train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")

@@ -237,6 +237,19 @@ def test_training_documents_fill_the_length_with_the_needle_at_any_depth(corpus)
         text.training_docs(t, corpus, 1, 2 * L, np.random.default_rng(0))
 
 
+def test_a_tail_puts_each_rows_answer_at_its_own_offset(store, corpus):
+    """With tail L - 1 the rows of one batch end their answers at every offset of the last
+    segment, filler after them; with no tail every answer ends on the last token."""
+    t = task("passkey", corpus)
+    ds = text.training_docs(t, corpus, 200, 40 * L, np.random.default_rng(0), tail=L - 1)
+    assert {40 * L - d.end for d in ds} == set(range(L))
+    ids, targets = suite.batch_maker(t, text.Corpus(store, "train"), tail=L - 1)(64, 40 * L, torch.Generator())
+    last = [int(row.nonzero().max()) for row in targets != -100]
+    assert ids.shape == targets.shape == (64, 40 * L) and len(set(last)) > L // 2 and max(last) == 40 * L - 2  # the last answer token is predicted one position before it
+    ids, targets = suite.batch_maker(t, text.Corpus(store, "train"))(8, 40 * L, torch.Generator())
+    assert all(int(row.nonzero().max()) == 40 * L - 2 for row in targets != -100)
+
+
 def passkey_batches(store, corpus):
     return suite.batch_maker(task("passkey", corpus), text.Corpus(store, "train"))
 

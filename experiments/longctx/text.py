@@ -175,10 +175,15 @@ def batch(docs: list[Document], a: int, b: int) -> tuple[np.ndarray, np.ndarray]
     return (np.stack([d.tokens(a, b) for d in docs]), np.stack([d.targets(a, b) for d in docs]))
 
 
-def training_docs(task, corpus: Corpus, n: int, length: int, rng: np.random.Generator) -> list[Document]:
-    """n documents of exactly `length` tokens (the answer's last token is the last token). The
-    filler is split between before and after the needle uniformly at random, so the needle
-    lies at any depth; a story too long for `length` is drawn again."""
+def training_docs(task, corpus: Corpus, n: int, length: int, rng: np.random.Generator,
+                  tail: int = 0) -> list[Document]:
+    """n documents of `length` tokens whose answer ends `tail` tokens or fewer before the end
+    (uniform, as far as the story leaves room; filler after it), so that the rows of a batch
+    have their answers at different offsets in a segment. With tail 0 the answer's last token
+    is the last token of every row: in a step whose length puts the answer across a segment
+    boundary every row's answer crosses it, and that step's large loss is clipped as one
+    gradient. The filler is split between before and after the needle uniformly at random, so
+    the needle lies at any depth; a story too long for `length` is drawn again."""
     docs = []
     for _ in range(n):
         for _ in range(100):
@@ -189,6 +194,7 @@ def training_docs(task, corpus: Corpus, n: int, length: int, rng: np.random.Gene
             raise ValueError(f"{task.name}: stories need more than {length} tokens; train on longer "
                              "sequences (--start-segments, --segment-len)")
         free = length - story.size()
+        free -= int(rng.integers(0, min(tail, free) + 1)) if tail else 0
         prefix = int(rng.integers(0, free + 1))
         docs.append(layout(story, Filler(corpus, rng), prefix, free - prefix, rng))
     return docs
