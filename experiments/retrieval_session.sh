@@ -15,8 +15,10 @@
 #   bash experiments/retrieval_session.sh OUT --quick    # toy sizes on the CPU (tests/test_longctx.py)
 #
 # Settings: SEEDS ("0 1 2"), TASKS ("passkey multikey"), STORE (.gpu_data/store), CLIMB_MIN (7.8),
-# FINISH_MIN (5), FINISH_LR (3e-4); CLIMB_ARGS and FINISH_ARGS: more suite flags for those rounds
-# (e.g. CLIMB_ARGS="--advance-at 0.9").
+# FINISH_MIN (5), FINISH_LR (3e-4); CLIMB_ARGS and FINISH_ARGS (each "--advance-at 0.9"): more suite
+# flags for those rounds. The curriculum's gate is 0.9, not the suite's 0.95: now that every step's rows put their
+# answers at their own offsets, about 6% of a window's passkey rows cross a segment boundary in their
+# answer, which the old layout left out of the windows that opened the gate (BENCHMARKS.md, session 8).
 set -euo pipefail
 shopt -s nullglob
 out=${1:?usage: bash experiments/retrieval_session.sh OUT_DIR [--quick]}
@@ -67,13 +69,13 @@ for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
     [[ -f $work/$name/model.safetensors ]] && continue
     extra=(); [[ $task == multikey ]] && extra=(--mix-keys)
     if [[ $stage == climb ]]; then
-        run "$name" --tasks "$task" "${model[@]}" "${extra[@]}" "${climb[@]}" ${CLIMB_ARGS:-} --seed "$s" --save "$work/$name"
+        run "$name" --tasks "$task" "${model[@]}" "${extra[@]}" "${climb[@]}" ${CLIMB_ARGS---advance-at 0.9} --seed "$s" --save "$work/$name"
     else  # from the curriculum's stage the round before reached
         from=$work/${task}_${previous}_seed$s
         reached=$("$python" -c "import json, sys; print(json.load(open(sys.argv[1]))['train'][sys.argv[2]]['folded']['max_segments'])" "$from.json" "$task")
         [[ $task == passkey ]] && extra=("${far[@]}")
         run "$name" --tasks "$task" --init "$from" --start-segments "$reached" --lr "${FINISH_LR:-3e-4}" \
-            --warmup-steps 20 "${finish[@]}" "${extra[@]}" ${FINISH_ARGS:-} --seed "$s" --save "$work/$name"
+            --warmup-steps 20 "${finish[@]}" "${extra[@]}" ${FINISH_ARGS---advance-at 0.9} --seed "$s" --save "$work/$name"
     fi
 done; done
 echo "$stage: ${tasks[*]} x seeds ${seeds[*]}, side by side"
