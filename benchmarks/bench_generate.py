@@ -3,8 +3,8 @@ through foldscale.generate.stream_generate (the path `foldscale generate` takes:
 and on a GPU one CUDA graph replay per new token), side by side with the uncached reference that
 re-runs the current segment for every new token. Two cached rows: the one-token step eager
 ("cached") and through torch.compile ("compiled", by default on a GPU only; --compile-modes adds a
-row per torch.compile mode), so their ratio is measured in one run; compilation happens in a warm-up, outside the timing. Greedy, random
-weights: speed and memory do not depend on them.
+row per torch.compile mode), so their ratio is measured in one run; compilation happens in a
+warm-up, outside the timing. Greedy, random weights: speed and memory do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
     python -m benchmarks.bench_generate --quick

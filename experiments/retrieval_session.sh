@@ -16,9 +16,10 @@
 #
 # Settings: SEEDS ("0 1 2"), TASKS ("passkey multikey"), STORE (.gpu_data/store), CLIMB_MIN (7.8),
 # FINISH_MIN (5), FINISH_LR (3e-4); CLIMB_ARGS and FINISH_ARGS (each "--advance-at 0.9"): more suite
-# flags for those rounds. The curriculum's gate is 0.9, not the suite's 0.95: now that every step's rows put their
-# answers at their own offsets, about 6% of a window's passkey rows cross a segment boundary in their
-# answer, which the old layout left out of the windows that opened the gate (BENCHMARKS.md, session 8).
+# flags for those rounds. The curriculum's gate is 0.9, not the suite's 0.95: now that the rows of a
+# step put their answers at their own offsets, about 6% of a window's passkey rows cross a segment
+# boundary in their answer, which the old layout left out of the windows that opened the gate
+# (BENCHMARKS.md, session 8).
 set -euo pipefail
 shopt -s nullglob
 out=${1:?usage: bash experiments/retrieval_session.sh OUT_DIR [--quick]}
