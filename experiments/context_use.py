@@ -58,7 +58,7 @@ from tools.benchlib import device_name, print_table, write_json
 from foldscale.config import FoldscaleError, ModelConfig, read_json
 from foldscale.data import TokenStore
 from foldscale.data.sampler import assign_documents
-from foldscale.evaluate import evaluate
+from foldscale.evaluate import OFFSET_PARTS, evaluate
 from foldscale.export import export
 from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss, read_metrics
 from foldscale.model import FoldedLM
@@ -264,6 +264,19 @@ def analyse(result: dict, margin: float) -> dict:
             "reach_tokens": reach and reach["from_token"]}
 
 
+def offset_rows(result: dict) -> list[dict]:
+    """Loss in each part of a model's own segment (OFFSET_PARTS parts; part 0 begins where a token
+    sees the segment before only through the state), and the folded model's gain over local-only."""
+    by_name = {r["model"]: r["by_offset"] for r in result["models"]}
+    rows = []
+    for p in range(OFFSET_PARTS):
+        row = {"part": f"{p}/{OFFSET_PARTS}", **{name: parts[p] for name, parts in by_name.items()}}
+        folded, local = row["folded"], row["local_only"]
+        row["gain_vs_local"] = (local - folded) / local if folded is not None and local else None
+        rows.append(row)
+    return rows
+
+
 def far_loss(entry: dict, l: int, start: int) -> float:
     """Mean loss of one evaluated model over the buckets that begin at token `start` or later."""
     buckets = [bucket_label(b) for b in range(N_BUCKETS) if bucket_first(b) * l >= start]
@@ -383,6 +396,10 @@ def main(argv=None):
           f"segments of l = {result['position_unit']} tokens")
     print_table(report["rows"], ["bucket", "from_token", "tokens", "folded", "local_only", *report["full"],
                                  "gain_vs_local", "gap_to_full", "gap_to_full_flops"])
+    by_offset = offset_rows(result)
+    print(f"\nloss by offset within each model's own segment ({OFFSET_PARTS} parts; in part 0 the segment before "
+          "is seen only through the state, and not at all by local-only):")
+    print_table(by_offset, ["part", *(r["model"] for r in result["models"]), "gain_vs_local"])
     print("overall loss: " + ", ".join(f"{r['model']} {r['loss']:.4f}" for r in result["models"]))
     if report["reach_bucket"] is None:
         print(f"the folded model is nowhere >= {args.margin:.0%} better than the local-only ablation")
@@ -406,7 +423,7 @@ def main(argv=None):
     write_json(args.json, report["rows"], task="context_use", model=cfg.to_dict(), steps=args.steps, corpus=corpus,
                training=training, train_minutes=round(train_minutes, 2), margin=args.margin,
                reach_bucket=report["reach_bucket"], reach_tokens=report["reach_tokens"],
-               context_cuts=report.get("reach"),
+               context_cuts=report.get("reach"), by_offset=by_offset,
                evaluation={k: v for k, v in result.items() if k != "models"},
                overall={r["model"]: r["loss"] for r in result["models"]}, args=vars(args))
     return report

@@ -1,4 +1,5 @@
-"""Loss and perplexity over whole documents, overall and by position in the document.
+"""Loss and perplexity over whole documents, overall, by position in the document, and by
+offset within the model's segment (`by_offset`, in OFFSET_PARTS parts of its own l).
 
 Each model reads every document from its start with its own segment length and carried state,
 many documents side by side as training reads them (`position_losses`). To compare models whose
@@ -32,10 +33,16 @@ def select_documents(store: TokenStore, split: str, max_tokens: int | None) -> l
     return docs
 
 
+OFFSET_PARTS = 8
+"""`by_offset` splits each model's own segment into this many equal parts."""
+
+
 @torch.no_grad()
 def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams: int, device,
-                    progress=None, context: int | None = None, block: int = 64) -> PositionLoss:
-    """Per-token losses of MODEL on DOCS, summed into segment-index buckets of l_ref tokens.
+                    progress=None, context: int | None = None, block: int = 64) -> tuple[PositionLoss, torch.Tensor]:
+    """Per-token losses of MODEL on DOCS, summed into segment-index buckets of l_ref tokens, and
+    (2, l) sums of loss and counted tokens by offset within the model's own segment (a token at
+    offset 0 sees the segment before it only through the carried state).
 
     Read as training reads: the documents (with `context`, windows of that many tokens, each
     from S0 as if a new document began there, so no token sees further back than its window's
@@ -67,6 +74,7 @@ def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams
             reset[b, at] = True
             at += int(n_segments[i])
     acc, state = PositionLoss("cpu"), None
+    by_offset = torch.zeros(2, l, dtype=torch.float64)
     for first in range(0, lengths[0], block):
         rows = sum(n > first for n in lengths)
         cols = slice(first * l, (first + block) * l)
@@ -75,11 +83,21 @@ def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams
                                          state, reset[:rows, first:first + block].to(device))):
             seg = slice(first * l + i * l, first * l + (i + 1) * l)
             counted = targets[:rows, seg]
-            acc.add(out.token_loss.cpu().reshape(-1, 1), counted.reshape(-1, 1), position[:rows, seg].reshape(-1) // l_ref)
+            token_loss = out.token_loss.cpu()
+            acc.add(token_loss.reshape(-1, 1), counted.reshape(-1, 1), position[:rows, seg].reshape(-1) // l_ref)
+            by_offset += torch.stack([token_loss.double().sum(0), (counted != -100).double().sum(0)])
             state = out.state
             if progress is not None:
                 progress.update(int((counted != -100).sum()))
-    return acc
+    return acc, by_offset
+
+
+def offset_table(by_offset: torch.Tensor, parts: int = OFFSET_PARTS) -> list[float | None]:
+    """Mean loss in each of `parts` equal parts of a segment (None where no token was counted),
+    from position_losses' (2, l) sums by offset."""
+    part = torch.arange(by_offset.shape[1]) * parts // by_offset.shape[1]
+    sums = [by_offset[:, part == p].sum(1).tolist() for p in range(parts)]
+    return [s / c if c else None for s, c in sums]
 
 
 def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
@@ -93,11 +111,11 @@ def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
     results = []
     for name, model in models.items():
         with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, smoothing=0.05) as bar:
-            acc = position_losses(model, docs, l_ref, streams, device, bar, context)
+            acc, by_offset = position_losses(model, docs, l_ref, streams, device, bar, context)
         loss, table = acc.summary()
         counts = {bucket_label(b): int(c) for b, c in enumerate(acc.counts.tolist()) if c > 0}
         results.append({"model": name, "segment_len": model.cfg.segment_len, "loss": loss,
                         "perplexity": math.exp(min(loss, 50)), "by_position": table,
-                        "tokens_by_position": counts})
+                        "tokens_by_position": counts, "by_offset": offset_table(by_offset)})
     return {"split": split, "documents": len(docs), "tokens": n_tokens, "position_unit": l_ref,
             "context": context, "models": results}

@@ -250,6 +250,12 @@ def test_swapped_or_unexported_paths_are_recognised(env, tmp_path):
     assert result.output.count(str(tmp_path / "empty")) == 1
 
 
+def test_offset_table_averages_each_part_of_a_segment():
+    from foldscale.evaluate import offset_table
+    sums = torch.tensor([[1.0, 3.0, 5.0, 7.0, 0.0, 0.0, 2.0, 2.0], [1, 1, 1, 1, 0, 0, 2, 0]], dtype=torch.float64)
+    assert offset_table(sums, parts=4) == [2.0, 6.0, None, 2.0]
+
+
 def test_eval_reads_many_documents_side_by_side(env, monkeypatch):
     """16 documents of 3 segments: three forward calls of 16 rows each (one segment of every
     stream at a time, as training reads), with the losses of one document at a time."""
@@ -265,8 +271,11 @@ def test_eval_reads_many_documents_side_by_side(env, monkeypatch):
         return forward(self, ids, *args, **kwargs)
 
     monkeypatch.setattr(FoldedLM, "forward", counted)
-    together = position_losses(model, docs, L, streams=16, device="cpu")
+    together, by_offset = position_losses(model, docs, L, streams=16, device="cpu")
     assert rows == [16, 16, 16]
-    alone = [position_losses(model, [d], L, streams=1, device="cpu") for d in docs]
+    alone = [position_losses(model, [d], L, streams=1, device="cpu")[0] for d in docs]
     assert torch.allclose(together.sums, sum(a.sums for a in alone), rtol=1e-5)
     assert torch.equal(together.counts, sum(a.counts for a in alone))
+    # by offset in the segment: the same tokens, each offset counted once per segment read (3 x 16)
+    assert torch.equal(by_offset[1], torch.full((L,), 48.0, dtype=torch.float64))
+    assert by_offset[0].sum().item() == pytest.approx(together.sums.sum().item(), rel=1e-9)

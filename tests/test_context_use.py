@@ -194,3 +194,7 @@ def test_quick_run_on_the_cpu(tmp_path):
     assert "better than" in proc.stdout and (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
     assert [c["context_tokens"] for c in record["context_cuts"]] == [16, 64, "all"]
     assert record["context_cuts"][-1]["worse_than_all"] == 0 and all(c["loss_past"] > 0 for c in record["context_cuts"])
+    parts = record["by_offset"]  # each model's loss in each eighth of its own segment
+    assert [p["part"] for p in parts] == [f"{i}/8" for i in range(8)] and all(p[n] > 0 for p in parts for n in names)
+    assert all(p["gain_vs_local"] == pytest.approx((p["local_only"] - p["folded"]) / p["local_only"]) for p in parts)
+    assert "loss by offset within each model's own segment" in proc.stdout
