@@ -87,7 +87,7 @@ for task in "${tasks[@]}"; do for s in "${seeds[@]}"; do
 done; done
 for log in "$work"/*_"$stage"_seed*.log; do
     echo "== $(basename "$log" .log)"
-    grep -E "\] (accuracy|warning|step .* non-finite)|^(passkey|multikey) [0-9]+ x l" "$log" | cut -c1-160 || true
+    grep -E "\] (accuracy|warning|step .* non-finite)|^(passkey|multikey) [0-9]+ x l" "$log" | cut -c1-240 || true
 done
 logs=("$work"/*.log "$work"/*.json)
 tar -C "$work" -cf "$out/runs.tar" "${logs[@]#$work/}"

@@ -73,7 +73,8 @@ def parse_args(argv=None):
                    help="also score every row with under one segment of filler before the needle: "
                         "separates the distance to the needle from the age of the state it is written into")
     p.add_argument("--probe", action="store_true",
-                   help="also report why needles are missed (experiments/longctx/probe.py): accuracy by the "
+                   help="also report why needles are missed (experiments/longctx/probe.py; every row already "
+                        "splits exact match by whether the answer crosses a segment boundary): accuracy by the "
                         "needle's offset in its segment, what the model answered where it missed (rows up to "
                         "1024 x l), the needle's footprint in the state and the gate over distance, the "
                         "gradient reaching its segment")
@@ -190,18 +191,21 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
                 right = exact(model, docs, args.eval_batch, device, f"{name} {m} x l {key}",
                               steps[key]) if fits else None
                 row[key] = None if right is None else float(right.float().mean())
+                if key == "folded":  # free: the documents' layout splits the scores
+                    row["folded_by_answer_split"] = probe.by_answer_split(docs, right.numpy(), l)
                 if key == "folded" and args.probe:
                     row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)
-                    row["folded_by_answer_split"] = probe.by_answer_split(docs, right.numpy(), l)
                     if m <= 1024:  # each miss is read again alone: a million-token row would take minutes
                         row["folded_misses"] = probe.misses(model, docs, right.numpy(), tokenizer, device)
             row["chance"] = task.chance
             rows.append(row)
             scores = ", ".join(f"{k} {row[k]}" for k in models)
-            if args.probe:
+            if "folded_by_answer_split" in row:
                 split = row["folded_by_answer_split"]
-                scores += (f" | by offset {row['folded_by_offset']} | answer within a segment {split['within']['exact']}"
-                           f", crossing one {split['crossing']['exact']} of {split['crossing']['docs']}") + "".join(
+                scores += (f" | folded, answer within a segment {split['within']['exact']}, crossing one "
+                           f"{split['crossing']['exact']} of {split['crossing']['docs']}")
+            if args.probe:
+                scores += f" | by offset {row['folded_by_offset']}" + "".join(
                     f" | {x['answer']} -> {x['predicted']}" for x in row.get("folded_misses", [])[:3])
             print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores} | "
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)

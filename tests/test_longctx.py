@@ -365,6 +365,9 @@ def test_quick_run_writes_a_sane_table(tmp_path, cache, store):
         assert r["chance"] == TASKS[r["task"]].chance and r["samples"] == args["eval_samples"]
         assert r["distance"] >= r["multiple"] * l
         assert 0 <= r["folded"] <= 1 and 0 <= r["local_only"] <= 1
+        split = r["folded_by_answer_split"]  # the same score, split by whether the answer crosses a boundary
+        assert split["within"]["docs"] + split["crossing"]["docs"] == r["samples"]
+        assert sum(x["exact"] * x["docs"] for x in split.values() if x["docs"]) == pytest.approx(r["folded"] * r["samples"])
         t = TASKS[r["task"]](val.tokenizer)
         longest = max(text.eval_doc(t, val, 1000, r["multiple"], l, i, args["max_prefix_segments"]).end
                       for i in range(r["samples"]))
