@@ -101,12 +101,20 @@ def leave(status) -> None:
     checkpoint is saved, the logs are closed and the process group is left; what teardown still
     destroys is library threads (gloo's, DeepSpeed's). In CPU runs of 2-4 ranks one of them now and
     then aborted a rank that had finished ("terminate called without an active exception", about
-    1 run in 40), and with it the whole job."""
+    1 run in 40), and with it the whole job.
+
+    Under mpirun a rank that leaves without MPI_Finalize makes the launcher kill the ranks still
+    leaving (signal 9), so a run that ends as planned finalizes MPI, which waits for every rank.
+    A rank that fails does not: there the launcher stopping the others at once is what we want."""
     if isinstance(status, str):
         print(status, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status if isinstance(status, int) else 0 if status is None else 1)
+    code = status if isinstance(status, int) else 0 if status is None else 1
+    mpi = sys.modules.get("mpi4py.MPI")  # imported by DeepSpeed's MPI discovery under mpirun
+    if code in (0, STOPPED_BY_SIGNAL) and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,28 @@ def test_a_second_training_into_a_busy_out_is_refused_and_ctrl_c_stops_cleanly(s
     rest = first.stdout.read()
     assert first.wait(timeout=120) == 130 and "stopped cleanly, checkpoint saved: exit status 130" in rest
     assert p.returncode == 2 and f"is in use by the training of PID {first.pid} on host" in p.stderr
+
+
+LEAVE_LAST = """
+import importlib.util, sys, time
+from mpi4py import MPI  # as DeepSpeed's MPI discovery imports it under mpirun
+spec = importlib.util.spec_from_file_location("pretrain", sys.argv[1])
+pretrain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pretrain)
+if MPI.COMM_WORLD.Get_rank() == 0:
+    time.sleep(2)
+    print("rank 0 left last", flush=True)
+pretrain.leave(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("status", [0, 2])
+def test_under_mpirun_a_rank_that_leaves_last_is_not_killed(tmp_path, status):
+    """The fast exit finalizes MPI after a run that ended as planned: otherwise the launcher
+    kills a rank still leaving. After a failure it stops them at once."""
+    (tmp_path / "leave.py").write_text(LEAVE_LAST)
+    p = subprocess.run([str(Path(sys.executable).parent / "mpirun"), "-n", "2", sys.executable, str(tmp_path / "leave.py"),
+                        str(ROOT / "launch" / "pretrain.py"), str(status)], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == status and ("rank 0 left last" in p.stdout) == (status == 0), p.stdout + p.stderr
