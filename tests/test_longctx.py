@@ -676,36 +676,41 @@ def test_a_time_budget_that_cuts_the_last_stage_short_says_so(store, corpus, cap
 @pytest.mark.e2e
 def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(tmp_path):
     """bash experiments/retrieval_session.sh OUT --quick, three times: the first call trains both tasks
-    from scratch (multikey with --mix-keys) and saves them; each next one goes on from the round
-    before, scores, and packs the models it finished in bf16."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORK": str(tmp_path / "w"), "SEEDS": "0",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    from scratch (multikey with --mix-keys), scores and packs them in bf16; each next one goes on from
+    the round before, on the same machine or, given back what came back, on a fresh one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEEDS": "0", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
+           "BACK": str(tmp_path / "none")}
 
-    def session():
-        proc = subprocess.run(["bash", "experiments/retrieval_session.sh", str(tmp_path / "out"), "--quick"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    def session(work, out, **more):
+        proc = subprocess.run(["bash", "experiments/retrieval_session.sh", str(tmp_path / out), "--quick"],
+                              cwd=ROOT, env={**env, "WORK": str(tmp_path / work), **more}, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
-    assert "climb: passkey multikey x seeds 0" in session()
+    assert "climb: passkey multikey x seeds 0" in session("w", "out1")
     climbed = json.loads((tmp_path / "w" / "multikey_climb_seed0.json").read_text())
     assert climbed["args"]["mix_keys"] and climbed["args"]["save"].endswith("multikey_climb_seed0")
-    assert "finish1: passkey multikey x seeds 0" in session()
-    finished = json.loads((tmp_path / "w" / "passkey_finish1_seed0.json").read_text())
+    assert [row["multiple"] for row in climbed["rows"]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "out1").glob("*.tar")) == [
+        "multikey_climb_seed0.tar", "passkey_climb_seed0.tar", "runs.tar"]
+    # a fresh machine: WORK is empty, BACK holds what the first call brought back
+    assert "finish1: passkey multikey x seeds 0" in session("fresh", "out2", BACK=str(tmp_path / "out1"))
+    finished = json.loads((tmp_path / "fresh" / "passkey_finish1_seed0.json").read_text())
     assert finished["args"]["init"].endswith("passkey_climb_seed0") and finished["args"]["lr"] == 3e-4
     assert finished["args"]["start_segments"] == json.loads(
         (tmp_path / "w" / "passkey_climb_seed0.json").read_text())["train"]["passkey"]["folded"]["max_segments"]
     assert [row["multiple"] for row in finished["rows"]] == [1, 2, 4]
-    assert "finish2: passkey multikey x seeds 0" in session()
-    again = json.loads((tmp_path / "w" / "multikey_finish2_seed0.json").read_text())
+    assert "finish2: passkey multikey x seeds 0" in session("fresh", "out3")
+    again = json.loads((tmp_path / "fresh" / "multikey_finish2_seed0.json").read_text())
     assert again["args"]["init"].endswith("multikey_finish1_seed0") and again["args"]["mix_keys"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*_finish2_*.tar")) == [
-        "multikey_finish2_seed0.tar", "passkey_finish2_seed0.tar"]
-    for name in ("passkey_finish1_seed0", "multikey_finish2_seed0"):
-        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
+    assert sorted(p.name for p in (tmp_path / "out3").glob("*.tar")) == [
+        "multikey_finish2_seed0.tar", "passkey_finish2_seed0.tar", "runs.tar"]
+    for out, name in (("out2", "passkey_finish1_seed0"), ("out3", "multikey_finish2_seed0")):
+        with tarfile.open(tmp_path / out / f"{name}.tar") as tar:
             tar.extractall(tmp_path / "back", filter="data")
         model = FoldedLM.from_pretrained(tmp_path / "back" / name)
         with safe_open(tmp_path / "back" / name / "model.safetensors", "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
         assert model.cfg.state_gate_hard and (tmp_path / "back" / name / "tokenizer.model").is_file()
-    with tarfile.open(tmp_path / "out" / "runs.tar") as tar:
+    with tarfile.open(tmp_path / "out3" / "runs.tar") as tar:
         assert {"passkey_climb_seed0.log", "multikey_finish2_seed0.json"} <= set(tar.getnames())
