@@ -34,7 +34,9 @@ work=${WORK:-runs/retrieval}
 seeds=(${SEEDS:-0 1 2})
 tasks=(${TASKS:-passkey multikey})
 mkdir -p "$work"
-for tar in "${BACK:-.gpu_data/back}"/*.tar; do tar -C "$work" -xkf "$tar" 2>/dev/null || true; done  # keeps what WORK has
+for tar in "${BACK:-.gpu_data/back}"/*.tar; do  # what WORK has already is kept
+    tar -C "$work" --skip-old-files -xf "$tar" || { echo "cannot unpack $tar: copy it again from what the device brought back" >&2; exit 1; }
+done
 if [[ ${2:-} == --quick ]]; then
     segments=16  # a 4-needle story needs 14 segments of --quick's l = 32
     common=(--quick)

@@ -714,3 +714,14 @@ def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(
         assert model.cfg.state_gate_hard and (tmp_path / "back" / name / "tokenizer.model").is_file()
     with tarfile.open(tmp_path / "out3" / "runs.tar") as tar:
         assert {"passkey_climb_seed0.log", "multikey_finish2_seed0.json"} <= set(tar.getnames())
+
+
+def test_the_retrieval_session_stops_on_a_damaged_model_brought_back(tmp_path):
+    """A tar in BACK that cannot be unpacked stops the call before any training, naming the file."""
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "passkey_climb_seed0.tar").write_bytes(b"not a tar archive\n" * 64)
+    proc = subprocess.run(["bash", "experiments/retrieval_session.sh", str(tmp_path / "out"), "--quick"], cwd=ROOT,
+                          env={**os.environ, "WORK": str(tmp_path / "w"), "BACK": str(tmp_path / "back")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and f"cannot unpack {tmp_path / 'back' / 'passkey_climb_seed0.tar'}" in proc.stderr
+    assert not list((tmp_path / "w").glob("*.log"))
