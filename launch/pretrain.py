@@ -9,6 +9,7 @@ With no --data, the built-in corpus (the Python standard library's source) is bu
 Flags are spelled with dashes; the underscore spellings (--ds_config) work too.
 """
 import argparse
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -103,9 +104,12 @@ def leave(status) -> None:
     then aborted a rank that had finished ("terminate called without an active exception", about
     1 run in 40), and with it the whole job.
 
-    Under mpirun a rank that leaves without MPI_Finalize makes the launcher kill the ranks still
-    leaving (signal 9), so a run that ends as planned finalizes MPI, which waits for every rank.
-    A rank that fails does not: there the launcher stopping the others at once is what we want."""
+    Under mpirun (MPICH's hydra) a rank whose connection to the launcher closes before it says
+    goodbye makes the launcher kill the ranks still running (signal 9). MPICH says goodbye
+    (PMI_Finalize) in a C atexit handler, after MPI_Finalize, so a run that ends as planned
+    finalizes MPI and leaves through C's exit(), which runs those handlers and not the
+    interpreter's teardown. A rank that fails does not: there the launcher stopping the others at
+    once is what we want."""
     if isinstance(status, str):
         print(status, file=sys.stderr)
     sys.stdout.flush()
@@ -114,6 +118,7 @@ def leave(status) -> None:
     mpi = sys.modules.get("mpi4py.MPI")  # imported by DeepSpeed's MPI discovery under mpirun
     if code in (0, STOPPED_BY_SIGNAL) and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
+        ctypes.CDLL(None).exit(code)
     os._exit(code)
 
 

@@ -89,9 +89,14 @@ from mpi4py import MPI  # as DeepSpeed's MPI discovery imports it under mpirun
 spec = importlib.util.spec_from_file_location("pretrain", sys.argv[1])
 pretrain = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pretrain)
-if MPI.COMM_WORLD.Get_rank() == 0:
+if MPI.COMM_WORLD.Get_rank() == 0:  # rank 1 leaves first, and rank 0 is still there 2 s after MPI_Finalize
     time.sleep(2)
-    print("rank 0 left last", flush=True)
+    finalize = MPI.Finalize
+    def finalize_and_linger():
+        finalize()
+        time.sleep(2)
+        print("rank 0 left last", flush=True)
+    MPI.Finalize = finalize_and_linger
 pretrain.leave(int(sys.argv[2]))
 """
 
@@ -99,8 +104,8 @@ pretrain.leave(int(sys.argv[2]))
 @pytest.mark.e2e
 @pytest.mark.parametrize("status", [0, 2])
 def test_under_mpirun_a_rank_that_leaves_last_is_not_killed(tmp_path, status):
-    """The fast exit finalizes MPI after a run that ended as planned: otherwise the launcher
-    kills a rank still leaving. After a failure it stops them at once."""
+    """The fast exit finalizes MPI after a run that ended as planned and says goodbye to the
+    launcher: otherwise it kills a rank still leaving. After a failure it stops them at once."""
     (tmp_path / "leave.py").write_text(LEAVE_LAST)
     p = subprocess.run([str(Path(sys.executable).parent / "mpirun"), "-n", "2", sys.executable, str(tmp_path / "leave.py"),
                         str(ROOT / "launch" / "pretrain.py"), str(status)], env=ENV, capture_output=True, text=True,
