@@ -136,8 +136,9 @@ def load_ds_config(path, world_size: int, steps: int, extend_from: dict | None =
     """Read a DeepSpeed JSON and refuse what cannot work, naming the file and the key.
 
     The JSON owns the schedule and `--steps` when to stop: a schedule's `total_num_steps: "auto"`
-    is filled from --steps, a `warmup_num_steps` below 1 is that fraction of it, and a warm-up
-    must be shorter than the schedule (never silently shrunk). The resolved config is saved with
+    is filled from --steps, a `warmup_num_steps` below 1 is that fraction of it (at least one
+    step: DeepSpeed's warm-up schedulers refuse 0), and a warm-up must be shorter than a schedule
+    of more than one step (never silently shrunk). The resolved config is saved with
     every checkpoint, and resuming under a different schedule is refused (checkpoint.py), unless
     EXTEND_FROM (the resolved scheduler of the checkpoint being resumed, `--extend-schedule`) is
     given: its schedule then goes on, warm-up as it was, to --steps instead of its end."""
@@ -189,8 +190,8 @@ def load_ds_config(path, world_size: int, steps: int, extend_from: dict | None =
             params["total_num_steps"] = steps
         total, warmup = params["total_num_steps"], params.get("warmup_num_steps", 0)
         if isinstance(warmup, float) and 0 < warmup < 1:
-            params["warmup_num_steps"] = warmup = int(warmup * total)
-        if warmup >= total:
+            params["warmup_num_steps"] = warmup = max(1, int(warmup * total))
+        if warmup >= total > 1:
             refuse(f"scheduler.params.warmup_num_steps={warmup} is not shorter than the schedule "
                    f"(total_num_steps={total}, \"auto\" follows --steps): lower it, e.g. to {max(1, total // 10)} "
                    "or the fraction 0.1, or train for more steps")

@@ -78,8 +78,9 @@ def test_contradictions_are_refused_naming_file_and_key(tmp_path, changes, kw, m
 
 
 def test_shipped_cpu_config_warms_up_for_a_tenth_of_any_run():
-    """A smoke run of a few steps works with the shipped config; the warm-up it resolves is recorded."""
-    for steps, warmup in ((10, 1), (500, 50), (1, 0)):
+    """A smoke run of a few steps works with the shipped config: the warm-up it resolves is at least
+    one step, which DeepSpeed's schedulers need, and is recorded."""
+    for steps, warmup in ((10, 1), (500, 50), (5, 1), (1, 1)):
         params = load_ds_config(SHIPPED[0].parent / "cpu.json", 1, steps)["scheduler"]["params"]
         assert (params["total_num_steps"], params["warmup_num_steps"]) == (steps, warmup)
 
