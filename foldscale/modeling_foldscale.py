@@ -15,6 +15,9 @@ from .configuration_foldscale import FoldscaleConfig
 from .generate import StreamDecoder
 from .model import FoldedLM, rope_tables
 
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""generate()'s name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
+
 
 class SegmentCache:
     """What generate() carries from call to call: a StreamDecoder (the carried state and the
@@ -74,9 +77,11 @@ class FoldscaleForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, labels=None, logits_to_keep=0,
-                **kwargs) -> CausalLMOutputWithPast:
-        """input_ids (B, T), any T, read from the start of a document, or after what `cache` has read.
-        attention_mask may not mark padding: every token is read into the carried state."""
+                past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
+        """input_ids (B, T), any T, read from the start of a document, or after what `cache` (the
+        older transformers' `past_key_values`) has read. attention_mask may not mark padding: every
+        token is read into the carried state."""
+        cache = cache if cache is not None else past_key_values
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded inputs are not supported: a folded model reads every token into its carried "
                              "state; give sequences of equal length (lm-eval: batch_size=1)")
@@ -89,4 +94,4 @@ class FoldscaleForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # HF's convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: cache})

@@ -110,12 +110,13 @@ def test_foldscale_reads_the_hf_directory_back(exported, name):
 
 def test_cache_does_not_grow_with_the_text(exported):
     from foldscale import hf
+    from foldscale.modeling_foldscale import CACHE
     tmp = exported[0]
     model, _ = hf.load(tmp / "default-hf")
     sizes = []
     for n in (BASE.segment_len + 1, 40 * BASE.segment_len + 1):
         with torch.no_grad():
-            cache = model(torch.ones(1, n, dtype=torch.long), use_cache=True, logits_to_keep=1).cache
+            cache = getattr(model(torch.ones(1, n, dtype=torch.long), use_cache=True, logits_to_keep=1), CACHE)
         decoder = cache.decoder
         tensors = [t for pair in decoder.caches[0] + decoder.caches[1] for t in pair] + [decoder.state]
         sizes.append(sum(t.numel() for t in tensors))
@@ -137,6 +138,7 @@ def test_the_readme_blocks_run_on_an_hf_export(exported, tmp_path, monkeypatch):
 
 def test_padding_and_tag_refused(exported):
     from foldscale import hf
+    from foldscale.modeling_foldscale import CACHE
     tmp = exported[0]
     model, _ = hf.load(tmp / "default-hf")
     with pytest.raises(ValueError, match="padded inputs are not supported"):
