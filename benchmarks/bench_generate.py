@@ -4,14 +4,21 @@ and on a GPU one CUDA graph replay per new token), side by side with the uncache
 re-runs the current segment for every new token. Two cached rows: the one-token step eager
 ("cached") and through torch.compile ("compiled", by default on a GPU only; --compile-modes adds a
 row per torch.compile mode), so their ratio is measured in one run; compilation happens in a
-warm-up, outside the timing. Greedy, random weights: speed and memory do not depend on them.
+warm-up, outside the timing. --hf adds the row of transformers' `generate()` on the same weights
+exported with `foldscale export --format hf` (issue 24). Greedy, random weights: speed and memory
+do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
+    python -m benchmarks.bench_generate --model 125m --hf --json benchmarks/results/generate_hf.json
     python -m benchmarks.bench_generate --quick
 """
 import argparse
 import functools
+import queue
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,6 +43,53 @@ def uncached_generate(model: FoldedLM, ids, max_new_tokens):
         pending = torch.cat([pending, token[:, None]], dim=1)
 
 
+def hf_generate(model, ids, max_new_tokens):
+    """transformers' generate() on an HF export, as its tokens come: it runs in a thread and hands
+    each new token over through a streamer (which is given the prompt first)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Tokens(BaseStreamer):
+        def __init__(self):
+            self.queue, self.prompt = queue.Queue(), True
+
+        def put(self, value):
+            if self.prompt:
+                self.prompt = False
+            else:
+                self.queue.put(value)
+
+        def end(self):
+            self.queue.put(None)
+
+    tokens, failed = Tokens(), []
+
+    def run():
+        try:  # the mask says no padding: random ids may be the pad id
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False, streamer=tokens, eos_token_id=None)
+        except BaseException as e:
+            failed.append(e)
+            tokens.end()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while (token := tokens.queue.get()) is not None:
+        yield token
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def hf_model(model: FoldedLM, directory):
+    """MODEL exported to DIRECTORY as `foldscale export --format hf` writes it (no tokenizer: the
+    prompts are ids), loaded back through transformers in MODEL's dtype and device."""
+    from foldscale import hf
+    model.save_pretrained(directory)
+    hf.write_hf(model.cfg, directory)
+    param = next(model.parameters())
+    return hf.load(directory, dtype=param.dtype)[0].to(param.device)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="350m")
@@ -45,6 +99,7 @@ def main():
                    help="add the torch.compile row (default: on a GPU)")
     p.add_argument("--compile-modes", default="default",
                    help="torch.compile modes of the compiled rows, e.g. default,max-autotune-no-cudagraphs")
+    p.add_argument("--hf", action="store_true", help="add the row of transformers' generate() on an HF export")
     p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -61,7 +116,10 @@ def main():
     paths = {path: functools.partial(stream_generate, model, max_new_tokens=args.new_tokens, temperature=0,
                                      compile=on) for path, on in steps.items()}
     paths["uncached"] = lambda ids: uncached_generate(model, ids, args.new_tokens)
-    for path in steps:  # warm-up, once per process: allocate, tune, compile
+    if args.hf:
+        paths["hf generate"] = functools.partial(hf_generate, hf_model(model, Path(tempfile.mkdtemp())),
+                                                 max_new_tokens=args.new_tokens)
+    for path in [*steps, *(["hf generate"] if args.hf else [])]:  # warm-up, once per process: allocate, tune, compile
         t0 = time.perf_counter()
         for _ in paths[path](torch.randint(0, cfg.vocab_size, (1, 5 * cfg.segment_len // 2), device=device)):
             pass
@@ -98,7 +156,7 @@ def main():
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])
     speed = {(r["prompt_tokens"], r["path"]): r["new_tok_s"] for r in rows}
     for n, path in speed:
-        if path.startswith("compiled"):
+        if path.startswith("compiled") or path == "hf generate":
             print(f"prompt {n}: {path} / cached new tokens/s = {speed[n, path] / speed[n, 'cached']:.2f}x")
     write_json(args.json, rows, model=args.model)
 

@@ -67,9 +67,9 @@ def test_bench_checkpoint(tmp_path):
 
 
 def test_bench_generate(tmp_path):
-    rows, _, _ = run_quick("benchmarks.bench_generate", tmp_path)
-    assert [(r["prompt_tokens"], r["path"]) for r in rows] == [(100, "cached"), (100, "uncached"),
-                                                                (1000, "cached"), (1000, "uncached")]
+    rows, _, _ = run_quick("benchmarks.bench_generate", tmp_path, "--hf")
+    assert [(r["prompt_tokens"], r["path"]) for r in rows] == [
+        (n, path) for n in (100, 1000) for path in ("cached", "uncached", "hf generate")]
     assert all(positive(r["prompt_tok_s"], r["new_tok_s"]) for r in rows)
 
 
