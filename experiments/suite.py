@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=100)
     p.add_argument("--far-multiples", default="", help="rows scored on --far-samples documents, e.g. 16384")
     p.add_argument("--far-samples", type=int, default=16)
-    p.add_argument("--max-prefix-segments", type=int, default=1024,
+    p.add_argument("--max-prefix-segments", type=int, default=text.MAX_PREFIX_SEGMENTS,
                    help="cap on the filler before the needle in evaluation, in segments")
     p.add_argument("--short-prefix", action="store_true",
                    help="also score every row with under one segment of filler before the needle: "

@@ -151,6 +151,7 @@ def test_lm_eval_scores_the_suite_documents_as_the_suite_does(tmp_path):
     """tools.lm_eval_tasks writes the suite's documents; lm-eval (model type foldscale) scores each
     answer with the suite's log-likelihood and exact match; the perplexity task runs too."""
     pytest.importorskip("lm_eval")
+    from experiments import suite
     from experiments.longctx import TASKS, text
     from experiments.longctx.train import score
     from foldscale.data import TokenStore, default_store
@@ -162,13 +163,13 @@ def test_lm_eval_scores_the_suite_documents_as_the_suite_does(tmp_path):
     (tmp_path / "m" / "tokenizer.model").write_bytes(Path(store.tokenizer_path).read_bytes())
     assert export(tmp_path / "m", "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
     (tmp_path / "ppl.txt").write_text("def f(x):\n    return x\n\nclass A:\n    pass\n")
-    write_tasks(["--out", str(tmp_path / "tasks"), "--data", str(store.path), "--segment-len", "8", "--multiples", "3",
+    write_tasks(["--out", str(tmp_path / "tasks"), "--data", str(store.path), "--segment-len", "8", "--multiples", "4",
                  "--samples", "4", "--tasks", "passkey,qa2", "--seed", "5", "--text", str(tmp_path / "ppl.txt")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mod"),
            "HF_DATASETS_CACHE": str(tmp_path / "ds")}
     run = subprocess.run([sys.executable, "-m", "tools.lm_eval_foldscale", "--model", "foldscale", "--model_args",
                           f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32", "--include_path",
-                          str(tmp_path / "tasks"), "--tasks", "foldscale_passkey_3,foldscale_qa2_3,foldscale_ppl",
+                          str(tmp_path / "tasks"), "--tasks", "foldscale_passkey_4,foldscale_qa2_4,foldscale_ppl",
                           "--batch_size", "1", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -177,10 +178,12 @@ def test_lm_eval_scores_the_suite_documents_as_the_suite_does(tmp_path):
     assert len(samples["samples_foldscale_ppl"]) == 2
     corpus = text.Corpus(store, "val")
     for name in ("passkey", "qa2"):
-        rows = sorted(samples[f"samples_foldscale_{name}_3"], key=lambda r: r["doc"]["index"])
+        rows = sorted(samples[f"samples_foldscale_{name}_4"], key=lambda r: r["doc"]["index"])
         assert [r["doc"]["index"] for r in rows] == [0, 1, 2, 3]
         for row in rows:
-            doc = text.eval_doc(TASKS[name](corpus.tokenizer), corpus, 5 + 1000, 3, 8, row["doc"]["index"], 4)
+            # the suite's document: its default cap on the prefix (min(m + 1, cap) segments) included
+            doc = text.eval_doc(TASKS[name](corpus.tokenizer), corpus, 5 + 1000, 4, 8, row["doc"]["index"],
+                                suite.parse_args([]).max_prefix_segments)
             ids, targets = (torch.from_numpy(x) for x in text.batch([doc], 0, doc.end))
             with torch.no_grad():
                 s = score(model, ids, targets)

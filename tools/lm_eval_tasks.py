@@ -116,7 +116,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=100, help="Documents per row.")
     ap.add_argument("--segment-len", type=int, required=True, help="The model's segment length l.")
     ap.add_argument("--seed", type=int, default=0, help="experiments.suite's --seed: the same documents.")
-    ap.add_argument("--max-prefix-segments", type=int, default=4, help="As experiments.suite's.")
+    ap.add_argument("--max-prefix-segments", type=int, default=text.MAX_PREFIX_SEGMENTS, help="As experiments.suite's.")
     ap.add_argument("--keys", type=int, default=4, help="multikey: needles per document, as experiments.suite's.")
     ap.add_argument("--text", help="A text file: also write foldscale_ppl (perplexity over its paragraphs).")
     args = ap.parse_args(argv)

@@ -14,6 +14,8 @@ import numpy as np
 from foldscale.data import TokenStore, Tokenizer
 
 IGNORE = -100
+MAX_PREFIX_SEGMENTS = 1024
+"""Evaluation's default cap on the filler before the needle, in segments (`eval_doc`'s max_prefix)."""
 
 
 class Corpus:
