@@ -119,7 +119,7 @@ def main():
     if args.hf:
         paths["hf generate"] = functools.partial(hf_generate, hf_model(model, Path(tempfile.mkdtemp())),
                                                  max_new_tokens=args.new_tokens)
-    for path in [*steps, *(["hf generate"] if args.hf else [])]:  # warm-up, once per process: allocate, tune, compile
+    for path in [name for name in paths if name != "uncached"]:  # warm-up, once per process: allocate, tune, compile
         t0 = time.perf_counter()
         for _ in paths[path](torch.randint(0, cfg.vocab_size, (1, 5 * cfg.segment_len // 2), device=device)):
             pass

@@ -138,7 +138,6 @@ def test_the_readme_blocks_run_on_an_hf_export(exported, tmp_path, monkeypatch):
 
 def test_padding_and_tag_refused(exported):
     from foldscale import hf
-    from foldscale.modeling_foldscale import CACHE
     tmp = exported[0]
     model, _ = hf.load(tmp / "default-hf")
     with pytest.raises(ValueError, match="padded inputs are not supported"):
