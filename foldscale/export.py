@@ -141,5 +141,5 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
               "loss_exported": loss_out}
     if not math.isclose(loss_ds, loss_out, rel_tol=TOLERANCE[dtype], abs_tol=1e-6):
         raise ExportError(f"self-check failed: loss {loss_out:.6f} of the export != {loss_ds:.6f} of the "
-                          f"DeepSpeed checkpoint on {check}; do not use {out}")
+                          f"{'source export' if step is None else 'DeepSpeed checkpoint'} on {check}; do not use {out}")
     return result

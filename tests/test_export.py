@@ -138,6 +138,9 @@ def test_random_check_batch_when_the_store_is_gone(runs, tmp_path):
         (tmp_path / "moved").rename(runs / "store")
     assert result.exit_code == 0, result.output
     assert "self-check on random ids" in result.output and "match" in result.output
+    assert "(DeepSpeed checkpoint) vs" in result.output
+    again = CliRunner().invoke(main, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "m2")])
+    assert again.exit_code == 0 and "(source export) vs" in again.output, again.output
 
 
 def _truncate(path):
