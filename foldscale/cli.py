@@ -98,9 +98,8 @@ def export(run_dir, tag, out, dtype, fmt, as_json):
     step = "" if result["step"] is None else f" (step {result['step']})"
     click.echo(f"exported {result['checkpoint']}{step} to {out} as {fmt} {dtype}"
                + (" with tokenizer.model" if result["tokenizer"] else ""))
-    source = "source export" if result["step"] is None else "DeepSpeed checkpoint"
-    click.echo(f"self-check on {result['check_batch']}: loss {result['loss_deepspeed']:.6f} ({source}) vs "
-               f"{result['loss_exported']:.6f} (export): match")
+    click.echo(f"self-check on {result['check_batch']}: loss {result['loss_deepspeed']:.6f} ({result['reference']}) "
+               f"vs {result['loss_exported']:.6f} (export): match")
 
 
 def _device(name):

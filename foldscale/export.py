@@ -137,9 +137,10 @@ def export(run_dir, out, tag: str | None = None, dtype: str = "fp32", fmt: str =
     ids, check = check_batch(store, cfg)
     loss_ds, loss_out = batch_loss(reference, ids), batch_loss(exported, ids)
     result = {"checkpoint": str(path), "step": step, "out": str(out), "format": fmt, "dtype": dtype,
-              "tokenizer": fmt != "torch" and tokenizer is not None, "check_batch": check, "loss_deepspeed": loss_ds,
+              "tokenizer": fmt != "torch" and tokenizer is not None, "check_batch": check,
+              "reference": "source export" if step is None else "DeepSpeed checkpoint", "loss_deepspeed": loss_ds,
               "loss_exported": loss_out}
     if not math.isclose(loss_ds, loss_out, rel_tol=TOLERANCE[dtype], abs_tol=1e-6):
         raise ExportError(f"self-check failed: loss {loss_out:.6f} of the export != {loss_ds:.6f} of the "
-                          f"{'source export' if step is None else 'DeepSpeed checkpoint'} on {check}; do not use {out}")
+                          f"{result['reference']} on {check}; do not use {out}")
     return result
