@@ -11,13 +11,16 @@
 #
 # Stages, each skipped when its output exists in WORK (default runs/babi; it stays on a warm machine):
 # pretrain (a plan with the ETA first; stopped at the deadline with SIGTERM, it saves a checkpoint and the
-# same command goes on from it), export, then per task the fine-tuning runs, started only when the time
-# left holds one whole stage (FT_S seconds); a run cut by the deadline starts again next time. So one
-# call pretrains, and the next call on the warm machine fine-tunes and scores.
-# Settings: TASKS (qa1; e.g. qa1,qa2), SEEDS ("0 1 2"), STORE (.gpu_data/store, the built-in corpus),
-# TOKENS (pretraining tokens, 40e6), RATE (tokens/s assumed for the plan), BACKBONE (an export to start
-# from instead of pretraining, e.g. the backbone/ an earlier session brought back), STEPS (800), LR (1e-4),
-# WARMUP (100), WD (0.01), BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training).
+# same command goes on from it), export, then per task the fine-tuning runs, started only when FT_S
+# seconds are left. Each run trains until EVAL_S + 60 s before the deadline (suite --resume): if its STEPS
+# are not done by then it saves and stops, and the same command goes on from there, step for step; once
+# they are done it is scored. So one call pretrains, and the next calls on the warm machine fine-tune and score.
+# Settings: TASKS (qa1; e.g. qa1,qa2), SEEDS ("0 1 2"), REFERENCES ("scratch full"; empty: the seeds alone),
+# STORE (.gpu_data/store, the built-in corpus), TOKENS (pretraining tokens, 40e6), RATE (tokens/s assumed for
+# the plan), BACKBONE (an export to start from instead of pretraining, e.g. the backbone/ an earlier session
+# brought back), STEPS (800), LR (1e-4), WARMUP (100), WD (0.01), BATCH (sequences a step, the suite's 64),
+# BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
+# LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken).
 # babi.json (also experiments/results/targets/babi.json, not with --quick) is made from every task whose
 # seeds have all finished, by experiments/babi_table.py.
 set -euo pipefail
@@ -32,6 +35,7 @@ export PYTHONUNBUFFERED=1
 work=${WORK:-runs/babi}
 seeds=(${SEEDS:-0 1 2})
 tasks=${TASKS:-qa1}
+references=${REFERENCES-scratch full}  # the runs beside the seeds; REFERENCES= for the seeds alone
 log=$out/session.log
 mkdir -p "$work"
 if [[ ${2:-} == --quick || ${QUICK:-0} == 1 ]]; then
@@ -54,7 +58,8 @@ else
     headline=1024,16384
 fi
 suite+=(--data "$store" --max-train-segments 32
-        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" --steps "$steps")
+        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" --steps "$steps"
+        ${BATCH:+--batch-size "$BATCH"} $([[ ${LAST_CALL:-0} == 1 ]] && echo --last-call))
 say() { echo "$*" | tee -a "$log"; }
 left() { echo $((deadline - SECONDS)); }
 
@@ -123,7 +128,7 @@ fi
 
 for task in ${tasks//,/ }; do
     todo=()
-    for name in "${seeds[@]/#/seed}" scratch full; do
+    for name in "${seeds[@]/#/seed}" $references; do
         if [[ -f $work/${task}_$name.json ]]; then say "$task $name: done earlier"; else todo+=("$name"); fi
     done
     ((${#todo[@]})) || continue
@@ -137,9 +142,15 @@ for task in ${tasks//,/ }; do
         init=$work/backbone seed=${name#seed} only=()
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}
         [[ $name == full ]] && seed=${seeds[0]} only=(--baseline-only)
-        ( timeout -k 20 $(($(left) - 10)) "$python" -m experiments.suite --tasks "$task" --init "$init" --seed "$seed" "${only[@]}" \
-            --minutes "$minutes" "${suite[@]}" --json "$work/${task}_$name.json" > "$work/${task}_$name.log" 2>&1 \
-            && say "$task $name: finished" || say "$task $name: stopped (status $?); the same command runs it again" ) &
+        ( status=0
+          timeout -k 20 $(($(left) - 10)) "$python" -m experiments.suite --tasks "$task" --init "$init" --seed "$seed" "${only[@]}" \
+            --minutes "$minutes" "${suite[@]}" --resume "$work/resume/${task}_$name" --json "$work/${task}_$name.json" \
+            >> "$work/${task}_$name.log" 2>&1 || status=$?
+          case $status in
+              0) say "$task $name: finished" ;;
+              75) say "$task $name: trained until the deadline and saved; the same command goes on from there" ;;
+              *) say "$task $name: stopped (status $status); the same command goes on from its last save" ;;
+          esac ) &
     done
     wait
     for name in "${todo[@]}"; do

@@ -80,6 +80,14 @@ def parse_args(argv=None):
                         "gradient reaching its segment")
     p.add_argument("--save", help="save the trained folded model here (foldscale's exported format, the store's "
                                   "tokenizer beside it): --init DIR goes on training it or, with --steps 0, scores it")
+    p.add_argument("--resume", metavar="DIR",
+                   help="let training span several calls of this command (e.g. device commands of 10 minutes): "
+                        "each call trains --minutes, saves its state to DIR/TASK_MODEL.pt and, if --steps (or "
+                        "--final-steps) are not done yet, stops without scoring (exit status 75); the same command "
+                        "goes on from there, step for step as one run, and scores once training is done")
+    p.add_argument("--last-call", action="store_true",
+                   help="with --resume: score when this call's --minutes end even if --steps are not done "
+                        "(the record says how many steps were taken); a later call can still go on")
     p.add_argument("--baseline", action="store_true",
                    help="also train and score full attention over --max-train-segments x l tokens: a plain GPT "
                         "of the folded model's blocks, with --init starting from the init's blocks (its "
@@ -100,6 +108,9 @@ def parse_args(argv=None):
         p.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
     if args.baseline_only and (args.save or args.probe):
         p.error("--baseline-only trains no folded model: --save and --probe are for the folded model")
+    if args.resume and args.steps is None and args.final_steps is None:
+        p.error("--resume needs --steps or --final-steps: a learning rate scheduled over --minutes would start "
+                "again with each call")
     return args
 
 
@@ -131,8 +142,9 @@ def exact(model, docs, batch_size, device, label, step=None) -> torch.Tensor:
                       for i in range(0, len(docs), batch_size)])
 
 
-def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
-    """Train the task's models, score every row: (rows, training summaries, model configs)."""
+def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, dict]:
+    """Train the task's models, score every row: (rows, training summaries, model configs, probes).
+    rows is None where --resume training stopped before its steps were done."""
     train_corpus, val_corpus = text.Corpus(store, "train"), text.Corpus(store, "val")
     tokenizer = train_corpus.tokenizer
     task = TASKS[name](tokenizer, args.keys) if name == "multikey" else TASKS[name](tokenizer)
@@ -155,8 +167,12 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
           flush=True)
     make_batch = batch_maker(train_task, train_corpus, 0 if args.aligned_answers else l - 1)
     models, summaries = {}, {}
+    checkpoint = (lambda model: Path(args.resume) / f"{name}_{model}.pt") if args.resume else (lambda model: None)
     if not args.baseline_only:
-        summaries["folded"] = train(folded, make_batch, targs, l, device, args.seed, f"{name} folded")
+        summaries["folded"] = train(folded, make_batch, targs, l, device, args.seed, f"{name} folded",
+                                    checkpoint("folded"))
+        if not (summaries["folded"]["done"] or args.last_call):
+            return None, summaries, {}, {}
         if args.save:
             save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)
             folded.save_pretrained(save)
@@ -171,7 +187,10 @@ def run_task(name, store, args, device) -> tuple[list[dict], dict, dict]:
         full = FoldedLM.from_pretrained(args.init).as_full_attention(window) if args.init \
             else FoldedLM(cfg.full_attention(window))
         full = full.to(device)
-        summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full")
+        summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full",
+                                            checkpoint("full_attention"))
+        if not (summaries["full_attention"]["done"] or args.last_call):
+            return None, summaries, {}, {}
         models["full_attention"] = full
     configs = {k: m.cfg.to_dict() for k, m in models.items()}
 
@@ -236,9 +255,17 @@ def main(argv=None):
     print(f"long-context suite on {device_name() if device.type == 'cuda' else 'CPU'}, filler from {store.path}",
           flush=True)
     rows, summaries, configs, probes = [], {}, {}, {}
+    unfinished = []
     for name in args.tasks.split(","):
         task_rows, summaries[name], configs[name], probes[name] = run_task(name, store, args, device)
-        rows += task_rows
+        if task_rows is None:
+            unfinished.append(name)
+        else:
+            rows += task_rows
+    if unfinished:
+        print(f"training of {', '.join(unfinished)} goes on in the next call of this command (saved in {args.resume}); "
+              "nothing is scored until it is done", flush=True)
+        raise SystemExit(75)
     columns = ["task", "multiple", *(["prefix_cap"] if args.short_prefix else []), "distance",
                *([] if args.baseline_only else ["folded", "local_only"]),
                *(["full_attention"] if args.baseline or args.baseline_only else []), "chance"]

@@ -91,6 +91,9 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     first = session(tmp_path / "a")
     assert "est_minutes" in first and "qa1 seed0: finished" in first and "qa1 scratch: finished" in first
     assert "qa1 full: finished" in first
+    resume = tmp_path / "w" / "resume"  # each run's training state: a later call would go on from it
+    assert sorted(f.relative_to(resume).as_posix() for f in resume.rglob("*.pt")) == [
+        "qa1_full/qa1_full_attention.pt", "qa1_scratch/qa1_folded.pt", "qa1_seed0/qa1_folded.pt"]
     record = json.loads((tmp_path / "a" / "babi.json").read_text())
     assert record["seeds"] == [0] and len(record["qa1_16"]) == len(record["qa1_64"]) == 1
     assert all(0 <= x <= 1 for x in record["qa1_16"] + record["qa1_64"])

@@ -613,6 +613,84 @@ def test_a_last_stage_cut_short_by_time_still_anneals_the_learning_rate(store, c
     assert summary["last_lr"] < 0.4e-3
 
 
+class Clock:
+    """time for train(): each reading one second after the last, so a budget ends after a set number
+    of readings, the same on any machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("stream_segments", [0, 64])
+def test_a_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path, monkeypatch, store, corpus, stream_segments):
+    """A run cut by its time budget saves everything the next step depends on; the next call goes on
+    from there (its model's own weights do not matter) and ends with the weights, curriculum and
+    learning rate of one uninterrupted run, streams included. A call after the last step trains no more."""
+    args = TrainArgs(batch_size=2, steps=10, minutes=60, start_segments=16, max_train_segments=32, advance_at=0.0,
+                     window=1, log_every=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.1, stream_segments=stream_segments)
+    batches, cpu, path = passkey_batches(store, corpus), torch.device("cpu"), tmp_path / "run.pt"
+    whole = toy(store.vocab_size).float().train()
+    expected = train(whole, batches, args, L, cpu, 0, "toy")
+    monkeypatch.setattr(train_module, "time", Clock())
+    first = train(toy(store.vocab_size).float().train(), batches, dataclasses.replace(args, minutes=16 / 60), L, cpu, 0,
+                  "toy", path)
+    monkeypatch.undo()
+    assert not first["done"] and 2 < first["steps"] < 10 and path.is_file()
+    assert (torch.load(path, weights_only=False)["streams"] is not None) == bool(stream_segments)
+    torch.manual_seed(1)
+    resumed = FoldedLM(whole.cfg).train()
+    for _ in range(2):  # the second call finds the run done
+        summary = train(resumed, batches, args, L, cpu, 0, "toy", path)
+        assert summary["done"] and summary["steps"] == 10 and summary["last_lr"] == expected["last_lr"]
+        assert [(s["segments"], s["step"]) for s in summary["stages"]] == \
+            [(s["segments"], s["step"]) for s in expected["stages"]] == [(16, 0), (32, 2)]
+        assert summary["stream_steps"] == expected["stream_steps"] == (4 if stream_segments else 0)
+        for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, store, corpus):
+    """Going on from a checkpoint written with another learning rate (or seed, model, task) would
+    mix two runs: it stops with an error naming what differs, and the checkpoint stays."""
+    args = TrainArgs(batch_size=2, steps=1, minutes=5, start_segments=16, max_train_segments=16)
+    batches, cpu, path = passkey_batches(store, corpus), torch.device("cpu"), tmp_path / "run.pt"
+    train(toy(store.vocab_size).float().train(), batches, args, L, cpu, 0, "toy", path)
+    saved = path.read_bytes()
+    with pytest.raises(TrainingError, match=r"args\.lr differ.*own --resume"):
+        train(toy(store.vocab_size).float().train(), batches, dataclasses.replace(args, lr=2e-3), L, cpu, 0, "toy", path)
+    with pytest.raises(TrainingError, match="seed differ"):
+        train(toy(store.vocab_size).float().train(), batches, args, L, cpu, 1, "toy", path)
+    with pytest.raises(ValueError, match="--steps or --final-steps"):
+        train(toy(store.vocab_size).float().train(), batches, dataclasses.replace(args, steps=None), L, cpu, 0, "toy", path)
+    assert path.read_bytes() == saved
+
+
+def test_the_suite_scores_a_resumed_run_only_once_its_training_is_done(tmp_path, monkeypatch, store):
+    """suite --resume: a call whose time ends before --steps saves, scores nothing and exits 75;
+    the same command goes on and scores the run, trained its whole --steps."""
+    out = tmp_path / "out.json"
+    command = ["--quick", "--tasks", "passkey", "--data", str(store.path), "--resume", str(tmp_path / "ckpt"),
+               "--json", str(out)]
+    monkeypatch.setattr(train_module, "time", Clock())
+    with pytest.raises(SystemExit) as stopped:
+        suite.main(command + ["--minutes", str(4 / 60)])
+    assert stopped.value.code == 75 and not out.exists() and (tmp_path / "ckpt" / "passkey_folded.pt").is_file()
+    suite.main(command + ["--minutes", str(4 / 60), "--last-call"])  # scored where its time ended
+    monkeypatch.undo()
+    summary = json.loads(out.read_text())["train"]["passkey"]["folded"]
+    assert 2 < summary["steps"] < suite.QUICK["steps"] and not summary["done"]  # went on, not done
+    suite.main(command)
+    summary = json.loads(out.read_text())["train"]["passkey"]["folded"]
+    assert summary["steps"] == suite.QUICK["steps"] and summary["done"]
+    with pytest.raises(SystemExit) as refused:  # a schedule over time cannot be resumed
+        suite.parse_args(["--resume", str(tmp_path / "ckpt")])
+    assert refused.value.code == 2
+
+
 def test_streams_read_documents_one_after_another_from_segment_starts():
     """Each row's windows, put together, are its documents in order, each padded to whole
     segments; reset marks exactly the segments where a document starts; lengths stay in bounds."""

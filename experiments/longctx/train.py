@@ -6,7 +6,9 @@ bptt_segments, engine.param_groups for weight decay, and Trainer's rule for a no
 import dataclasses
 import functools
 import math
+import os
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from experiments.longctx import text
 from foldscale.engine import param_groups
 from foldscale.model import FoldedLM, segments
-from foldscale.trainer import NonFiniteGuard
+from foldscale.trainer import NonFiniteGuard, TrainingError
 
 
 class Score(NamedTuple):
@@ -272,13 +274,50 @@ class Streams:
         return ids, targets, reset
 
 
-def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: int, name: str) -> dict:
+# TrainArgs that may change between the calls of one resumed run: they change no step's result
+PER_CALL = ("minutes", "log_every", "compile", "max_bad_steps", "explain_non_finite")
+
+
+def identity(model: FoldedLM, args: TrainArgs, seed: int, name: str) -> dict:
+    """What a checkpoint must match to go on: the run's name, seed, model config and TrainArgs."""
+    return {"name": name, "seed": seed, "model": model.cfg.to_dict(),
+            "args": {k: v for k, v in dataclasses.asdict(args).items() if k not in PER_CALL}}
+
+
+def save_checkpoint(path: Path, state: dict):
+    """torch.save to a temporary file, then rename: a run killed while saving keeps the last checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, expected: dict) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("identity") != expected:
+        saved = state.get("identity") or {}
+        differ = sorted(k for k in expected if saved.get(k) != expected[k])
+        differ += sorted(f"args.{k}" for k in expected["args"] if saved.get("args", {}).get(k) != expected["args"][k])
+        raise TrainingError(f"{path} is another run's checkpoint ({', '.join(differ)} differ): give this run "
+                            "its own --resume directory, or delete the file to start over")
+    return state
+
+
+def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: int, name: str,
+          checkpoint: Path | None = None) -> dict:
     """Train on sequences of up to args.max_train_segments * l tokens with a curriculum over the
     number of segments (of the folded model's length l, also for a baseline, whose segments
     are its whole window), back-propagating through the state over the model's bptt_segments.
 
     `make_batch(n, length, generator)` returns CPU (ids, targets), both (n, length), targets
-    -100 except at the answer. Returns a summary: steps, minutes, the stages reached and when.
+    -100 except at the answer. Returns a summary: steps, minutes, the stages reached and when,
+    and `done`: False where the time budget ended the run before its --steps (or --final-steps).
+
+    With a `checkpoint` path the run can span several calls (each one args.minutes long, e.g.
+    each device command): a call saves everything the next step depends on there when it ends
+    (weights, optimizer, data generator, curriculum, streams), and a call that finds it goes on
+    from it; the steps are the same as one uninterrupted run's. The learning rate must then
+    follow steps (--steps or --final-steps): a schedule over time would start again with each call.
     """
     generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
@@ -291,9 +330,31 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     stages = [{"segments": args.start_segments, "step": 0, "minutes": 0.0}]
     step, tokens, skipped, t0, last = 0, 0, 0, time.perf_counter(), (0.0, 0)
     budget = args.minutes * 60
-    model.train()
     final_at = 0 if args.start_segments >= args.max_train_segments else None  # the step the last stage began
-    final_t = 0.0  # and the time
+    final_t = 0.0  # and the time (of this call)
+    before = 0.0  # minutes trained in earlier calls
+    if checkpoint is not None and args.steps is None and args.final_steps is None:
+        raise ValueError("a run saved to a checkpoint needs --steps or --final-steps: a learning rate "
+                         "scheduled over the time budget would start again with each call")
+    me = identity(model, args, seed, name)
+    if checkpoint is not None and checkpoint.is_file():
+        saved = load_checkpoint(checkpoint, me)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        step, tokens, skipped, before = saved["step"], saved["tokens"], saved["skipped"], saved["minutes"]
+        max_segments, stages, final_at, through_time = (saved["max_segments"], saved["stages"], saved["final_at"],
+                                                        saved["through_time"])
+        recent = [torch.tensor(x, device=device) for x in saved["recent"]]
+        stream_steps, last = saved["stream_steps"], (0.0, tokens)
+        if saved["streams"] is not None:
+            streams = Streams(make_batch, args.batch_size, model.cfg.segment_len, args.start_segments,
+                              args.stream_segments, generator)
+            streams.docs, streams.pos = saved["streams"]["docs"], saved["streams"]["pos"]
+            stream_state = None if saved["streams"]["state"] is None else saved["streams"]["state"].to(device)
+        print(f"[{name}] going on from {checkpoint}: step {step}, stage {max_segments} segments, "
+              f"{before:.1f} min trained before", flush=True)
+    model.train()
 
     def done() -> bool:
         if args.final_steps is not None:
@@ -370,17 +431,29 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
             if len(recent) == args.window and acc >= args.advance_at and max_segments < args.max_train_segments:
                 max_segments = min(2 * max_segments, args.max_train_segments)
                 recent = []
-                stages.append({"segments": max_segments, "step": step, "minutes": round(elapsed / 60, 2)})
+                stages.append({"segments": max_segments, "step": step, "minutes": round(before + elapsed / 60, 2)})
                 final_at, final_t = (step, elapsed) if max_segments == args.max_train_segments else (None, 0.0)
                 print(f"[{name}] accuracy {acc:.3f} at {stages[-2]['segments']} segments -> "
                       f"stage {max_segments} segments", flush=True)
-    if args.final_steps is not None and not done():
+    minutes = before + (time.perf_counter() - t0) / 60
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {
+            "identity": me, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "generator": generator.get_state(), "step": step, "tokens": tokens, "skipped": skipped, "minutes": minutes,
+            "max_segments": max_segments, "stages": stages, "final_at": final_at, "through_time": through_time,
+            "recent": [float(x) for x in recent], "stream_steps": stream_steps,
+            "streams": None if streams is None else {"docs": streams.docs, "pos": streams.pos,
+                                                     "state": None if stream_state is None else stream_state.cpu()}})
+        if not done():
+            print(f"[{name}] the time budget ({args.minutes} min) ended this call at step {step}: saved to "
+                  f"{checkpoint}; the same command goes on from there", flush=True)
+    elif args.final_steps is not None and not done():
         print(f"[{name}] warning: the time budget ({args.minutes} min) ended the run "
               f"{'before the last stage' if final_at is None else f'after {step - final_at} of --final-steps {args.final_steps}'}"
               f": it is not trained as long at {args.max_train_segments} segments as asked (raise --minutes, or go on "
-              "with --save and --init)", flush=True)
+              "with --resume)", flush=True)
     model.eval()
     return {"steps": step, "final_stage_steps": None if final_at is None else step - final_at,
-            "minutes": round((time.perf_counter() - t0) / 60, 2), "tokens": tokens,
+            "minutes": round(minutes, 2), "tokens": tokens, "done": done() or args.steps is None and args.final_steps is None,
             "stages": stages, "max_segments": max_segments, "last_lr": opt.param_groups[0]["lr"],
             "skipped_steps": skipped, "stream_steps": stream_steps, "state_grad_through_time": through_time}
