@@ -59,7 +59,8 @@ else
 fi
 suite+=(--data "$store" --max-train-segments 32
         --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" --steps "$steps"
-        ${BATCH:+--batch-size "$BATCH"} $([[ ${LAST_CALL:-0} == 1 ]] && echo --last-call))
+        ${BATCH:+--batch-size "$BATCH"})
+if [[ ${LAST_CALL:-0} == 1 ]]; then suite+=(--last-call); fi
 say() { echo "$*" | tee -a "$log"; }
 left() { echo $((deadline - SECONDS)); }
 
