@@ -653,6 +653,32 @@ def test_a_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path, monkey
             assert torch.equal(a, b), name
 
 
+def test_a_run_killed_mid_call_goes_on_from_its_last_periodic_save(tmp_path, monkeypatch, store, corpus):
+    """Besides at the end of a call, the state is saved every save_every minutes (at a log line):
+    a run that dies between saves goes on from the last one and still ends as one uninterrupted run."""
+    args = TrainArgs(batch_size=2, steps=10, minutes=60, start_segments=16, max_train_segments=32, advance_at=0.0,
+                     window=1, log_every=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.1, save_every=3 / 60)
+    batches, cpu, path = passkey_batches(store, corpus), torch.device("cpu"), tmp_path / "run.pt"
+    whole = toy(store.vocab_size).float().train()
+    train(whole, batches, args, L, cpu, 0, "toy")
+    made = []
+
+    def dies_at_step_8(n, length, generator):
+        made.append(n)
+        if len(made) == 8:
+            raise KeyboardInterrupt("killed")
+        return batches(n, length, generator)
+    monkeypatch.setattr(train_module, "time", Clock())
+    with pytest.raises(KeyboardInterrupt):
+        train(toy(store.vocab_size).float().train(), dies_at_step_8, args, L, cpu, 0, "toy", path)
+    monkeypatch.undo()
+    assert 2 <= torch.load(path, weights_only=False)["step"] < 8  # saved at a log line before it died
+    resumed = toy(store.vocab_size).float().train()
+    assert train(resumed, batches, args, L, cpu, 0, "toy", path)["steps"] == 10
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, store, corpus):
     """Going on from a checkpoint written with another learning rate (or seed, model, task) would
     mix two runs: it stops with an error naming what differs, and the checkpoint stays."""

@@ -107,6 +107,9 @@ class TrainArgs:
     """Clip the gradient's global norm to this."""
     minutes: float = 8.0
     """Wall-time budget for training; evaluation comes after it."""
+    save_every: float = 2.0
+    """With a checkpoint (suite --resume), also save it at the first log line this many minutes after
+    the last save: a run killed in the middle of a call goes on from there."""
     steps: int | None = None
     """Stop after this many steps even if time is left; the schedule then follows steps, not time."""
     final_steps: int | None = None
@@ -275,7 +278,7 @@ class Streams:
 
 
 # TrainArgs that may change between the calls of one resumed run: they change no step's result
-PER_CALL = ("minutes", "log_every", "compile", "max_bad_steps", "explain_non_finite")
+PER_CALL = ("minutes", "save_every", "log_every", "compile", "max_bad_steps", "explain_non_finite")
 
 
 def identity(model: FoldedLM, args: TrainArgs, seed: int, name: str) -> dict:
@@ -315,8 +318,8 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
 
     With a `checkpoint` path the run can span several calls (each one args.minutes long, e.g.
     each device command): a call saves everything the next step depends on there when it ends
-    (weights, optimizer, data generator, curriculum, streams), and a call that finds it goes on
-    from it; the steps are the same as one uninterrupted run's. The learning rate must then
+    and every args.save_every minutes (weights, optimizer, data generator, curriculum, streams),
+    and a call that finds it goes on from it; the steps are the same as one uninterrupted run's. The learning rate must then
     follow steps (--steps or --final-steps): a schedule over time would start again with each call.
     """
     generator = torch.Generator().manual_seed(seed + 1)
@@ -355,6 +358,17 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         print(f"[{name}] going on from {checkpoint}: step {step}, stage {max_segments} segments, "
               f"{before:.1f} min trained before", flush=True)
     model.train()
+    saved_at = 0.0  # seconds into this call
+
+    def save():
+        save_checkpoint(checkpoint, {
+            "identity": me, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "generator": generator.get_state(), "step": step, "tokens": tokens, "skipped": skipped,
+            "minutes": before + (time.perf_counter() - t0) / 60, "max_segments": max_segments, "stages": stages,
+            "final_at": final_at, "through_time": through_time, "recent": [float(x) for x in recent],
+            "stream_steps": stream_steps,
+            "streams": None if streams is None else {"docs": streams.docs, "pos": streams.pos,
+                                                     "state": None if stream_state is None else stream_state.cpu()}})
 
     def done() -> bool:
         if args.final_steps is not None:
@@ -435,15 +449,12 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
                 final_at, final_t = (step, elapsed) if max_segments == args.max_train_segments else (None, 0.0)
                 print(f"[{name}] accuracy {acc:.3f} at {stages[-2]['segments']} segments -> "
                       f"stage {max_segments} segments", flush=True)
+            if checkpoint is not None and elapsed - saved_at >= args.save_every * 60:
+                save()
+                saved_at = elapsed
     minutes = before + (time.perf_counter() - t0) / 60
     if checkpoint is not None:
-        save_checkpoint(checkpoint, {
-            "identity": me, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "generator": generator.get_state(), "step": step, "tokens": tokens, "skipped": skipped, "minutes": minutes,
-            "max_segments": max_segments, "stages": stages, "final_at": final_at, "through_time": through_time,
-            "recent": [float(x) for x in recent], "stream_steps": stream_steps,
-            "streams": None if streams is None else {"docs": streams.docs, "pos": streams.pos,
-                                                     "state": None if stream_state is None else stream_state.cpu()}})
+        save()
         if not done():
             print(f"[{name}] the time budget ({args.minutes} min) ended this call at step {step}: saved to "
                   f"{checkpoint}; the same command goes on from there", flush=True)
