@@ -168,10 +168,11 @@ def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, 
     make_batch = batch_maker(train_task, train_corpus, 0 if args.aligned_answers else l - 1)
     models, summaries = {}, {}
     checkpoint = (lambda model: Path(args.resume) / f"{name}_{model}.pt") if args.resume else (lambda model: None)
+    goes_on = lambda summary: args.resume and not (summary["done"] or args.last_call)  # scored in a later call
     if not args.baseline_only:
         summaries["folded"] = train(folded, make_batch, targs, l, device, args.seed, f"{name} folded",
                                     checkpoint("folded"))
-        if not (summaries["folded"]["done"] or args.last_call):
+        if goes_on(summaries["folded"]):
             return None, summaries, {}, {}
         if args.save:
             save = Path(args.save) / name if len(args.tasks.split(",")) > 1 else Path(args.save)
@@ -189,7 +190,7 @@ def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, 
         full = full.to(device)
         summaries["full_attention"] = train(full, make_batch, targs, l, device, args.seed, f"{name} full",
                                             checkpoint("full_attention"))
-        if not (summaries["full_attention"]["done"] or args.last_call):
+        if goes_on(summaries["full_attention"]):
             return None, summaries, {}, {}
         models["full_attention"] = full
     configs = {k: m.cfg.to_dict() for k, m in models.items()}
