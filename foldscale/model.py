@@ -351,8 +351,12 @@ def segments(step, ids, segment_len: int, targets=None, state=None, reset=None, 
         if state is not None and i <= n - bptt:
             state = state.detach()
         end = start + segment_len
-        out = step(ids[:, start:end], state=state, reset=None if reset is None else reset[:, i],
-                   targets=None if targets is None else targets[:, start:end])
+        # contiguous: a compiled step guards on its inputs' strides, and a slice's strides are the whole
+        # batch's, so each sequence length would be a graph of its own (a curriculum's many lengths
+        # outran torch._dynamo's recompile limit, and the rest ran eager)
+        out = step(ids[:, start:end].contiguous(), state=state,
+                   reset=None if reset is None else reset[:, i].contiguous(),
+                   targets=None if targets is None else targets[:, start:end].contiguous())
         yield out
         if out.state is not None and out.state.shape[1] == segment_len:
             state = out.state

@@ -180,6 +180,25 @@ def test_bptt_defaults_to_the_config_and_segments_detaches_by_position():
     assert state.grad is not None and state.grad.abs().sum() > 0  # bptt > segments: the chain is whole
 
 
+def test_a_compiled_step_is_one_graph_for_every_sequence_length():
+    """segments() hands a compiled step contiguous segments, so sequences of any number of segments
+    (a curriculum's, a document's last chunk) reuse the graphs of the first: one for the segment that
+    starts from S0, one for the segments that carry a state. A slice's strides would be the whole
+    batch's, a new graph per length."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = make().train()
+    step = torch.compile(model, backend=counter, dynamic=False)
+    for n in (2, 3, 5, 4):
+        ids, targets = randint(2, 8 * n), randint(2, 8 * n, seed=2)
+        reset = torch.zeros(2, n, dtype=torch.bool)
+        reset[0, n // 2] = True
+        sum(out.loss for out in segments(step, ids, 8, targets=targets, reset=reset, bptt=n)).backward()
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
 def reference_gpt(model, ids):
     """A plain causal transformer written out by hand with the model's weights."""
     cfg = model.cfg
