@@ -107,16 +107,19 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
     if backbone:
         record["backbone"] = backbone_summary(backbone, pretrain)
     record["recipe"] = {k: fine[0]["args"][k] for k in RECIPE if k in fine[0]["args"]}
-    record["runs"] = [{"task": r["args"]["tasks"], "init": init, "model": model, "seed": r["seed"],
-                       "steps": r["train"][r["args"]["tasks"]][model]["steps"],
-                       "max_segments": r["train"][r["args"]["tasks"]][model]["max_segments"],
-                       "skipped_steps": r["train"][r["args"]["tasks"]][model]["skipped_steps"],
-                       "stages": [[x["segments"], x["step"]] for x in r["train"][r["args"]["tasks"]][model]["stages"]],
-                       "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": row[model],
-                                 "local_only": row.get("local_only"), "chance": row["chance"]} for row in r["rows"]]}
-                      for init, model, records in (("backbone", "folded", fine), ("scratch", "folded", base),
-                                                   ("backbone", "full_attention", full)) for r in records]
+    record["runs"] = [run_entry(r, init, model) for init, model, records in (
+        ("backbone", "folded", fine), ("scratch", "folded", base), ("backbone", "full_attention", full)) for r in records]
     return record
+
+
+def run_entry(r: dict, init: str, model: str) -> dict:
+    """One run of the record: how MODEL of the suite record R (started from INIT) trained, and its rows."""
+    trained = r["train"][r["args"]["tasks"]][model]
+    return {"task": r["args"]["tasks"], "init": init, "model": model, "seed": r["seed"], "steps": trained["steps"],
+            "max_segments": trained["max_segments"], "skipped_steps": trained["skipped_steps"],
+            "stages": [[x["segments"], x["step"]] for x in trained["stages"]],
+            "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": row[model],
+                      "local_only": row.get("local_only"), "chance": row["chance"]} for row in r["rows"]]}
 
 
 def main(argv=None):
