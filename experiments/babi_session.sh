@@ -6,7 +6,8 @@
 # steps) and ONE of full attention over 32 x l made of the backbone's blocks (suite --baseline-only), then score 1, 64, 1024 x l and the far row 16384 x l on 100 documents each (--quick: 1, 4, 16, 64).
 #
 #   bash experiments/babi_session.sh OUT            # on the GPU; OUT gets session.log, babi.json, runs.tar,
-#                                                   # backbone/ (the backbone in bf16: one file of 13.5 MiB)
+#                                                   # backbone/ (a backbone pretrained here, in bf16: 13.5 MiB)
+#                                                   # and with MODELS=1 TASK_RUN.tar (a scored run's model, bf16)
 #   bash experiments/babi_session.sh OUT --quick    # toy sizes on the CPU (QUICK=1 too; tests/test_babi_table.py)
 #
 # Stages, each skipped when its output exists in WORK (default runs/babi; it stays on a warm machine):
@@ -20,7 +21,9 @@
 # the plan), BACKBONE (an export to start from instead of pretraining, e.g. the backbone/ an earlier session
 # brought back), STEPS (800), LR (1e-4), WARMUP (100), WD (0.01), BATCH (sequences a step, the suite's 64),
 # BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
-# LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken).
+# LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken),
+# MODELS (1: bring back each folded run scored in this call, exported in bf16 and tarred, to study on a CPU:
+# the device returns at most 8 files of 16 MiB, so one task's three seeds a call).
 # babi.json (also experiments/results/targets/babi.json, not with --quick) is made from every task whose
 # seeds have all finished, by experiments/babi_table.py.
 set -euo pipefail
@@ -113,7 +116,7 @@ EOF
     fi
     "$python" -m foldscale.cli export "$work/pretrain" --out "$work/backbone" 2>&1 | tee -a "$log"
 fi
-if [[ ! -f $out/backbone/model.safetensors ]]; then  # bf16: small enough to come back from the device
+if [[ -z ${BACKBONE:-} && ! -f $out/backbone/model.safetensors ]]; then  # bf16: small enough to come back from the device
     "$python" -m foldscale.cli export "$work/backbone" --dtype bf16 --out "$out/backbone" 2>&1 | tee -a "$log"
 fi
 if [[ ! -f $work/scratch/model.safetensors ]]; then  # a random initialisation of the same shape
@@ -140,7 +143,7 @@ for task in ${tasks//,/ }; do
     minutes=$("$python" -c "print(round(($(left) - $eval_s - 60) / 60, 2))")  # a cap: --steps ends a run first
     say "$task: ${todo[*]} side by side, $steps steps, at most $minutes min of training each"
     for name in "${todo[@]}"; do
-        init=$work/backbone seed=${name#seed} only=()
+        init=$work/backbone seed=${name#seed} only=(--save "$work/models/${task}_$name")
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}
         [[ $name == full ]] && seed=${seeds[0]} only=(--baseline-only)
         ( status=0
@@ -156,6 +159,12 @@ for task in ${tasks//,/ }; do
     wait
     for name in "${todo[@]}"; do
         grep -E "^\[.*\] (accuracy|warning)|^$task [0-9]+ x l" "$work/${task}_$name.log" | sed "s/^/$name: /" | tee -a "$log" || true
+        model=$work/models/${task}_$name
+        if [[ ${MODELS:-0} == 1 && -f $model/model.safetensors ]]; then  # saved once scored
+            { "$python" -m foldscale.cli export "$model" --dtype bf16 --out "$model-bf16" >> "$log" 2>&1 &&
+              tar -C "$model-bf16" -cf "$out/${task}_$name.tar" config.json model.safetensors tokenizer.model; } ||
+                say "$task $name: its model was not brought back (see $log); it stays in $model"
+        fi
     done
 done
 

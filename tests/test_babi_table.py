@@ -1,12 +1,16 @@
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from experiments import babi_table
 from foldscale.config import ModelConfig
+from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +90,7 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     """bash experiments/babi_session.sh OUT --quick: pretrain, export, a seed (SEEDS; 3 on the GPU) and a
     from-scratch run of qa1 at toy size on the CPU, then the same command again, which only remakes the table."""
     env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "MODELS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
 
     def session(out):
         proc = subprocess.run(["bash", "experiments/babi_session.sh", str(out), "--quick"], cwd=ROOT, env=env,
@@ -112,6 +116,12 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     assert [row["multiple"] for row in record["runs"][0]["rows"]] == [1, 4, 16, 64]
     exported = tmp_path / "a" / "backbone"
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    back = sorted(p.name for p in (tmp_path / "a").glob("qa1_*.tar"))
+    assert back == ["qa1_scratch.tar", "qa1_seed0.tar"]  # MODELS=1: the folded runs scored in this call
+    with tarfile.open(tmp_path / "a" / "qa1_seed0.tar") as tar:
+        tar.extractall(tmp_path / "seed0", filter="data")
+    assert FoldedLM.from_pretrained(tmp_path / "seed0").cfg.segment_len == 32
+    assert {t.dtype for t in load_file(tmp_path / "seed0" / "model.safetensors").values()} == {torch.bfloat16}
     again = session(tmp_path / "b")
     assert "backbone: done earlier" in again and "qa1 seed0: done earlier" in again and "est_minutes" not in again
     assert json.loads((tmp_path / "b" / "babi.json").read_text())["runs"] == record["runs"]
