@@ -85,9 +85,6 @@ def parse_args(argv=None):
                         "each call trains --minutes, saves its state to DIR/TASK_MODEL.pt and, if --steps (or "
                         "--final-steps) are not done yet, stops without scoring (exit status 75); the same command "
                         "goes on from there, step for step as one run, and scores once training is done")
-    p.add_argument("--last-call", action="store_true",
-                   help="with --resume: score when this call's --minutes end even if --steps are not done "
-                        "(the record says how many steps were taken); a later call can still go on")
     p.add_argument("--baseline", action="store_true",
                    help="also train and score full attention over --max-train-segments x l tokens: a plain GPT "
                         "of the folded model's blocks, with --init starting from the init's blocks (its "

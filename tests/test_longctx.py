@@ -625,16 +625,18 @@ class Clock:
         return self.now
 
 
-@pytest.mark.parametrize("stream_segments", [0, 64])
-def test_a_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path, monkeypatch, store, corpus, stream_segments):
+@pytest.mark.parametrize("stream_segments,schedule", [(0, dict(steps=10)), (64, dict(steps=10)), (0, dict(final_steps=8))])
+def test_a_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path, monkeypatch, store, corpus, stream_segments,
+                                                                schedule):
     """A run cut by its time budget saves everything the next step depends on; the next call goes on
     from there (its model's own weights do not matter) and ends with the weights, curriculum and
-    learning rate of one uninterrupted run, streams included. A call after the last step trains no more."""
-    args = TrainArgs(batch_size=2, steps=10, minutes=60, start_segments=16, max_train_segments=32, advance_at=0.0,
-                     window=1, log_every=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.1, stream_segments=stream_segments)
+    learning rate of one uninterrupted run, streams included. A call after the last step trains no more.
+    With --final-steps the first call's short budget does not anneal the learning rate: the run goes on."""
+    args = TrainArgs(batch_size=2, minutes=60, start_segments=16, max_train_segments=32, advance_at=0.0, window=1,
+                     log_every=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.1, stream_segments=stream_segments, **schedule)
     batches, cpu, path = passkey_batches(store, corpus), torch.device("cpu"), tmp_path / "run.pt"
     whole = toy(store.vocab_size).float().train()
-    expected = train(whole, batches, args, L, cpu, 0, "toy")
+    expected = train(whole, batches, args, L, cpu, 0, "toy", tmp_path / "whole.pt")
     monkeypatch.setattr(train_module, "time", Clock())
     first = train(toy(store.vocab_size).float().train(), batches, dataclasses.replace(args, minutes=16 / 60), L, cpu, 0,
                   "toy", path)
@@ -651,6 +653,18 @@ def test_a_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path, monkey
         assert summary["stream_steps"] == expected["stream_steps"] == (4 if stream_segments else 0)
         for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("last_call", [False, True])
+def test_only_the_last_call_of_a_resumed_run_anneals_by_its_time(tmp_path, store, corpus, last_call):
+    """--final-steps far beyond what one call allows: a call that the run goes on from keeps the
+    learning rate its steps give (near the peak); the last call anneals it over its own time."""
+    args = TrainArgs(batch_size=2, minutes=0.05, start_segments=16, max_train_segments=16, final_steps=10**6,
+                     lr=1e-3, warmup_steps=1, min_lr_ratio=0.1, log_every=10**6, last_call=last_call)
+    summary = train(toy(store.vocab_size).float().train(), passkey_batches(store, corpus), args, L,
+                    torch.device("cpu"), 0, "toy", tmp_path / "run.pt")
+    assert summary["steps"] >= 3 and not summary["done"]
+    assert summary["last_lr"] < 0.4e-3 if last_call else summary["last_lr"] > 0.99e-3
 
 
 def test_a_run_killed_mid_call_goes_on_from_its_last_periodic_save(tmp_path, monkeypatch, store, corpus):

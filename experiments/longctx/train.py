@@ -117,7 +117,8 @@ class TrainArgs:
     every seed then trains as long at the length it is scored for, however fast it climbs. The
     learning rate stays at its peak until the last stage and decays over these steps or over
     the time left when the stage began, whichever ends first (a run that the time budget
-    cuts short still ends at lr * min_lr_ratio)."""
+    cuts short still ends at lr * min_lr_ratio). A run that spans calls (a checkpoint) follows
+    the time only in its last_call: a decay over one call's time would start again with the next."""
     stream_segments: int = 0
     """At the last stage, every other step reads streams instead of fresh sequences: each row
     reads documents one after another, up to this many segments long (log-uniform), one
@@ -147,6 +148,9 @@ class TrainArgs:
     compile: bool = True
     """torch.compile the segment step on a GPU (every segment has one shape: sequences are padded
     to whole segments after the answer); ignored on the CPU."""
+    last_call: bool = False
+    """With a checkpoint (suite --resume): this call is the run's last. It is scored where its time
+    ends even if --steps (or --final-steps) are not done, and the record says how many steps it took."""
 
 
 def sample_segments(max_segments: int, start_segments: int, generator: torch.Generator) -> int:
@@ -278,7 +282,7 @@ class Streams:
 
 
 # TrainArgs that may change between the calls of one resumed run: they change no step's result
-PER_CALL = ("minutes", "save_every", "log_every", "compile", "max_bad_steps", "explain_non_finite")
+PER_CALL = ("minutes", "save_every", "log_every", "compile", "max_bad_steps", "explain_non_finite", "last_call")
 
 
 def identity(model: FoldedLM, args: TrainArgs, seed: int, name: str) -> dict:
@@ -396,7 +400,9 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
         elif final_at is None:  # constant until the last stage, then decaying over its steps or its time
             progress = 0.0
         else:
-            progress = max((step - final_at) / args.final_steps, (elapsed - final_t) / max(budget - final_t, 1e-9))
+            progress = (step - final_at) / args.final_steps
+            if checkpoint is None or args.last_call:  # this call's time is the run's
+                progress = max(progress, (elapsed - final_t) / max(budget - final_t, 1e-9))
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
         grads = {}
