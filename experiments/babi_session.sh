@@ -19,7 +19,9 @@
 # Settings: TASKS (qa1; e.g. qa1,qa2), SEEDS ("0 1 2"), REFERENCES ("scratch full"; empty: the seeds alone),
 # STORE (.gpu_data/store, the built-in corpus), TOKENS (pretraining tokens, 40e6), RATE (tokens/s assumed for
 # the plan), BACKBONE (an export to start from instead of pretraining, e.g. the backbone/ an earlier session
-# brought back), STEPS (800), LR (1e-4), WARMUP (100), WD (0.01), BATCH (sequences a step, the suite's 64),
+# brought back), STEPS (800), FINAL_STEPS (instead of STEPS: the steps at 32 segments, every seed the same;
+# the learning rate stays at its peak until then and decays over them), LR (1e-4), WARMUP (100), WD (0.01),
+# BATCH (sequences a step, the suite's 64),
 # BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
 # LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken),
 # MODELS (1: bring back each folded run scored in this call, exported in bf16 and tarred, to study on a CPU:
@@ -61,8 +63,12 @@ else
     headline=1024,16384
 fi
 suite+=(--data "$store" --max-train-segments 32
-        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" --steps "$steps"
-        ${BATCH:+--batch-size "$BATCH"})
+        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"})
+if [[ -n ${FINAL_STEPS:-} ]]; then
+    suite+=(--final-steps "$FINAL_STEPS") steps="$FINAL_STEPS steps at 32 segments"
+else
+    suite+=(--steps "$steps") steps="$steps steps"
+fi
 if [[ ${LAST_CALL:-0} == 1 ]]; then suite+=(--last-call); fi
 say() { echo "$*" | tee -a "$log"; }
 left() { echo $((deadline - SECONDS)); }
@@ -141,7 +147,7 @@ for task in ${tasks//,/ }; do
         continue
     fi
     minutes=$("$python" -c "print(round(($(left) - $eval_s - 60) / 60, 2))")  # a cap: --steps ends a run first
-    say "$task: ${todo[*]} side by side, $steps steps, at most $minutes min of training each"
+    say "$task: ${todo[*]} side by side, $steps, at most $minutes min of training each"
     for name in "${todo[@]}"; do
         init=$work/backbone seed=${name#seed} only=(--save "$work/models/${task}_$name")
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}

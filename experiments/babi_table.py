@@ -24,7 +24,7 @@ HEADLINE = "1024,16384"
 """The rows of the record's keys TASK_MULTIPLE, in segments of l (the issue's: qa1_1024, qa1_16384)."""
 TARGETS = {"qa1": 0.95, "qa2": 0.90}
 """Exact match at 1024 x l that every fine-tuning seed must reach (issue 26)."""
-RECIPE = ("lr", "warmup_steps", "weight_decay", "batch_size", "steps", "minutes",
+RECIPE = ("lr", "warmup_steps", "weight_decay", "batch_size", "steps", "final_steps", "minutes",
           "max_train_segments", "advance_at", "min_lr_ratio", "eval_samples", "far_samples")
 """The suite's flags that make the recipe. The curriculum's first stage is not among them (the suite
 raises --start-segments to fit each task's stories): each run's `stages` says where it began."""
@@ -116,7 +116,8 @@ def run_entry(r: dict, init: str, model: str) -> dict:
     """One run of the record: how MODEL of the suite record R (started from INIT) trained, and its rows."""
     trained = r["train"][r["args"]["tasks"]][model]
     return {"task": r["args"]["tasks"], "init": init, "model": model, "seed": r["seed"], "steps": trained["steps"],
-            "max_segments": trained["max_segments"], "skipped_steps": trained["skipped_steps"],
+            "final_stage_steps": trained["final_stage_steps"], "max_segments": trained["max_segments"],
+            "skipped_steps": trained["skipped_steps"],
             "stages": [[x["segments"], x["step"]] for x in trained["stages"]],
             "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": row[model],
                       "local_only": row.get("local_only"), "chance": row["chance"]} for row in r["rows"]]}
