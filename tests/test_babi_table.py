@@ -22,7 +22,8 @@ def suite_record(path, task, seed, folded, local, steps=100, store="abc"):
     record = {"date": "2026-12-07", "device": "NVIDIA H100 80GB HBM3", "suite": "long-context", "seed": seed,
               "store_fingerprint": store, "args": {"tasks": task, "lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.01,
                                                    "steps": steps, "max_train_segments": 32},
-              "train": {task: {"folded": {"steps": steps, "max_segments": 32, "skipped_steps": 0,
+              "train": {task: {"folded": {"steps": steps, "final_stage_steps": steps - steps // 2, "max_segments": 32,
+                                          "skipped_steps": 0,
                                           "stages": [{"segments": 4, "step": 0, "minutes": 0.0},
                                                      {"segments": 32, "step": steps // 2, "minutes": 1.0}]}}},
               "rows": rows}
@@ -51,7 +52,7 @@ def test_the_record_has_issue_26s_keys(tmp_path):
                                 "max_train_segments": 32}
     (base,) = [r for r in record["runs"] if r["init"] == "scratch"]
     assert base["steps"] == 90 and [row["score"] for row in base["rows"]] == [0.5, 0.2, 0.17, 0.1]
-    assert base["stages"] == [[4, 0], [32, 45]]
+    assert base["stages"] == [[4, 0], [32, 45]] and base["final_stage_steps"] == 45
 
 
 def test_the_full_attention_reference_is_scored_inside_its_window(tmp_path):
@@ -61,7 +62,8 @@ def test_the_full_attention_reference_is_scored_inside_its_window(tmp_path):
         row["full_attention"] = score
         del row["folded"], row["local_only"]
     full["args"]["baseline_only"] = True
-    full["train"]["qa1"] = {"full_attention": {"steps": 100, "max_segments": 32, "skipped_steps": 1,
+    full["train"]["qa1"] = {"full_attention": {"steps": 100, "final_stage_steps": None, "max_segments": 32,
+                                              "skipped_steps": 1,
                                               "stages": [{"segments": 4, "step": 0, "minutes": 0.0}]}}
     (tmp_path / "full.json").write_text(json.dumps(full))
     record = babi_table.table(fine, [], reference=[tmp_path / "full.json"])
