@@ -113,6 +113,7 @@ def test_a_token_budget_past_one_epoch_is_refused_with_the_budget_that_fits(mark
         context_use.budget_steps(configs, marked_store, 3, 0, most + 1, None)
 
 
+@pytest.mark.e2e
 def test_the_cli_refuses_a_budget_past_one_epoch_in_one_line(marked_store):
     proc = subprocess.run([sys.executable, "-m", "experiments.context_use", "--model", "tiny", "--data",
                            str(marked_store.path), "--streams", "3", "--train-tokens", "1e9", "--plan"],

@@ -146,6 +146,7 @@ def test_padding_and_tag_refused(exported):
     assert result.exit_code == 2 and "exported model, not a run directory" in result.output
 
 
+@pytest.mark.e2e
 def test_lm_eval_scores_the_suite_documents_as_the_suite_does(tmp_path):
     """tools.lm_eval_tasks writes the suite's documents; lm-eval (model type foldscale) scores each
     answer with the suite's log-likelihood and exact match; the perplexity task runs too."""

@@ -834,6 +834,7 @@ def test_the_retrieval_session_climbs_then_finishes_and_brings_back_bf16_models(
         assert {"passkey_climb_seed0.log", "multikey_finish2_seed0.json"} <= set(tar.getnames())
 
 
+@pytest.mark.e2e
 def test_the_retrieval_session_stops_on_a_damaged_model_brought_back(tmp_path):
     """A tar in BACK that cannot be unpacked stops the call before any training, naming the file."""
     (tmp_path / "back").mkdir()

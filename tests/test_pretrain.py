@@ -39,6 +39,7 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_a_smoke_run_then_rerun_resume_and_extend(setup, tmp_path):
     out = tmp_path / "run"
     p = pretrain(setup, out, "--steps", 10)
@@ -61,6 +62,7 @@ def test_a_smoke_run_then_rerun_resume_and_extend(setup, tmp_path):
     assert p.returncode == 0 and max(r["step"] for r in records(out)) == 10
 
 
+@pytest.mark.e2e
 def test_config_errors_leave_no_out(setup, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**json.loads((ROOT / "ds_configs" / "cpu.json").read_text()), "gradient_clippin": 1}))
@@ -69,6 +71,7 @@ def test_config_errors_leave_no_out(setup, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_a_second_training_into_a_busy_out_is_refused_and_ctrl_c_stops_cleanly(setup, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(command(setup, out, "--steps", 100000, "--log-every", 1), env=ENV, stdout=subprocess.PIPE,

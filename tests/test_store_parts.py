@@ -47,6 +47,7 @@ def test_a_damaged_or_foreign_part_is_refused(tmp_path, store):
         store_parts.receive(foreign[0], dest)
 
 
+@pytest.mark.e2e
 def test_the_cli_splits_and_says_what_is_still_to_send(tmp_path, store):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "tools.store_parts", *map(str, args)], cwd=ROOT,

@@ -25,6 +25,7 @@ def test_parity_of_two_ranks_and_one(tmp_path):
     assert all(r["ok"] and r["same_segments"] and r["documents_in_order"] and r["max_rel_diff"] < 1e-6 for r in rows)
 
 
+@pytest.mark.e2e
 def test_scaling_model(tmp_path):
     """Analytic, no --quick: efficiency in (0, 1], falling as the GPUs grow, for each ZeRO stage."""
     out = tmp_path / "scaling.json"
