@@ -65,9 +65,9 @@ fi
 suite+=(--data "$store" --max-train-segments 32
         --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"})
 if [[ -n ${FINAL_STEPS:-} ]]; then
-    suite+=(--final-steps "$FINAL_STEPS") steps="$FINAL_STEPS steps at 32 segments"
+    suite+=(--final-steps "$FINAL_STEPS") schedule="$FINAL_STEPS steps at 32 segments"
 else
-    suite+=(--steps "$steps") steps="$steps steps"
+    suite+=(--steps "$steps") schedule="$steps steps"
 fi
 if [[ ${LAST_CALL:-0} == 1 ]]; then suite+=(--last-call); fi
 say() { echo "$*" | tee -a "$log"; }
@@ -147,7 +147,7 @@ for task in ${tasks//,/ }; do
         continue
     fi
     minutes=$("$python" -c "print(round(($(left) - $eval_s - 60) / 60, 2))")  # a cap: --steps ends a run first
-    say "$task: ${todo[*]} side by side, $steps, at most $minutes min of training each"
+    say "$task: ${todo[*]} side by side, $schedule, at most $minutes min of training each"
     for name in "${todo[@]}"; do
         init=$work/backbone seed=${name#seed} only=(--save "$work/models/${task}_$name")
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}

@@ -92,7 +92,8 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     """bash experiments/babi_session.sh OUT --quick: pretrain, export, a seed (SEEDS; 3 on the GPU) and a
     from-scratch run of qa1 at toy size on the CPU, then the same command again, which only remakes the table."""
     env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "MODELS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "MODELS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(ROOT)}
 
     def session(out):
         proc = subprocess.run(["bash", "experiments/babi_session.sh", str(out), "--quick"], cwd=ROOT, env=env,

@@ -323,8 +323,9 @@ def train(model: FoldedLM, make_batch, args: TrainArgs, l: int, device, seed: in
     With a `checkpoint` path the run can span several calls (each one args.minutes long, e.g.
     each device command): a call saves everything the next step depends on there when it ends
     and every args.save_every minutes (weights, optimizer, data generator, curriculum, streams),
-    and a call that finds it goes on from it; the steps are the same as one uninterrupted run's. The learning rate must then
-    follow steps (--steps or --final-steps): a schedule over time would start again with each call.
+    and a call that finds it goes on from it; the steps are the same as one uninterrupted run's.
+    The learning rate must then follow steps (--steps or --final-steps): a schedule over time
+    would start again with each call (only args.last_call anneals --final-steps by its time too).
     """
     generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda")
