@@ -34,7 +34,7 @@ TINY = dict(vocab_size=512, d_model=32, n_head=4, n_local=1, n_global=1, segment
 
 
 def pretrain(work: Path, args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds-config", str(work / "ds.json"),
            "--model", str(work / "model.json"), "--data", str(work / "store"), "--out", str(work / "run"),
            "--log-every", "1", "--eval-every", "1000000", "--save-every", "1000000", *args]

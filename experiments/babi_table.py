@@ -46,9 +46,14 @@ def load_run(path) -> dict:
     return record
 
 
+def fraction(x: float | None) -> float | None:
+    """A score as the fraction it is: records before session 15 hold float32 means (95 of 100: 0.94999999)."""
+    return None if x is None else round(x, 6)
+
+
 def score(record: dict, multiple: int, model: str = "folded") -> float | None:
     """MODEL's exact match in the row MULTIPLE (the full prefix), None when the run has no such row."""
-    return next((r[model] for r in record["rows"] if r["multiple"] == multiple and r.get("prefix_cap", 0) != 1
+    return next((fraction(r[model]) for r in record["rows"] if r["multiple"] == multiple and r.get("prefix_cap", 0) != 1
                  and r[model] is not None), None)
 
 
@@ -99,8 +104,8 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
         record[f"{r['args']['tasks']}_full_attention"] = {
             str(row["multiple"]): row["full_attention"] for row in r["rows"] if row["full_attention"] is not None}
     record["local_only_max_past_1l"] = max(
-        (r["local_only"] for rec in fine for r in rec["rows"] if r["multiple"] > 1 and r["local_only"] is not None),
-        default=None)
+        (fraction(r["local_only"]) for rec in fine for r in rec["rows"]
+         if r["multiple"] > 1 and r["local_only"] is not None), default=None)
     record["targets"] = {f"{task}_1024 >= {TARGETS[task]}, every seed": all(
         x is not None and x >= TARGETS[task] for x in record[f"{task}_1024"])
         for task in tasks if task in TARGETS and f"{task}_1024" in record}
@@ -119,8 +124,8 @@ def run_entry(r: dict, init: str, model: str) -> dict:
             "final_stage_steps": trained["final_stage_steps"], "max_segments": trained["max_segments"],
             "skipped_steps": trained["skipped_steps"],
             "stages": [[x["segments"], x["step"]] for x in trained["stages"]],
-            "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": row[model],
-                      "local_only": row.get("local_only"), "chance": row["chance"]} for row in r["rows"]]}
+            "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": fraction(row[model]),
+                      "local_only": fraction(row.get("local_only")), "chance": row["chance"]} for row in r["rows"]]}
 
 
 def main(argv=None):

@@ -55,6 +55,14 @@ def test_the_record_has_issue_26s_keys(tmp_path):
     assert base["stages"] == [[4, 0], [32, 45]] and base["final_stage_steps"] == 45
 
 
+def test_95_of_100_meets_a_target_of_095_though_an_old_record_holds_it_as_float32(tmp_path):
+    as_float32 = float(torch.tensor(95.0) / 100)  # how records before session 15 stored 95 right of 100
+    assert as_float32 < 0.95
+    fine = [suite_record(tmp_path / f"qa1_{s}.json", "qa1", s, [1.0, 1.0, as_float32, 0.5], [0.2] * 4) for s in (0, 1)]
+    record = babi_table.main([*map(str, fine), "--json", str(tmp_path / "babi.json")])
+    assert record["qa1_1024"] == [0.95, 0.95] and record["targets"] == {"qa1_1024 >= 0.95, every seed": True}
+
+
 def test_the_full_attention_reference_is_scored_inside_its_window(tmp_path):
     fine = [suite_record(tmp_path / f"qa1_{s}.json", "qa1", s, [1.0] * 4, [0.2] * 4) for s in (0, 1)]
     full = json.loads(suite_record(tmp_path / "full.json", "qa1", 0, [None] * 4, [None] * 4).read_text())
