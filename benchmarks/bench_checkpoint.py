@@ -17,11 +17,13 @@ depend on it) and no schedule (benchlib.speed_ds_config).
 import argparse
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,21 +50,45 @@ def seconds(pattern: str, text: str) -> float:
     return float(found.group(1))
 
 
-def measure(work: Path, timeout: float) -> dict:
-    t_start = time.perf_counter()
-    p = pretrain(work, ["--steps", "1000000", "--overwrite"])
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        print(line, end="", flush=True)
-        if line.startswith("step 1/"):
-            break
-        if time.perf_counter() - t_start > timeout:
+def lines_of(p: subprocess.Popen) -> queue.Queue:
+    """P's output lines as they come (None at its end), read by a thread: a silent process (the 3b's
+    start builds DeepSpeed's CPU Adam and places 3 billion parameters) cannot block the --timeout."""
+    out = queue.Queue()
+
+    def pump():
+        for line in p.stdout:
+            out.put(line)
+        out.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return out
+
+
+def read_until(p: subprocess.Popen, out: queue.Queue, deadline: float, first_step: bool) -> str:
+    """P's output until its first logged step (FIRST_STEP) or its end, echoed; killed past DEADLINE."""
+    text = []
+    while True:
+        try:
+            line = out.get(timeout=max(deadline - time.perf_counter(), 0))
+        except queue.Empty:
             p.kill()
-            raise SystemExit("bench_checkpoint: no first step within --timeout")
+            raise SystemExit(f"bench_checkpoint: launch/pretrain.py {'logged no step' if first_step else 'did not exit'}"
+                             " within --timeout; raise it (the 3b's first step takes minutes)") from None
+        if line is None:
+            return "".join(text)
+        text.append(line)
+        print(line, end="", flush=True)
+        if first_step and line.startswith("step 1/"):
+            return "".join(text)
+
+
+def measure(work: Path, timeout: float) -> dict:
+    p = pretrain(work, ["--steps", "1000000", "--overwrite"])
+    out = lines_of(p)
+    read_until(p, out, time.perf_counter() + timeout, first_step=True)
     t0 = time.perf_counter()
     p.send_signal(signal.SIGTERM)
-    rest = p.stdout.read()
+    rest = read_until(p, out, t0 + timeout, first_step=False)
     code = p.wait()
     sigterm_to_exit = time.perf_counter() - t0
     print(rest, end="", flush=True)
@@ -73,8 +99,8 @@ def measure(work: Path, timeout: float) -> dict:
     step, size = record["step"], sum(f["bytes"] for f in record["files"].values())
     t0 = time.perf_counter()
     p = pretrain(work, ["--steps", str(step), "--resume", "auto"])
-    resumed = p.communicate(timeout=timeout)[0]
-    print(resumed, end="", flush=True)
+    resumed = read_until(p, lines_of(p), t0 + timeout, first_step=False)
+    p.wait()
     if p.returncode != 0:
         raise SystemExit(f"bench_checkpoint: the resumed run exited with {p.returncode}")
     return {"checkpoint_GB": size / 1e9, "sigterm_to_exit_s": sigterm_to_exit,

@@ -20,7 +20,8 @@
 # STORE (.gpu_data/store, the built-in corpus), TOKENS (pretraining tokens, 40e6), RATE (tokens/s assumed for
 # the plan), BACKBONE (an export to start from instead of pretraining, e.g. the backbone/ an earlier session
 # brought back), STEPS (800), FINAL_STEPS (instead of STEPS: the steps at 32 segments, every seed the same;
-# the learning rate stays at its peak until then and decays over them), LR (1e-4), WARMUP (100), WD (0.01),
+# the learning rate stays at its peak until then and decays over them), PATIENCE (steps after which a stage
+# moves on even below the 0.95 gate; unset: it waits), LR (1e-4), WARMUP (100), WD (0.01),
 # BATCH (sequences a step, the suite's 64),
 # BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
 # LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken),
@@ -63,7 +64,8 @@ else
     headline=1024,16384
 fi
 suite+=(--data "$store" --max-train-segments 32
-        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"})
+        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"}
+        ${PATIENCE:+--stage-patience "$PATIENCE"})
 if [[ -n ${FINAL_STEPS:-} ]]; then
     suite+=(--final-steps "$FINAL_STEPS") schedule="$FINAL_STEPS steps at 32 segments"
 else

@@ -25,7 +25,7 @@ HEADLINE = "1024,16384"
 TARGETS = {"qa1": 0.95, "qa2": 0.90}
 """Exact match at 1024 x l that every fine-tuning seed must reach (issue 26)."""
 RECIPE = ("lr", "warmup_steps", "weight_decay", "batch_size", "steps", "final_steps", "minutes",
-          "max_train_segments", "advance_at", "min_lr_ratio", "eval_samples", "far_samples")
+          "max_train_segments", "advance_at", "stage_patience", "min_lr_ratio", "eval_samples", "far_samples")
 """The suite's flags that make the recipe. The curriculum's first stage is not among them (the suite
 raises --start-segments to fit each task's stories): each run's `stages` says where it began."""
 

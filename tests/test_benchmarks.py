@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,16 @@ def test_bench_checkpoint(tmp_path):
     assert positive(row["checkpoint_GB"], row["sigterm_to_exit_s"], row["resume_process_s"])
     assert 0 <= row["save_s"] < row["sigterm_to_exit_s"] and 0 <= row["verify_s"] + row["load_s"] < row["resume_process_s"]
     assert "stopped by signal" in stdout and "resumed from" in stdout
+
+
+def test_bench_checkpoint_kills_a_silent_run_at_its_timeout():
+    """A run that prints nothing (the 3b's start) cannot hold the benchmark past --timeout."""
+    from benchmarks.bench_checkpoint import lines_of, read_until
+    p = subprocess.Popen([sys.executable, "-c", "print('starting', flush=True); import time; time.sleep(60)"],
+                         stdout=subprocess.PIPE, text=True)
+    with pytest.raises(SystemExit, match="logged no step within --timeout"):
+        read_until(p, lines_of(p), time.perf_counter() + 2, first_step=True)
+    assert p.wait(timeout=10) != 0  # killed, not left running
 
 
 def test_bench_generate(tmp_path):

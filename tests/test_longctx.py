@@ -602,6 +602,18 @@ def test_final_steps_trains_that_many_steps_at_the_last_stage(store, corpus):
     assert lr_at(args, 4, 0.0) == pytest.approx(1e-3) and lr_at(args, 4, 2 / 3) < 0.5e-3
 
 
+def test_stage_patience_moves_on_below_the_gate_and_none_waits_for_it(store, corpus):
+    """A gate no run can pass (accuracy above 1): without --stage-patience the curriculum stays at
+    its first stage; with it the run moves on after that many steps and records where it left."""
+    for patience, segments in ((0, [16]), (4, [16, 32])):
+        model = toy(store.vocab_size).float().train()
+        args = TrainArgs(batch_size=2, minutes=5, steps=6, start_segments=16, max_train_segments=32,
+                         advance_at=1.01, stage_patience=patience, window=1, log_every=2, lr=1e-3, warmup_steps=1)
+        summary = train_toy(model, args, store, corpus)
+        assert [s["segments"] for s in summary["stages"]] == segments
+    assert summary["stages"][1]["step"] == 4 and 0.0 <= summary["stages"][0]["left_at"] <= 1.0
+
+
 def test_a_last_stage_cut_short_by_time_still_anneals_the_learning_rate(store, corpus):
     """--final-steps far beyond what the time allows: the decay follows the time left instead,
     so the run still ends near lr * min_lr_ratio rather than at its peak."""
