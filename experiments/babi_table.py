@@ -111,7 +111,8 @@ def table(runs: list, scratch: list, backbone=None, pretrain=None, headline: str
         for task in tasks if task in TARGETS and f"{task}_1024" in record}
     if backbone:
         record["backbone"] = backbone_summary(backbone, pretrain)
-    record["recipe"] = {k: fine[0]["args"][k] for k in RECIPE if k in fine[0]["args"]}
+    record["recipe"] = {task: {k: v for k, v in next(r for r in fine if r["args"]["tasks"] == task)["args"].items()
+                               if k in RECIPE} for task in tasks}  # per task: qa2 may climb with --stage-patience
     record["runs"] = [run_entry(r, init, model) for init, model, records in (
         ("backbone", "folded", fine), ("scratch", "folded", base), ("backbone", "full_attention", full)) for r in records]
     return record

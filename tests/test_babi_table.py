@@ -48,8 +48,8 @@ def test_the_record_has_issue_26s_keys(tmp_path):
     assert record["local_only_max_past_1l"] == 0.22  # row 1 (0.5) is not past one segment; scratch is not counted
     assert record["targets"] == {"qa1_1024 >= 0.95, every seed": False, "qa2_1024 >= 0.9, every seed": True}
     assert record["backbone"]["params"] == ModelConfig(d_model=64, n_head=4).num_params()
-    assert record["recipe"] == {"lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.01, "steps": 100,
-                                "max_train_segments": 32}
+    assert record["recipe"] == {task: {"lr": 1e-4, "warmup_steps": 100, "weight_decay": 0.01, "steps": 100,
+                                       "max_train_segments": 32} for task in ("qa1", "qa2")}
     (base,) = [r for r in record["runs"] if r["init"] == "scratch"]
     assert base["steps"] == 90 and [row["score"] for row in base["rows"]] == [0.5, 0.2, 0.17, 0.1]
     assert base["stages"] == [[4, 0], [32, 45]] and base["final_stage_steps"] == 45
