@@ -6,13 +6,15 @@ random initialisation of the backbone's shape) after --scratch. The record
 (`experiments/results/targets/babi.json`) holds, per task, the folded model's exact match at
 1024 x l and 16384 x l for every fine-tuning seed, the best local-only score past one segment
 (which should be chance), the backbone (its config, parameters and pretraining), the recipe, and
-every run's steps, curriculum stages ([segments, the step it began]) and rows, the from-scratch ones beside.
+every run's steps, curriculum stages ([segments, the step it began]) and rows (each score with its
+95% Wilson interval), the from-scratch ones beside.
 
     python -m experiments.babi_table RUNS/qa1_seed*.json --scratch RUNS/qa1_scratch.json \\
         --backbone RUNS/backbone --pretrain RUNS/pretrain --json experiments/results/targets/babi.json
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -49,6 +51,15 @@ def load_run(path) -> dict:
 def fraction(x: float | None) -> float | None:
     """A score as the fraction it is: records before session 15 hold float32 means (95 of 100: 0.94999999)."""
     return None if x is None else round(x, 6)
+
+
+def wilson(score: float | None, n: int, z: float = 1.96) -> list[float] | None:
+    """The 95% Wilson interval of an exact-match SCORE on N documents: 95 of 100 is [0.888, 0.978],
+    so a score at a target by a document or two is no evidence either way."""
+    if score is None or not n:
+        return None
+    centre, half = score + z * z / (2 * n), z * math.sqrt(score * (1 - score) / n + z * z / (4 * n * n))
+    return [round((centre - half) / (1 + z * z / n), 3), round((centre + half) / (1 + z * z / n), 3)]
 
 
 def score(record: dict, multiple: int, model: str = "folded") -> float | None:
@@ -126,6 +137,7 @@ def run_entry(r: dict, init: str, model: str) -> dict:
             "skipped_steps": trained["skipped_steps"],
             "stages": [[x["segments"], x["step"]] for x in trained["stages"]],
             "rows": [{"multiple": row["multiple"], "samples": row["samples"], "score": fraction(row[model]),
+                      "ci95": wilson(fraction(row[model]), row["samples"]),
                       "local_only": fraction(row.get("local_only")), "chance": row["chance"]} for row in r["rows"]]}
 
 

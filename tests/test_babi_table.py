@@ -52,6 +52,7 @@ def test_the_record_has_issue_26s_keys(tmp_path):
                                        "max_train_segments": 32} for task in ("qa1", "qa2")}
     (base,) = [r for r in record["runs"] if r["init"] == "scratch"]
     assert base["steps"] == 90 and [row["score"] for row in base["rows"]] == [0.5, 0.2, 0.17, 0.1]
+    assert base["rows"][0]["ci95"] == [0.404, 0.596]  # Wilson, 50 of 100
     assert base["stages"] == [[4, 0], [32, 45]] and base["final_stage_steps"] == 45
 
 
