@@ -422,6 +422,20 @@ def test_quick_fills_in_only_what_the_command_line_leaves_unset():
     assert suite.parse_args([]).d_model == 256
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--warmup-steps", "0"], "--warmup-steps must be >= 1, not 0"),
+    (["--stage-patience", "-1"], "--stage-patience must be >= 0, not -1"),
+    (["--lr", "0"], "--lr must be positive, not 0.0"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be in [0, 1], not 1.5"),
+    (["--final-steps", "0"], "--final-steps must be >= 1, not 0"),
+])
+def test_training_flags_out_of_range_are_a_usage_error(flags, message, capsys):
+    with pytest.raises(SystemExit) as refused:
+        suite.parse_args(["--quick", *flags])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    suite.parse_args(["--quick", "--steps", "0", "--stage-patience", "0"])  # the edges are fine
+
+
 def test_a_saved_model_goes_on_where_it_stopped(tmp_path, store):
     """--save writes the trained weights and the store's tokenizer; --init DIR --steps 0 scores
     that model unchanged (saved again, the weights are the same bytes), not a fresh one."""

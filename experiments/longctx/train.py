@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.longctx import text
+from foldscale.config import ConfigError
 from foldscale.engine import param_groups
 from foldscale.model import FoldedLM, segments
 from foldscale.trainer import NonFiniteGuard, TrainingError
@@ -156,6 +157,19 @@ class TrainArgs:
     last_call: bool = False
     """With a checkpoint (suite --resume): this call is the run's last. It is scored where its time
     ends even if --steps (or --final-steps) are not done, and the record says how many steps it took."""
+
+    def __post_init__(self):
+        least = dict(batch_size=1, warmup_steps=1, window=1, log_every=1, max_bad_steps=1, start_segments=1,
+                     max_train_segments=1, final_steps=1, steps=0, stream_segments=0, stage_patience=0,
+                     explain_non_finite=0, weight_decay=0, minutes=0)
+        for name, value in dataclasses.asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name in least and value is not None and value < least[name]:
+                raise ConfigError(f"{flag} must be >= {least[name]}, not {value}")
+            if name in ("lr", "grad_clip", "save_every") and not value > 0:
+                raise ConfigError(f"{flag} must be positive, not {value}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], not {self.min_lr_ratio}")
 
 
 def sample_segments(max_segments: int, start_segments: int, generator: torch.Generator) -> int:
