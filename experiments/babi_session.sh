@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 26 in device commands of ~9 minutes: pretrain a folded backbone with launch/pretrain.py, export it,
-# fine-tune each bAbI task from it with the ARMT-like recipe (AdamW lr 1e-4, weight decay 0.01, answer-only
-# loss, curriculum up to 32 segments, back-propagation through every segment) for SEEDS side by side on
+# fine-tune each bAbI task from it (AdamW lr 3e-4, weight decay 0.01, answer-only loss, a curriculum up to
+# 32 segments, then 1,500 annealed steps there, back-propagation through every segment: ARMT's recipe
+# with the rate and the last stage that made qa1 hold, BENCHMARKS.md sessions 13-15) for SEEDS side by side on
 # the one GPU, beside ONE run of the same command from a random initialisation of the same shape (same
 # steps) and ONE of full attention over 32 x l made of the backbone's blocks (suite --baseline-only), then score 1, 64, 1024 x l and the far row 16384 x l on 100 documents each (--quick: 1, 4, 16, 64).
 #
@@ -13,18 +14,19 @@
 # Stages, each skipped when its output exists in WORK (default runs/babi; it stays on a warm machine):
 # pretrain (a plan with the ETA first; stopped at the deadline with SIGTERM, it saves a checkpoint and the
 # same command goes on from it), export, then per task the fine-tuning runs, started only when FT_S
-# seconds are left. Each run trains until EVAL_S + 60 s before the deadline (suite --resume): if its STEPS
+# seconds are left. Each run trains until EVAL_S + 60 s before the deadline (suite --resume): if its steps
 # are not done by then it saves and stops, and the same command goes on from there, step for step; once
 # they are done it is scored. So one call pretrains, and the next calls on the warm machine fine-tune and score.
 # Settings: TASKS (qa1; e.g. qa1,qa2), SEEDS ("0 1 2"), REFERENCES ("scratch full"; empty: the seeds alone),
 # STORE (.gpu_data/store, the built-in corpus), TOKENS (pretraining tokens, 40e6), RATE (tokens/s assumed for
 # the plan), BACKBONE (an export to start from instead of pretraining, e.g. the backbone/ an earlier session
-# brought back), STEPS (800), FINAL_STEPS (instead of STEPS: the steps at 32 segments, every seed the same;
-# the learning rate stays at its peak until then and decays over them), PATIENCE (steps after which a stage
-# moves on even below the 0.95 gate; unset: it waits), LR (1e-4), WARMUP (100), WD (0.01),
+# brought back), FINAL_STEPS (1500: the steps at 32 segments, every seed the same; the learning rate stays at
+# its peak until then and decays over them), STEPS (instead of FINAL_STEPS: all steps, the rate decaying over
+# them), PATIENCE (steps after which a stage moves on even below the 0.95 gate; unset: it waits), LR (3e-4),
+# WARMUP (100), WD (0.01),
 # BATCH (sequences a step, the suite's 64),
 # BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
-# LAST_CALL (1: score where the time ends even if STEPS are not done; the record has the steps taken),
+# LAST_CALL (1: score where the time ends even if its steps are not done; the record has the steps taken),
 # MODELS (1: bring back each folded run scored in this call, exported in bf16 and tarred, to study on a CPU:
 # the device returns at most 8 files of 16 MiB, so one task's three seeds a call).
 # babi.json (also experiments/results/targets/babi.json, not with --quick) is made from every task whose
@@ -58,16 +60,17 @@ else
     store=${STORE:-.gpu_data/store}
     ds=ds_configs/babi-pretrain.json
     shape=()
-    tokens=${TOKENS:-40e6} rate=${RATE:-500000} ft_s=${FT_S:-480} eval_s=${EVAL_S:-180} steps=${STEPS:-800}
+    tokens=${TOKENS:-40e6} rate=${RATE:-500000} ft_s=${FT_S:-480} eval_s=${EVAL_S:-180} steps=${STEPS:-}
     pretrain=(--compile --log-every 50 --eval-every 1000 --save-every 500)
     suite=(--eval-multiples 1,64,1024 --eval-samples 100 --far-multiples 16384 --far-samples 100)
     headline=1024,16384
 fi
 suite+=(--data "$store" --max-train-segments 32
-        --lr "${LR:-1e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"}
+        --lr "${LR:-3e-4}" --warmup-steps "${WARMUP:-100}" --weight-decay "${WD:-0.01}" ${BATCH:+--batch-size "$BATCH"}
         ${PATIENCE:+--stage-patience "$PATIENCE"})
-if [[ -n ${FINAL_STEPS:-} ]]; then
-    suite+=(--final-steps "$FINAL_STEPS") schedule="$FINAL_STEPS steps at 32 segments"
+if [[ -n ${FINAL_STEPS:-} || -z $steps ]]; then  # --quick: STEPS (6) unless FINAL_STEPS is given
+    final=${FINAL_STEPS:-1500}
+    suite+=(--final-steps "$final") schedule="$final steps at 32 segments"
 else
     suite+=(--steps "$steps") schedule="$steps steps"
 fi
