@@ -137,7 +137,7 @@ class TrainArgs:
     stage_patience: int = 0
     """Move on to the next stage after this many steps at a stage even below advance_at, so a task
     whose accuracy levels off under the gate still reaches max_train_segments in bounded time
-    (bAbI qa2 stayed at 0.91-0.92 at 10 segments for up to 1,575 steps); the stage's record keeps the
+    (bAbI qa2 stayed at 0.90-0.93 at 10 segments for 675-1,575 steps); the stage's record keeps the
     accuracy it left with. 0: wait for advance_at however long it takes."""
     window: int = 50
     """Steps of the curriculum's moving accuracy."""
