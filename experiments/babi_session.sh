@@ -28,7 +28,8 @@
 # BUDGET_S (540), FT_S (480), EVAL_S (180: scoring after training; 0 for a call that only trains),
 # LAST_CALL (1: score where the time ends even if its steps are not done; the record has the steps taken),
 # MODELS (1: bring back each folded run scored in this call, exported in bf16 and tarred, to study on a CPU:
-# the device returns at most 8 files of 16 MiB, so one task's three seeds a call).
+# the device returns at most 8 files of 16 MiB, so one task's three seeds a call), PROBE (1: the suite's
+# --probe, why needles are missed, in each run's JSON; it lengthens the scoring: raise EVAL_S).
 # babi.json (also experiments/results/targets/babi.json, not with --quick) is made from every task whose
 # seeds have all finished, by experiments/babi_table.py.
 set -euo pipefail
@@ -75,6 +76,7 @@ else
     suite+=(--steps "$steps") schedule="$steps steps"
 fi
 if [[ ${LAST_CALL:-0} == 1 ]]; then suite+=(--last-call); fi
+if [[ ${PROBE:-0} == 1 ]]; then suite+=(--probe); fi
 say() { echo "$*" | tee -a "$log"; }
 left() { echo $((deadline - SECONDS)); }
 
