@@ -76,7 +76,8 @@ else
     suite+=(--steps "$steps") schedule="$steps steps"
 fi
 if [[ ${LAST_CALL:-0} == 1 ]]; then suite+=(--last-call); fi
-if [[ ${PROBE:-0} == 1 ]]; then suite+=(--probe); fi
+probe=()  # for the folded runs only: the suite refuses --probe with --baseline-only
+if [[ ${PROBE:-0} == 1 ]]; then probe=(--probe); fi
 say() { echo "$*" | tee -a "$log"; }
 left() { echo $((deadline - SECONDS)); }
 
@@ -156,7 +157,7 @@ for task in ${tasks//,/ }; do
     minutes=$("$python" -c "print(round(($(left) - $eval_s - 60) / 60, 2))")  # a cap: --steps ends a run first
     say "$task: ${todo[*]} side by side, $schedule, at most $minutes min of training each"
     for name in "${todo[@]}"; do
-        init=$work/backbone seed=${name#seed} only=(--save "$work/models/${task}_$name")
+        init=$work/backbone seed=${name#seed} only=(--save "$work/models/${task}_$name" "${probe[@]}")
         [[ $name == scratch ]] && init=$work/scratch seed=${seeds[0]}
         [[ $name == full ]] && seed=${seeds[0]} only=(--baseline-only)
         ( status=0

@@ -101,8 +101,8 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     """bash experiments/babi_session.sh OUT --quick: pretrain, export, a seed (SEEDS; 3 on the GPU) and a
     from-scratch run of qa1 at toy size on the CPU, then the same command again, which only remakes the table."""
     env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "MODELS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(ROOT)}
+           "WORK": str(tmp_path / "w"), "BUDGET_S": "1000", "SEEDS": "0", "MODELS": "1", "PROBE": "1",
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
 
     def session(out):
         proc = subprocess.run(["bash", "experiments/babi_session.sh", str(out), "--quick"], cwd=ROOT, env=env,
@@ -115,6 +115,8 @@ def test_the_session_script_pretrains_fine_tunes_and_skips_finished_stages(tmp_p
     resume = tmp_path / "w" / "resume"  # each run's training state: a later call would go on from it
     assert sorted(f.relative_to(resume).as_posix() for f in resume.rglob("*.pt")) == [
         "qa1_full/qa1_full_attention.pt", "qa1_scratch/qa1_folded.pt", "qa1_seed0/qa1_folded.pt"]
+    probes = json.loads((tmp_path / "w" / "qa1_seed0.json").read_text())["probes"]["qa1"]  # PROBE=1
+    assert [row["after"] for row in probes["footprint"]][:2] == [0, 1] and probes["gradient"]
     record = json.loads((tmp_path / "a" / "babi.json").read_text())
     assert record["seeds"] == [0] and len(record["qa1_16"]) == len(record["qa1_64"]) == 1
     assert all(0 <= x <= 1 for x in record["qa1_16"] + record["qa1_64"])
