@@ -468,6 +468,22 @@ def test_probe_footprint_is_zero_where_the_state_cannot_hold_the_needle(store, c
     assert all(r["footprint_mean"] > 0 for r in rows[False])
 
 
+def test_probe_counts_hard_gates_at_exactly_one(store, corpus):
+    """gate_at_1 is the share of the state's channels kept bit for bit: all of them when the hard
+    gate is pushed open, none when it is pushed shut; a sigmoid gate never reaches 1 exactly."""
+    t = task("passkey", corpus)
+    shares = {}
+    for hard, bias in ((True, 10.0), (True, -10.0), (False, 10.0)):
+        torch.manual_seed(0)
+        model = FoldedLM(ModelConfig(vocab_size=store.vocab_size, d_model=32, n_head=2, n_local=1, n_global=2,
+                                     segment_len=L, state_gate=True, state_gate_hard=hard)).double().eval()
+        torch.nn.init.zeros_(model.carry.gate.weight)
+        torch.nn.init.constant_(model.carry.gate.bias, bias)
+        (row,) = probe.footprint(model, t, corpus, torch.device("cpu"), seed=0, after=[1], n_docs=2)
+        shares[hard, bias] = (row["gate_at_1"], row["gate_above_0.99"])
+    assert shares == {(True, 10.0): (1.0, 1.0), (True, -10.0): (0.0, 0.0), (False, 10.0): (0.0, 1.0)}
+
+
 def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):
     ds = docs("passkey", corpus, 1, 12)
     ends = [(probe.needle_end(d) - 1) % L for d in ds]

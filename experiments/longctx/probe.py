@@ -113,8 +113,9 @@ class GateRecorder:
 def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, after: list[int],
               n_docs: int = 16, prefix_segments: int = 4) -> list[dict]:
     """The needle's footprint in the state `k` segments after the needle's segment, for each k
-    in `after`: mean and largest-row relative difference, and the gate's mean and share above
-    0.99 at that segment (None without a gate)."""
+    in `after`: mean and largest-row relative difference, and the gate's mean, share above 0.99
+    and share at exactly 1 at that segment (None without a gate). Only a channel at exactly 1
+    (`state_gate_hard`) carries a fact unchanged: 0.999 ** 16384 is 1e-7."""
     l, rng = model.cfg.segment_len, np.random.default_rng(seed)
     docs = []
     while len(docs) < n_docs:
@@ -143,8 +144,8 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
                 s, s2 = state[2 * take], state[2 * take + 1]  # (n, l, d) with the needle and with its twin's
                 rel = (s - s2).norm(dim=-1) / s.norm(dim=-1).clamp(min=1e-6)  # (n, l) per row
                 g = None if gate is None else gate[2 * take]
-                rows[k].append((rel.mean(dim=1), rel.max(dim=1).values,
-                                None if g is None else g.mean(dim=(1, 2)), None if g is None else (g > 0.99).float().mean(dim=(1, 2))))
+                shares = (None,) * 3 if g is None else [x.float().mean(dim=(1, 2)) for x in (g, g > 0.99, g == 1)]
+                rows[k].append((rel.mean(dim=1), rel.max(dim=1).values, *shares))
     finally:
         recorder.remove()
     out = []
@@ -152,7 +153,7 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
         parts = list(zip(*rows[k]))
         mean = lambda i: None if parts[i][0] is None else round(float(torch.cat(parts[i]).mean()), 4)
         out.append({"after": k, "footprint_mean": mean(0), "footprint_max_row": mean(1), "gate_mean": mean(2),
-                    "gate_above_0.99": mean(3)})
+                    "gate_above_0.99": mean(3), "gate_at_1": mean(4)})
     return out
 
 
