@@ -470,7 +470,8 @@ def test_probe_footprint_is_zero_where_the_state_cannot_hold_the_needle(store, c
 
 def test_probe_counts_hard_gates_at_exactly_one(store, corpus):
     """gate_at_1 is the share of the state's channels kept bit for bit: all of them when the hard
-    gate is pushed open, none when it is pushed shut; a sigmoid gate never reaches 1 exactly."""
+    gate is pushed to 1, none when it is pushed to 0; a sigmoid gate never reaches 1 exactly.
+    shut_since_needle keeps only channels at 1 in every segment after the needle's."""
     t = task("passkey", corpus)
     shares = {}
     for hard, bias in ((True, 10.0), (True, -10.0), (False, 10.0)):
@@ -479,9 +480,10 @@ def test_probe_counts_hard_gates_at_exactly_one(store, corpus):
                                      segment_len=L, state_gate=True, state_gate_hard=hard)).double().eval()
         torch.nn.init.zeros_(model.carry.gate.weight)
         torch.nn.init.constant_(model.carry.gate.bias, bias)
-        (row,) = probe.footprint(model, t, corpus, torch.device("cpu"), seed=0, after=[1], n_docs=2)
-        shares[hard, bias] = (row["gate_at_1"], row["gate_above_0.99"])
-    assert shares == {(True, 10.0): (1.0, 1.0), (True, -10.0): (0.0, 0.0), (False, 10.0): (0.0, 1.0)}
+        rows = probe.footprint(model, t, corpus, torch.device("cpu"), seed=0, after=[0, 2], n_docs=2)
+        shares[hard, bias] = [(r["gate_at_1"], r["gate_above_0.99"], r["shut_since_needle"]) for r in rows]
+    assert shares == {(True, 10.0): [(1.0, 1.0, 1.0)] * 2, (True, -10.0): [(0.0, 0.0, 1.0), (0.0, 0.0, 0.0)],
+                      (False, 10.0): [(0.0, 1.0, 1.0), (0.0, 1.0, 0.0)]}  # k = 0: no segment since the needle
 
 
 def test_probe_by_offset_buckets_needles_by_where_they_end_in_a_segment(corpus):

@@ -114,8 +114,10 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
               n_docs: int = 16, prefix_segments: int = 4) -> list[dict]:
     """The needle's footprint in the state `k` segments after the needle's segment, for each k
     in `after`: mean and largest-row relative difference, and the gate's mean, share above 0.99
-    and share at exactly 1 at that segment (None without a gate). Only a channel at exactly 1
-    (`state_gate_hard`) carries a fact unchanged: 0.999 ** 16384 is 1e-7."""
+    and share at exactly 1 at that segment, and the share of the state's channels at exactly 1 in
+    every segment since the needle's (None without a gate). Only a channel at exactly 1
+    (`state_gate_hard`) carries a fact unchanged: 0.999 ** 16384 is 1e-7, and a channel that opens
+    once has let its content go."""
     l, rng = model.cfg.segment_len, np.random.default_rng(seed)
     docs = []
     while len(docs) < n_docs:
@@ -128,7 +130,7 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
     length = (int(needle_seg.max()) + max(after) + 1) * l
     recorder = GateRecorder(model)
     rows = {k: [] for k in after}
-    state = None
+    state, shut = None, None  # shut: (pairs, l, d), channels at exactly 1 in every segment after the needle's
     try:
         for a in range(0, length, l):
             ids = torch.from_numpy(text.batch(docs, a, a + l)[0]).to(device)
@@ -137,6 +139,10 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
             gate = recorder.values.pop() if recorder.values else None
             recorder.values.clear()
             seg = a // l
+            if gate is not None:
+                shut = torch.ones_like(gate[::2], dtype=torch.bool) if shut is None else shut
+                later = torch.from_numpy(needle_seg < seg).to(gate.device)
+                shut &= (gate[::2] == 1) | ~later[:, None, None]
             for k in after:
                 take = np.flatnonzero(needle_seg + k == seg)
                 if not len(take):
@@ -144,7 +150,8 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
                 s, s2 = state[2 * take], state[2 * take + 1]  # (n, l, d) with the needle and with its twin's
                 rel = (s - s2).norm(dim=-1) / s.norm(dim=-1).clamp(min=1e-6)  # (n, l) per row
                 g = None if gate is None else gate[2 * take]
-                shares = (None,) * 3 if g is None else [x.float().mean(dim=(1, 2)) for x in (g, g > 0.99, g == 1)]
+                shares = (None,) * 4 if g is None else [x.float().mean(dim=(1, 2))
+                                                        for x in (g, g > 0.99, g == 1, shut[take])]
                 rows[k].append((rel.mean(dim=1), rel.max(dim=1).values, *shares))
     finally:
         recorder.remove()
@@ -153,7 +160,7 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
         parts = list(zip(*rows[k]))
         mean = lambda i: None if parts[i][0] is None else round(float(torch.cat(parts[i]).mean()), 4)
         out.append({"after": k, "footprint_mean": mean(0), "footprint_max_row": mean(1), "gate_mean": mean(2),
-                    "gate_above_0.99": mean(3), "gate_at_1": mean(4)})
+                    "gate_above_0.99": mean(3), "gate_at_1": mean(4), "shut_since_needle": mean(5)})
     return out
 
 
