@@ -232,7 +232,7 @@ def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, 
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     probes = {}
     if args.probe and "folded" in models and cfg.recurrent:
-        after = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k <= max(near + far)]
+        after = [k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384) if k <= max(near + far)]
         probes["footprint"] = probe.footprint(folded, task, val_corpus, device, args.seed + 2000, after)
         probes["gradient"] = probe.gradient(folded, task, val_corpus, device, args.seed + 3000,
                                             [k for k in (1, 2, 4, 8, 16, 30) if k < targs.max_train_segments])
