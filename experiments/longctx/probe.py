@@ -116,8 +116,8 @@ def footprint(model: FoldedLM, task, corpus: text.Corpus, device, seed: int, aft
     in `after`: mean and largest-row relative difference, and the gate's mean, share above 0.99
     and share at exactly 1 at that segment, and the share of the state's channels at exactly 1 in
     every segment since the needle's (None without a gate). Only a channel at exactly 1
-    (`state_gate_hard`) carries a fact unchanged: 0.999 ** 16384 is 1e-7, and a channel that opens
-    once has let its content go."""
+    (`state_gate_hard`) carries a value unchanged: 0.999 ** 16384 is 1e-7, and a channel whose
+    gate falls below 1 once is mixed with new content."""
     l, rng = model.cfg.segment_len, np.random.default_rng(seed)
     docs = []
     while len(docs) < n_docs:
