@@ -26,8 +26,8 @@ import torch
 
 from tools.benchlib import device_name, print_table, write_json
 from experiments.longctx.train import TrainArgs, score, train
-from foldscale.config import ConfigError, ModelConfig
-from foldscale.flags import add_fields, from_args
+from foldscale.config import ModelConfig
+from foldscale.flags import add_fields, check, from_args
 from foldscale.model import FoldedLM
 
 KEY_LEN = 5
@@ -110,10 +110,7 @@ def parse_args(argv=None):
     if args.quick:
         vars(args).update(QUICK)
         torch.set_num_threads(1)  # toy tensors gain nothing from threads, which spin on a busy CPU
-    try:
-        from_args(TrainArgs, args)  # its checks, as a usage error before anything is built
-    except ConfigError as e:
-        p.error(str(e))
+    check(p, TrainArgs, args)
     return args
 
 

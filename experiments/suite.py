@@ -36,8 +36,8 @@ import torch
 from tools.benchlib import device_name, print_table, write_json
 from experiments.longctx import TASKS, probe, text
 from experiments.longctx.train import TrainArgs, exact_match, segment_step, train
-from foldscale.config import ConfigError, ModelConfig
-from foldscale.flags import add_fields, from_args
+from foldscale.config import ModelConfig
+from foldscale.flags import add_fields, check, from_args
 from foldscale.data import Tokenizer, TokenStore, default_store
 from foldscale.model import FoldedLM
 
@@ -108,10 +108,7 @@ def parse_args(argv=None):
     if args.resume and args.steps is None and args.final_steps is None:
         p.error("--resume needs --steps or --final-steps: a learning rate scheduled over --minutes would start "
                 "again with each call")
-    try:
-        from_args(TrainArgs, args)  # its checks, as a usage error before anything is built
-    except ConfigError as e:
-        p.error(str(e))
+    check(p, TrainArgs, args)
     return args
 
 

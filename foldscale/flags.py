@@ -9,6 +9,8 @@ import inspect
 import textwrap
 import types
 
+from .config import ConfigError
+
 
 def flag(name: str) -> list[str]:
     """--dashed-name and its underscore alias."""
@@ -54,3 +56,12 @@ def from_args(cls, args: argparse.Namespace, **fixed):
     """An instance of the dataclass `cls` from the parsed flags add_fields made, `fixed` on top."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**values, **fixed})
+
+
+def check(parser: argparse.ArgumentParser, cls, args: argparse.Namespace, **fixed):
+    """from_args, with the dataclass's own checks (its __post_init__) as the parser's usage error,
+    before anything is built."""
+    try:
+        return from_args(cls, args, **fixed)
+    except ConfigError as e:
+        parser.error(str(e))

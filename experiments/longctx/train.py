@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from experiments.longctx import text
 from foldscale.config import ConfigError
 from foldscale.engine import param_groups
+from foldscale.flags import flag
 from foldscale.model import FoldedLM, segments
 from foldscale.trainer import NonFiniteGuard, TrainingError
 
@@ -163,11 +164,10 @@ class TrainArgs:
                      max_train_segments=1, final_steps=1, steps=0, stream_segments=0, stage_patience=0,
                      explain_non_finite=0, weight_decay=0, minutes=0)
         for name, value in dataclasses.asdict(self).items():
-            flag = "--" + name.replace("_", "-")
             if name in least and value is not None and value < least[name]:
-                raise ConfigError(f"{flag} must be >= {least[name]}, not {value}")
+                raise ConfigError(f"{flag(name)[0]} must be >= {least[name]}, not {value}")
             if name in ("lr", "grad_clip", "save_every") and not value > 0:
-                raise ConfigError(f"{flag} must be positive, not {value}")
+                raise ConfigError(f"{flag(name)[0]} must be positive, not {value}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], not {self.min_lr_ratio}")
 
