@@ -78,6 +78,9 @@ def parse_args(argv=None):
                         "needle's offset in its segment, what the model answered where it missed (rows up to "
                         "1024 x l), the needle's footprint in the state and the gate over distance, the "
                         "gradient reaching its segment")
+    p.add_argument("--probe-misses", type=int, default=20,
+                   help="with --probe: the misses of each row read again alone and listed (where the story "
+                        "names what was answered is counted over them)")
     p.add_argument("--save", help="save the trained folded model here (foldscale's exported format, the store's "
                                   "tokenizer beside it): --init DIR goes on training it or, with --steps 0, scores it")
     p.add_argument("--resume", metavar="DIR",
@@ -213,8 +216,11 @@ def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, 
                     row["folded_by_answer_split"] = probe.by_answer_split(docs, right.numpy(), l)
                 if key == "folded" and args.probe:
                     row["folded_by_offset"] = probe.by_offset(docs, right.numpy(), l)
+                    row["folded_by_answer_source"] = probe.by_answer_source(docs, right.numpy(), tokenizer)
                     if m <= 1024:  # each miss is read again alone: a million-token row would take minutes
-                        row["folded_misses"] = probe.misses(model, docs, right.numpy(), tokenizer, device)
+                        row["folded_misses"] = probe.misses(model, docs, right.numpy(), tokenizer, device,
+                                                            most=args.probe_misses)
+                        row["folded_misses_named_in"] = probe.named_counts(row["folded_misses"])
             row["chance"] = task.chance
             rows.append(row)
             scores = ", ".join(f"{k} {row[k]}" for k in models)
@@ -223,8 +229,10 @@ def run_task(name, store, args, device) -> tuple[list[dict] | None, dict, dict, 
                 scores += (f" | folded, answer within a segment {split['within']['exact']}, crossing one "
                            f"{split['crossing']['exact']} of {split['crossing']['docs']}")
             if args.probe:
-                scores += f" | by offset {row['folded_by_offset']}" + "".join(
-                    f" | {x['answer']} -> {x['predicted']}" for x in row.get("folded_misses", [])[:3])
+                scores += f" | by offset {row['folded_by_offset']} | by answer source " + ", ".join(
+                    f"{k} {v['exact']} of {v['docs']}" for k, v in row["folded_by_answer_source"].items())
+                scores += f" | misses answered what is named in {row.get('folded_misses_named_in')}" + "".join(
+                    f" | {x['answer']} -> {x['answered']}" for x in row.get("folded_misses", [])[:3])
             print(f"{name} {m} x l (distance {row['distance']:,}, prefix < {cap} segments): {scores} | "
                   f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     probes = {}

@@ -450,6 +450,23 @@ def test_a_saved_model_goes_on_where_it_stopped(tmp_path, store):
     assert (tmp_path / "a" / "tokenizer.model").read_bytes() == Path(store.tokenizer_path).read_bytes()
 
 
+def test_suite_probe_records_why_each_row_was_missed(tmp_path, store):
+    """--probe adds to each row exact match by the piece that names the answer (every document
+    counted once) and up to --probe-misses misses, each with what the model answered and where
+    the story names it, counted in folded_misses_named_in."""
+    out = tmp_path / "probe.json"
+    suite.main(["--quick", "--tasks", "qa2", "--data", str(store.path), "--steps", "0", "--probe",
+                "--probe-misses", "3", "--eval-multiples", "1", "--eval-samples", "6", "--far-multiples", "",
+                "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    sources = row["folded_by_answer_source"]
+    assert sum(v["docs"] for v in sources.values()) == 6 and set(sources) <= set(probe.NAMED_IN)
+    wrong = round(6 * (1 - row["folded"]))
+    assert len(row["folded_misses"]) == min(3, wrong) > 0  # an untrained model misses
+    assert sum(row["folded_misses_named_in"].values()) == len(row["folded_misses"])
+    assert all(x["answered_in"] in probe.NAMED_IN and x["answered"] for x in row["folded_misses"])
+
+
 def test_probe_footprint_is_zero_where_the_state_cannot_hold_the_needle(store, corpus):
     """The footprint is the needle's trace in the state: none past its own segment for the
     local-only ablation (every segment starts from S0), some for the folded model, whose
@@ -523,12 +540,40 @@ def test_probe_misses_reports_the_argmax_answer_of_the_missed_documents(store, c
         at, answer = d.piece("answer")
         assert x["answer"] == corpus.tokenizer.decode(answer.tolist()) and x["digits_right"] < len(answer)
         assert x["predicted"] == corpus.tokenizer.decode(row[at - 1:at - 1 + len(answer)].argmax(-1).tolist())
+        seq = torch.from_numpy(text.batch([d], 0, at)[0])  # greedy, over the whole document each time
+        for _ in answer:
+            seq = torch.cat([seq, model.forward_stream(seq).logits[:, -1:].argmax(-1)], dim=1)
+        assert x["answered"] == corpus.tokenizer.decode(seq[0, at:].tolist())
         assert (x["needle_segment"], x["needle_offset"]) == divmod(probe.needle_end(d) - 1, L)
         assert x["question_segment"] == d.piece("question")[0] // L > x["needle_segment"]
         assert x["answer_segment"] * L + x["answer_offset"] == at - 1
     skip = [True, False, True, False, True, False]
     assert [x["answer"] for x in probe.misses(model, ds, skip, corpus.tokenizer, cpu)] == \
         [corpus.tokenizer.decode(d.piece("answer")[1].tolist()) for d, s in zip(ds, skip) if not s]
+
+
+def test_probe_named_in_tells_which_piece_names_the_answer(corpus):
+    """qa2: the place asked for is named by the needle when the holder's move comes last, by the
+    earlier supporting fact when the take does, unless a move after the needle names it again;
+    a word nowhere in the story is "not in the story"; by_answer_source splits exact match so."""
+    tok, ds = corpus.tokenizer, docs("qa2", corpus, 1, 40)
+    sources = []
+    for d in ds:
+        answer = tok.decode(d.piece("answer")[1].tolist()).strip()
+        at = d.piece("support")[0]
+        after = [tok.decode(t.tolist()) for r, p, t in d.pieces if r == "distractor" and p > at]
+        expected = ("distractor after the needle" if any(answer in a for a in after) else
+                    "needle" if answer in tok.decode(d.piece("support")[1].tolist()) else "support")
+        sources.append(probe.named_in(d, answer, tok))
+        assert sources[-1] == expected
+        assert probe.named_in(d, "zebra", tok) == "not in the story"
+        assert probe.named_in(d, answer[:-2], tok) == probe.named_in(d, answer + "xy", tok) == expected  # cut, run on
+    assert {"needle", "support"} <= set(sources)  # both orders of the two facts occur
+    split = probe.by_answer_source(ds, [s == "needle" for s in sources], tok)
+    assert split["needle"] == {"exact": 1.0, "docs": sources.count("needle")}
+    assert split["support"] == {"exact": 0.0, "docs": sources.count("support")}
+    missed = [{"answered_in": s} for s in sources]
+    assert probe.named_counts(missed) == {s: sources.count(s) for s in set(sources)}
 
 
 @pytest.mark.parametrize("bad_steps, fails", [({2}, False), (set(range(1, 100)), True)])

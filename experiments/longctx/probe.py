@@ -10,15 +10,23 @@
   walk (mean, and the share above 0.99) show whether the rows holding it saturate.
 - `by_answer_split`: exact match of the documents whose answer lies in one segment and of those
   whose answer crosses into the next (which sees the question only through the state).
-- `misses`: what the model answered where it missed: its argmax digits beside the answer, and
-  where the needle and the question fell (segment, offset in it).
+- `by_answer_source`: exact match by the piece of the story that names the answer: the needle,
+  or a supporting fact before it (qa2 when the take comes last: the place is in the earlier
+  move). A model that misses only the second kind has not learned to join two facts; that is
+  not memory.
+- `misses`: what the model answered where it missed: its argmax digits beside the answer,
+  what it answers by itself (greedy), where the needle and the question fell (segment, offset
+  in it), and where the story names what it answered (`named_in`: a distractor after the
+  needle is recency, "not in the story" a guess).
 - `gradient`: the norm of the answer loss's gradient with respect to the state carried out of
   the needle's segment, and out of the segment before the question, for documents whose
   needle is k segments back: how much training signal reaches the write.
 
     python -m experiments.suite --tasks passkey --state-gate --state-norm --probe
 """
+import collections
 import copy
+import re
 
 import numpy as np
 import torch
@@ -55,25 +63,77 @@ def by_answer_split(docs: list, exact, l: int) -> dict:
             for name, mask in (("within", ~crossing), ("crossing", crossing))}
 
 
+NAMED_IN = ("needle", "support", "distractor before the needle", "distractor after the needle", "not in the story")
+
+
+def named_in(doc: text.Document, word: str, tokenizer) -> str:
+    """Where the story last names `word` before the question, one of NAMED_IN: "needle",
+    "support" (a supporting piece before the needle), a distractor before or after the needle, or
+    "not in the story". A word of the story that `word` begins with, or that begins with `word`,
+    counts (both of 3 letters or more): a greedy answer has the right answer's number of tokens,
+    so a wrong place comes back cut short ("bathro") or run on ("gardenden")."""
+    end, word, found = needle_end(doc), word.strip(), "not in the story"
+    if len(word) < 3:
+        return found
+    for role, pos, tokens in doc.pieces:  # in document order: the last match is the latest
+        if role in ("question", "answer"):
+            continue
+        words = re.findall(r"\w{3,}", tokenizer.decode(tokens.tolist()))
+        if any(word.startswith(w) or w.startswith(word) for w in words):
+            if pos + len(tokens) == end:
+                found = "needle"
+            else:
+                found = "support" if role == "support" else f"{role} {'before' if pos < end else 'after'} the needle"
+    return found
+
+
+def by_answer_source(docs: list, exact, tokenizer) -> dict:
+    """Exact match and count of the documents grouped by the piece that names their answer
+    (`named_in`), e.g. {"needle": {"exact": 0.9, "docs": 52}, "support": {...}}."""
+    source = np.array([named_in(d, tokenizer.decode(d.piece("answer")[1].tolist()), tokenizer) for d in docs])
+    exact = np.asarray(exact, bool)
+    return {s: {"exact": round(float(exact[source == s].mean()), 3), "docs": int((source == s).sum())}
+            for s in sorted(set(source))}
+
+
+def named_counts(missed: list[dict]) -> dict:
+    """How many of the listed misses answered (greedy) something the story names where (`named_in`)."""
+    return dict(collections.Counter(x["answered_in"] for x in missed).most_common())
+
+
 @torch.no_grad()
-def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int = 20) -> list[dict]:
-    """For up to `most` documents that `exact` marks wrong: the answer and the model's argmax at
-    each answer position (given the right tokens before it, as exact match scores it), the
-    segment of the needle's end and its offset there, the question's segment, and the segment
-    and offset of the position that predicts the answer's first token (`answer_crosses` tells
-    whether the answer goes on into the next segment). Each document is read alone, up to its
-    answer."""
+def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int | None = 20) -> list[dict]:
+    """For up to `most` documents that `exact` marks wrong (None: all): the answer and the model's
+    argmax at each answer position (given the right tokens before it, as exact match scores it),
+    what it answers by itself (greedy, each token fed back: a wrong first token makes a wrong
+    place, where the argmax given the right ones may read "barden"), where the story names the
+    answer and what was answered (`named_in`), the segment of the needle's end and its offset
+    there, the question's segment, and the segment and offset of the position that predicts the
+    answer's first token (`answer_crosses` tells whether the answer goes on into the next
+    segment). Each document is read alone, up to its answer, once: the answers are read again
+    from the state carried into their segment."""
     l, out = model.cfg.segment_len, []
     for doc, right in zip(docs, exact):
         if right or len(out) == most:
             continue
         at, answer = doc.piece("answer")
+        start = (at - 1) // l * l  # the segment that predicts the answer's first token starts here
         ids = torch.from_numpy(text.batch([doc], 0, at + len(answer))[0]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = torch.cat([o.logits for o in segments(model, ids, l)], dim=1)
-        guess = logits[0, at - 1:at - 1 + len(answer)].argmax(-1).tolist()
+            state = None
+            for o in segments(model, ids[:, :start], l):
+                state = o.state
+            read = lambda tail: torch.cat([o.logits for o in segments(model, tail, l, state=state)], dim=1)
+            guess = read(ids[:, start:])[0, at - 1 - start:at - 1 - start + len(answer)].argmax(-1).tolist()
+            answered = ids[:, start:at]
+            for _ in answer:
+                answered = torch.cat([answered, read(answered)[:, -1:].argmax(-1)], dim=1)
+        answered = tokenizer.decode(answered[0, at - start:].tolist())
         end = needle_end(doc) - 1
         out.append({"answer": tokenizer.decode(answer.tolist()), "predicted": tokenizer.decode(guess),
+                    "answered": answered,
+                    "answer_in": named_in(doc, tokenizer.decode(answer.tolist()), tokenizer),
+                    "answered_in": named_in(doc, answered, tokenizer),
                     "digits_right": int(sum(g == a for g, a in zip(guess, answer.tolist()))),
                     "needle_segment": end // l, "needle_offset": end % l,
                     "question_segment": doc.piece("question")[0] // l,
