@@ -91,7 +91,6 @@ def measure(work: Path, timeout: float) -> dict:
     rest = read_until(p, out, t0 + timeout, first_step=False)
     code = p.wait()
     sigterm_to_exit = time.perf_counter() - t0
-    print(rest, end="", flush=True)
     if code != 130:  # launch/pretrain.py's STOPPED_BY_SIGNAL: stopped cleanly, checkpoint saved
         raise SystemExit(f"bench_checkpoint: the SIGTERM'd run exited with {code}, not 130")
     checkpoint = ckpt.newest(ckpt.run_checkpoints(work / "run"))
