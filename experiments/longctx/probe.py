@@ -128,12 +128,10 @@ def misses(model: FoldedLM, docs: list, exact, tokenizer, device, most: int | No
             answered = ids[:, start:at]
             for _ in answer:
                 answered = torch.cat([answered, read(answered)[:, -1:].argmax(-1)], dim=1)
-        answered = tokenizer.decode(answered[0, at - start:].tolist())
+        answered, said = tokenizer.decode(answered[0, at - start:].tolist()), tokenizer.decode(answer.tolist())
         end = needle_end(doc) - 1
-        out.append({"answer": tokenizer.decode(answer.tolist()), "predicted": tokenizer.decode(guess),
-                    "answered": answered,
-                    "answer_in": named_in(doc, tokenizer.decode(answer.tolist()), tokenizer),
-                    "answered_in": named_in(doc, answered, tokenizer),
+        out.append({"answer": said, "predicted": tokenizer.decode(guess), "answered": answered,
+                    "answer_in": named_in(doc, said, tokenizer), "answered_in": named_in(doc, answered, tokenizer),
                     "digits_right": int(sum(g == a for g, a in zip(guess, answer.tolist()))),
                     "needle_segment": end // l, "needle_offset": end % l,
                     "question_segment": doc.piece("question")[0] // l,
