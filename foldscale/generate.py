@@ -18,14 +18,16 @@ from .model import FoldedLM
 
 class KVCache(NamedTuple):
     """What a Block's attention reads and writes while decoding (`Attention.attend_cached`): one
-    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place, and
-    positions (n,), the new rows' places in them."""
+    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place,
+    positions (n,), the new rows' places in them, and whether one new row attends through
+    FlexAttention (flex) rather than two matrix products and a softmax."""
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
+    flex: bool = False
 
 
-def step(model: FoldedLM, caches, outputs, ids, positions):
+def step(model: FoldedLM, caches, outputs, ids, positions, flex=False):
     """Rows ids (B, n) at `positions` (n,) of the current segment -> logits (B, n, V), through every
     block with its key/value cache; caches as StreamDecoder holds them, outputs (B, l, d) the global
     stack's output on the segment's rows (for the carry). A function of its arguments only, so that
@@ -33,13 +35,13 @@ def step(model: FoldedLM, caches, outputs, ids, positions):
     x = model.embed(ids)
     cos, sin = model.rotary(positions)
     for block, (k, v) in zip(model.local_blocks, caches[0]):
-        x = block(x, cos, sin, 0, KVCache(k, v, positions))
+        x = block(x, cos, sin, 0, KVCache(k, v, positions, flex))
     if model.cfg.recurrent:
         l = model.cfg.segment_len
         global_positions = positions + l  # after the l memory rows
         cos, sin = model.rotary(global_positions)
         for block, (k, v) in zip(model.global_blocks, caches[1]):
-            x = block(x, cos, sin, l, KVCache(k, v, global_positions))
+            x = block(x, cos, sin, l, KVCache(k, v, global_positions, flex))
         outputs.index_copy_(1, positions, x)
     return model.head(x)
 
@@ -49,8 +51,10 @@ def compiled_step(mode: str = "default"):
     """`step` through torch.compile with static shapes, made once per process and mode: Inductor
     fuses each block's norms, rotation, mask and SwiGLU into a few kernels, and caches the code by
     shape. mode "max-autotune-no-cudagraphs" also times Triton templates for each matrix product
-    (minutes of compiling); the decoder captures its own graph, so not "reduce-overhead"."""
-    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    (minutes of compiling); the decoder captures its own graph, so not "reduce-overhead". A mode
+    ending in "+flex" (e.g. "default+flex") attends through FlexAttention's decoding kernel."""
+    mode, _, flex = mode.partition("+")
+    return torch.compile(functools.partial(step, flex=flex == "flex"), fullgraph=True, dynamic=False, mode=mode)
 
 
 class StreamDecoder:
