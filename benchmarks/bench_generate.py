@@ -2,9 +2,10 @@
 through foldscale.generate.stream_generate (the path `foldscale generate` takes: key/value caches,
 and on a GPU one CUDA graph replay per new token), side by side with the uncached reference that
 re-runs the current segment for every new token. Two cached rows: the one-token step eager
-("cached") and through torch.compile ("compiled", by default on a GPU only; --compile-modes adds a
-row per torch.compile mode), so their ratio is measured in one run; compilation happens in a
-warm-up, outside the timing. --hf adds the row of transformers' `generate()` on the same weights
+("cached") and through torch.compile in the decoder's mode ("compiled", by default on a GPU only;
+--compile-modes sets the modes, a row each), so their ratio is measured in one run; compilation
+happens in a warm-up, outside the timing. --profile prints the kernels of one token (the compiled
+step run without its CUDA graph, so that each kernel shows) and their count and time per token. --hf adds the row of transformers' `generate()` on the same weights
 exported with `foldscale export --format hf` (issue 24). Greedy, random weights: speed and memory
 do not depend on them.
 
@@ -24,7 +25,7 @@ import torch
 
 from tools.benchlib import cuda_sync, device_name, print_table, write_json
 from foldscale.config import ModelConfig
-from foldscale.generate import stream_generate
+from foldscale.generate import DECODE_COMPILE_MODE, StreamDecoder, stream_generate
 from foldscale.model import FoldedLM
 
 
@@ -90,6 +91,28 @@ def hf_model(model: FoldedLM, directory):
     return hf.load(directory, dtype=param.dtype)[0].to(param.device)
 
 
+def profile_step(model: FoldedLM, device, compile, tokens=10):
+    """Print the kernels of one new token: TOKENS one-token feeds through the step (compiled in
+    mode COMPILE, or eager), without the CUDA graph, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    decoder = StreamDecoder(model, compile=compile, use_graph=False)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 1), device=device)
+    for _ in range(3):  # compiled already (the warm-up); the cache is allocated here
+        decoder.feed(ids)
+    cuda_sync()
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(tokens):
+            decoder.feed(ids)
+        cuda_sync()
+    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    if gpu:
+        kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        print(f"one token, compile={compile}: {sum(e.count for e in kernels) / tokens:.0f} kernels, "
+              f"{sum(e.self_device_time_total for e in kernels) / tokens:.0f} us of kernel time")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="350m")
@@ -97,8 +120,9 @@ def main():
     p.add_argument("--new-tokens", "--new_tokens", type=int, default=256)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="add the torch.compile row (default: on a GPU)")
-    p.add_argument("--compile-modes", default="default",
-                   help="torch.compile modes of the compiled rows, e.g. default,max-autotune-no-cudagraphs")
+    p.add_argument("--compile-modes", default=DECODE_COMPILE_MODE,
+                   help=f"torch.compile modes of the compiled rows (default: the decoder's, {DECODE_COMPILE_MODE}), "
+                        "e.g. max-autotune-no-cudagraphs,default")
     p.add_argument("--hf", action="store_true", help="add the row of transformers' generate() on an HF export")
     p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
     p.add_argument("--json")
@@ -112,7 +136,7 @@ def main():
     model = FoldedLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32).eval()
     compiled = cuda if args.compile is None else args.compile
     modes = args.compile_modes.split(",") if compiled else []
-    steps = {"cached": False, **{"compiled" if m == "default" else f"compiled {m}": m for m in modes}}
+    steps = {"cached": False, **{"compiled" if m == DECODE_COMPILE_MODE else f"compiled {m}": m for m in modes}}
     paths = {path: functools.partial(stream_generate, model, max_new_tokens=args.new_tokens, temperature=0,
                                      compile=on) for path, on in steps.items()}
     paths["uncached"] = lambda ids: uncached_generate(model, ids, args.new_tokens)
@@ -144,13 +168,7 @@ def main():
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")})
             print(rows[-1], flush=True)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        ids = torch.randint(0, cfg.vocab_size, (1, 3 * cfg.segment_len + 5), device=device)
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for _ in stream_generate(model, ids, 16, compile=compiled):
-                pass
-            cuda_sync()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        profile_step(model, device, modes[0] if modes else False)
     print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
           f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, greedy")
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])

@@ -18,16 +18,14 @@ from .model import FoldedLM
 
 class KVCache(NamedTuple):
     """What a Block's attention reads and writes while decoding (`Attention.attend_cached`): one
-    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place,
-    positions (n,), the new rows' places in them, and whether one new row attends through
-    FlexAttention (flex) rather than two matrix products and a softmax."""
+    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place, and
+    positions (n,), the new rows' places in them."""
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
-    flex: bool = False
 
 
-def step(model: FoldedLM, caches, outputs, ids, positions, flex=False):
+def step(model: FoldedLM, caches, outputs, ids, positions):
     """Rows ids (B, n) at `positions` (n,) of the current segment -> logits (B, n, V), through every
     block with its key/value cache; caches as StreamDecoder holds them, outputs (B, l, d) the global
     stack's output on the segment's rows (for the carry). A function of its arguments only, so that
@@ -35,26 +33,29 @@ def step(model: FoldedLM, caches, outputs, ids, positions, flex=False):
     x = model.embed(ids)
     cos, sin = model.rotary(positions)
     for block, (k, v) in zip(model.local_blocks, caches[0]):
-        x = block(x, cos, sin, 0, KVCache(k, v, positions, flex))
+        x = block(x, cos, sin, 0, KVCache(k, v, positions))
     if model.cfg.recurrent:
         l = model.cfg.segment_len
         global_positions = positions + l  # after the l memory rows
         cos, sin = model.rotary(global_positions)
         for block, (k, v) in zip(model.global_blocks, caches[1]):
-            x = block(x, cos, sin, l, KVCache(k, v, global_positions, flex))
+            x = block(x, cos, sin, l, KVCache(k, v, global_positions))
         outputs.index_copy_(1, positions, x)
     return model.head(x)
 
 
+# Inductor's max-autotune also writes each matrix-vector product as a Triton reduction fused with
+# the norm or SwiGLU before it: 315 kernels a token instead of 387, and 1.19x the new tokens/s of
+# mode "default" (350m, H100, BENCHMARKS.md session 17), for 52 s of compiling instead of 37.
+DECODE_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
 @functools.cache
-def compiled_step(mode: str = "default"):
+def compiled_step(mode: str = DECODE_COMPILE_MODE):
     """`step` through torch.compile with static shapes, made once per process and mode: Inductor
     fuses each block's norms, rotation, mask and SwiGLU into a few kernels, and caches the code by
-    shape. mode "max-autotune-no-cudagraphs" also times Triton templates for each matrix product
-    (minutes of compiling); the decoder captures its own graph, so not "reduce-overhead". A mode
-    ending in "+flex" (e.g. "default+flex") attends through FlexAttention's decoding kernel."""
-    mode, _, flex = mode.partition("+")
-    return torch.compile(functools.partial(step, flex=flex == "flex"), fullgraph=True, dynamic=False, mode=mode)
+    shape. The decoder captures its own graph, so no mode with "cudagraphs" or "reduce-overhead"."""
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
 
 class StreamDecoder:
@@ -116,7 +117,7 @@ class StreamDecoder:
         return logits
 
     def _compiled(self):
-        return compiled_step(self.compile if isinstance(self.compile, str) else "default")
+        return compiled_step(self.compile if isinstance(self.compile, str) else DECODE_COMPILE_MODE)
 
     def _read_memory(self, batch_size):
         """A new segment: the memory rows' keys and values (they see only memory keys)."""

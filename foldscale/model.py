@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
 
 from .config import ModelConfig
 from .kernels import check as check_kernels, linear_cross_entropy
@@ -91,10 +90,6 @@ class Attention(nn.Module):
         visible = keys <= cache.positions.clamp(min=n_mem - 1)[:, None]  # (n, L)
         if q.shape[2] > 1:
             return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible)
-        if cache.flex:  # one fused decoding kernel under torch.compile (eager, it materializes the scores)
-            limit = cache.positions.clamp(min=n_mem - 1)
-            return flex_attention(q, cache.k, cache.v,
-                                  score_mod=lambda s, b, h, i, j: torch.where(j <= limit[i], s, float("-inf")))
         scores = torch.matmul(q, cache.k.transpose(-1, -2))  # (B, nh, 1, L), softmax in fp32 at least
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
         return torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype), cache.v)

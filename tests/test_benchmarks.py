@@ -78,10 +78,11 @@ def test_bench_checkpoint_kills_a_silent_run_at_its_timeout():
 
 
 def test_bench_generate(tmp_path):
-    rows, _, _ = run_quick("benchmarks.bench_generate", tmp_path, "--hf")
+    rows, _, stdout = run_quick("benchmarks.bench_generate", tmp_path, "--hf", "--profile")
     assert [(r["prompt_tokens"], r["path"]) for r in rows] == [
         (n, path) for n in (100, 1000) for path in ("cached", "uncached", "hf generate")]
     assert all(positive(r["prompt_tok_s"], r["new_tok_s"]) for r in rows)
+    assert "Self CPU time total" in stdout  # --profile's table of one token's ops
 
 
 def test_bench_data(tmp_path):

@@ -314,13 +314,12 @@ def test_decoder_runs_the_blocks_training_runs():
     torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kw,flex", [(dict(), False), (dict(n_global=0), False), (dict(), True)])
-def test_compiled_one_token_step_gives_forward_stream_logits(kw, flex, monkeypatch):
+@pytest.mark.parametrize("kw", [dict(), dict(n_global=0)])
+def test_compiled_one_token_step_gives_forward_stream_logits(kw, monkeypatch):
     """One token at a time through the torch.compile'd step (fullgraph, static shapes), across two
     segment boundaries, the decoder gives forward_stream's logits and state, from one compiled
-    graph for every position, with either attention of one new row (flex: FlexAttention). The
-    backend is aot_eager (Dynamo's trace and the functionalised cache writes, in 2 s); Inductor,
-    which the GPU uses, takes about 30 s to build on this CPU."""
+    graph for every position. The backend is aot_eager (Dynamo's trace and the functionalised
+    cache writes, in 2 s); Inductor, which the GPU uses, takes about 30 s to build on this CPU."""
     import importlib
     decoding = importlib.import_module("foldscale.generate")  # `foldscale.generate` is also a function
     graphs = []
@@ -328,7 +327,7 @@ def test_compiled_one_token_step_gives_forward_stream_logits(kw, flex, monkeypat
     def backend(gm, example_inputs):
         graphs.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    compiled = torch.compile(functools.partial(decoding.step, flex=flex), backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(decoding.step, backend=backend, fullgraph=True, dynamic=False)
     modes = []
     monkeypatch.setattr(decoding, "compiled_step", lambda m: modes.append(m) or compiled)
     model = make(**kw).double()
@@ -339,7 +338,7 @@ def test_compiled_one_token_step_gives_forward_stream_logits(kw, flex, monkeypat
     torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-9, atol=1e-9)
     if model.cfg.recurrent:
         torch.testing.assert_close(decoder.state, full.state, rtol=1e-9, atol=1e-9)
-    assert len(graphs) == 1 and set(modes) == {"default"}
+    assert len(graphs) == 1 and set(modes) == {decoding.DECODE_COMPILE_MODE}
 
 
 def test_a_compile_mode_reaches_torch_compile(monkeypatch):
