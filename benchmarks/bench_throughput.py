@@ -11,7 +11,8 @@ MFU = model FLOPs (ModelConfig.flops_per_token, DESIGN.md §1: 6 x matmul parame
 global stack counted twice, plus causal attention) x trained tokens/s / --peak-tflops (800:
 the bf16 ceiling measured on the H100). Tokens counted are all positions of every segment.
 With several --kernels (FoldedLM.set_kernels) each model runs with each, in one run, and
-vs_torch is its tokens/s over the same model's with kernels=torch.
+vs_torch is its tokens/s over the same model's with kernels=torch. With several --ds-config each
+trainer row runs under each, and vs_first_config is its tokens/s over the same row's under the first.
 With --plain each model also runs through a plain PyTorch loop (measure_plain: fp32 weights under
 bf16 autocast, fused AdamW, as nanoGPT trains), the same tokens and batches: vs_trainer is its
 tokens/s over the trainer row's, the cost of Trainer + DeepSpeed alone; against
@@ -128,15 +129,16 @@ def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step
     return row | prof
 
 
-COLUMNS = ["model", "loop", "kernels", "attention", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
-           "tokens_per_s", "vs_torch", "vs_trainer", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
+COLUMNS = ["model", "loop", "ds_config", "kernels", "attention", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
+           "tokens_per_s", "vs_torch", "vs_trainer", "vs_first_config", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
            "host_syncs_per_step", "loss"]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="125m,350m,1b")
-    p.add_argument("--ds-config", "--ds_config", default="ds_configs/dp-zero2.json")
+    p.add_argument("--ds-config", "--ds_config",
+                   help="DeepSpeed JSON (default ds_configs/dp-zero2.json; a list: each, the plain loop once)")
     p.add_argument("--tokens-per-rank", "--tokens_per_rank", default="8192",
                    help="tokens per micro-step per rank (a list: each)")
     p.add_argument("--grad-accum", "--grad_accum", default="1",
@@ -162,7 +164,8 @@ def main():
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
     if args.quick:
-        args.presets, args.ds_config, args.tokens_per_rank, args.steps, args.warmup = "tiny", "ds_configs/cpu.json", "64", 2, 1
+        args.presets, args.tokens_per_rank, args.steps, args.warmup = "tiny", "64", 2, 1
+    args.ds_config = args.ds_config or ("ds_configs/cpu.json" if args.quick else "ds_configs/dp-zero2.json")
     kernel_list = args.kernels.split(",")
     try:
         for kernels in kernel_list:
@@ -183,30 +186,37 @@ def main():
     meta = dict(ds_config=args.ds_config, world_size=world, compile=args.compile, peak_tflops=args.peak_tflops,
                 kernels=kernel_list)
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, (tokens, accum) in itertools.product(args.presets.split(","), settings):
+        ds_paths = args.ds_config.split(",")
+        for preset, ds_path, (tokens, accum) in itertools.product(args.presets.split(","), ds_paths, settings):
             folded = ModelConfig.load(preset)
             pairs = [(f"{preset} folded", folded)]
             if not args.no_baseline:
                 pairs.append((f"{preset} baseline (full attention, window 2l)",
                               folded.full_attention(2 * folded.segment_len)))
             for (name, cfg), kernels, loop in itertools.product(pairs, kernel_list, loops):
+                if loop == "plain" and ds_path != ds_paths[0]:
+                    continue  # the plain loop does not read the DeepSpeed config
                 if loop == "trainer":
-                    row = measure(name, cfg, args.ds_config, tokens, accum, args.steps, args.warmup, Path(tmp), rank,
+                    row = measure(name, cfg, ds_path, tokens, accum, args.steps, args.warmup, Path(tmp), rank,
                                   world, args.compile, args.peak_tflops, kernels, args.profile, args.profile_steps)
                 else:
                     row = measure_plain(name, cfg, tokens, accum, args.steps, args.warmup, Path(tmp), args.compile,
                                         args.peak_tflops, kernels, args.profile, args.profile_steps)
-                row.update(tokens_per_micro_step=tokens, grad_accum=accum, attention=args.attention)
+                row.update(tokens_per_micro_step=tokens, grad_accum=accum, attention=args.attention,
+                           ds_config=ds_path if loop == "trainer" else "")
                 torch_row = next((r for r in rows if r["kernels"] == "torch" and r["model"] == name
                                   and r["loop"] == loop and r["tokens_per_micro_step"] == tokens
-                                  and r["grad_accum"] == accum), None)
+                                  and r["grad_accum"] == accum and r["ds_config"] == row["ds_config"]), None)
                 if len(kernel_list) > 1 and torch_row is not None:
                     row["vs_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
-                trainer_row = next((r for r in rows if r["loop"] == "trainer" and r["model"] == name
+                trainer_row = next((r for r in rows if r["loop"] == "trainer" and r["ds_config"] == ds_paths[0]
+                                    and r["model"] == name
                                     and r["kernels"] == kernels and r["tokens_per_micro_step"] == tokens
                                     and r["grad_accum"] == accum), None)
                 if loop == "plain" and trainer_row is not None:
                     row["vs_trainer"] = row["tokens_per_s"] / trainer_row["tokens_per_s"]
+                if loop == "trainer" and ds_path != ds_paths[0] and trainer_row is not None:
+                    row["vs_first_config"] = row["tokens_per_s"] / trainer_row["tokens_per_s"]
                 rows.append(row)
                 if rank == 0:
                     write_json(args.json, rows, **meta)  # after every row: a run stopped early keeps its rows

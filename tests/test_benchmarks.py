@@ -36,9 +36,13 @@ def positive(*values):
 
 
 def test_bench_throughput(tmp_path):
-    rows, record, _ = run_quick("benchmarks.bench_throughput", tmp_path, "--grad-accum", "1,2")
-    assert [(r["model"].split()[1], r["grad_accum"]) for r in rows] == [
-        ("folded", 1), ("baseline", 1), ("folded", 2), ("baseline", 2)]
+    clipped = tmp_path / "clipped.json"  # a second DeepSpeed config: a row each
+    clipped.write_text(json.dumps({**json.loads((ROOT / "ds_configs/cpu.json").read_text()), "gradient_clipping": 0.5}))
+    rows, record, _ = run_quick("benchmarks.bench_throughput", tmp_path, "--grad-accum", "1,2",
+                                "--ds-config", f"ds_configs/cpu.json,{clipped}")
+    assert [(r["model"].split()[1], r["ds_config"] == str(clipped), r["grad_accum"]) for r in rows] == [
+        (model, second, accum) for second in (False, True) for accum in (1, 2) for model in ("folded", "baseline")]
+    assert all(("vs_first_config" in r) == (r["ds_config"] == str(clipped)) for r in rows)
     assert all(positive(r["tokens_per_s"], r["tflops_per_gpu"], r["step_ms"], r["loss"]) for r in rows)
     assert rows[1]["l"] == 2 * rows[0]["l"] and rows[1]["streams"] * 2 == rows[0]["streams"]
     assert rows[1]["params_M"] < rows[0]["params_M"]  # the baseline has no S0
