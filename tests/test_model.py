@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from foldscale.config import ConfigError, ModelConfig
 from foldscale.generate import StreamDecoder, generate
-from foldscale.model import Attention, Block, FoldedLM, rope_tables, segments
+from foldscale.model import Attention, Block, FoldedLM, causal_to_last_key, rope_tables, segments
 from foldscale.weights import ModelFileError
 
 
@@ -249,6 +249,23 @@ def test_attention_never_runs_on_cudnn(monkeypatch):
     assert training == 3 * 3 and len(seen) > training  # per segment: local, global, global's memory rows
     assert set(seen) == {(False, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside attention: the process's setting is left alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's own causal mask needs a CUDA GPU")
+def test_flash_causal_to_last_key_is_the_spelled_out_mask():
+    """On a GPU in bf16 the global blocks' current rows go through flash attention's causal mask
+    called directly (aligned to the last key), forward and backward, compiled without a break."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in (8, 24, 24))
+    ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)),
+                                         attn_mask=torch.ones(8, 24, dtype=torch.bool, device="cuda").tril(16))
+    for fn in (causal_to_last_key, torch.compile(causal_to_last_key, fullgraph=True)):
+        out = fn(q, k, v)
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g.float(), e.float(), rtol=0, atol=5e-2)
 
 
 def test_no_global_layers_is_a_plain_gpt():
