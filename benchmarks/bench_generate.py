@@ -4,10 +4,10 @@ and on a GPU one CUDA graph replay per new token), side by side with the uncache
 re-runs the current segment for every new token. Two cached rows: the one-token step eager
 ("cached") and through torch.compile in the decoder's mode ("compiled", by default on a GPU only;
 --compile-modes sets the modes, a row each), so their ratio is measured in one run; compilation
-happens in a warm-up, outside the timing. --profile prints the kernels of one token (the compiled
-step run without its CUDA graph, so that each kernel shows) and their count and time per token. --hf adds the row of transformers' `generate()` on the same weights
-exported with `foldscale export --format hf` (issue 24). Greedy, random weights: speed and memory
-do not depend on them.
+happens in a warm-up, outside the timing. --hf adds the row of transformers' `generate()` on the
+same weights exported with `foldscale export --format hf` (issue 24). --profile prints the kernels
+of one new token (the compiled step run without its CUDA graph, so that each kernel shows), with
+their count and time per token. Greedy, random weights: speed and memory do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
     python -m benchmarks.bench_generate --model 125m --hf --json benchmarks/results/generate_hf.json
@@ -124,7 +124,7 @@ def main():
                    help=f"torch.compile modes of the compiled rows (default: the decoder's, {DECODE_COMPILE_MODE}), "
                         "e.g. max-autotune-no-cudagraphs,default")
     p.add_argument("--hf", action="store_true", help="add the row of transformers' generate() on an HF export")
-    p.add_argument("--profile", action="store_true", help="print where 16 generated tokens spend their time")
+    p.add_argument("--profile", action="store_true", help="print the kernels of one new token, their count and time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()

@@ -129,9 +129,9 @@ def speed_row(name, cfg, loop, kernels, streams, tok_s, world, peak_tflops, step
     return row | prof
 
 
-COLUMNS = ["model", "loop", "ds_config", "kernels", "attention", "params_M", "l", "streams", "tokens_per_micro_step", "grad_accum",
-           "tokens_per_s", "vs_torch", "vs_trainer", "vs_first_config", "tflops_per_gpu", "mfu", "step_ms", "peak_mem_gib", "gpu_busy",
-           "host_syncs_per_step", "loss"]
+COLUMNS = ["model", "loop", "ds_config", "kernels", "attention", "params_M", "l", "streams", "tokens_per_micro_step",
+           "grad_accum", "tokens_per_s", "vs_torch", "vs_trainer", "vs_first_config", "tflops_per_gpu", "mfu", "step_ms",
+           "peak_mem_gib", "gpu_busy", "host_syncs_per_step", "loss"]
 
 
 def main():
