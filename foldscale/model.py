@@ -43,12 +43,14 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 def causal_to_last_key(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of t query rows (B, nh, t, hs) over S >= t keys, row i seeing keys 0..S - t + i:
-    the causal mask aligned to the last key ("lower right"). On a GPU in half precision this is
-    flash attention's own causal mask, called as torch.nn.attention.bias.CausalBias does for its
-    lower-right variant (CausalBias itself breaks the graph under torch.compile); elsewhere the
-    mask is spelled out."""
-    t, S = q.shape[2], k.shape[2]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and ATTENTION_BACKENDS[0] == SDPBackend.FLASH_ATTENTION:
+    the causal mask aligned to the last key ("lower right"). Where flash attention runs (a GPU of
+    compute capability 8 or more, half precision, head size a multiple of 8 up to 256) this is its
+    own causal mask, called as torch.nn.attention.bias.CausalBias does for its lower-right variant
+    (CausalBias itself breaks the graph under torch.compile); elsewhere the mask is spelled out."""
+    t, S, hs = q.shape[2], k.shape[2], q.shape[3]
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
+            and torch.cuda.get_device_properties(q.device).major >= 8  # constant under torch.compile
+            and ATTENTION_BACKENDS[0] == SDPBackend.FLASH_ATTENTION):
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True)[0]
     visible = torch.ones(t, S, dtype=torch.bool, device=q.device).tril(S - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
