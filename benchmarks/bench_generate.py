@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tools.benchlib import cuda_sync, device_name, print_table, write_json
+from tools.benchlib import cuda_sync, device_name, print_table, profile_run, write_json
 from foldscale.config import ModelConfig
 from foldscale.generate import DECODE_COMPILE_MODE, StreamDecoder, stream_generate
 from foldscale.model import FoldedLM
@@ -93,24 +93,15 @@ def hf_model(model: FoldedLM, directory):
 
 def profile_step(model: FoldedLM, device, compile, tokens=10):
     """Print the kernels of one new token: TOKENS one-token feeds through the step (compiled in
-    mode COMPILE, or eager), without the CUDA graph, under torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    mode COMPILE, or eager), without the CUDA graph, under torch.profiler (profile_run)."""
     decoder = StreamDecoder(model, compile=compile, use_graph=False)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 1), device=device)
     for _ in range(3):  # compiled already (the warm-up); the cache is allocated here
         decoder.feed(ids)
-    cuda_sync()
-    gpu = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        for _ in range(tokens):
-            decoder.feed(ids)
-        cuda_sync()
-    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
-    if gpu:
-        kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-        print(f"one token, compile={compile}: {sum(e.count for e in kernels) / tokens:.0f} kernels, "
-              f"{sum(e.self_device_time_total for e in kernels) / tokens:.0f} us of kernel time")
+    figures = profile_run(lambda: decoder.feed(ids), tokens, top=25)
+    if "kernels_per_step" in figures:
+        print(f"one token, compile={compile}: {figures['kernels_per_step']:.0f} kernels, "
+              f"{1000 * sum(figures['gpu_ms_per_step'].values()):.0f} us of kernel time, GPU busy {figures['gpu_busy']:.2f}")
 
 
 def main():

@@ -96,8 +96,8 @@ def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
     time; on a GPU) and CPU operators (by their own host time). TRACE (a path ending .json.gz), if
     given, gets the Chrome trace (chrome://tracing, ui.perfetto.dev). Returns figures for a table
     row: host_syncs_per_step (HOST_SYNCS calls) and profiled_step_ms, and on a GPU gpu_ms_per_step
-    by kernel kind (KERNEL_KINDS) and gpu_busy, the share of wall time the GPU ran kernels: well
-    under 1 is time the host left it idle."""
+    by kernel kind (KERNEL_KINDS), kernels_per_step (copies and fills included) and gpu_busy, the
+    share of wall time the GPU ran kernels: well under 1 is time the host left it idle."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     cuda_sync()
@@ -114,16 +114,17 @@ def profile_run(step, steps: int, trace=None, top: int = 20) -> dict:
     if cuda:
         print(events.table(sort_by="self_cuda_time_total", row_limit=top))
     print(events.table(sort_by="self_cpu_time_total", row_limit=top))
-    ms = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    ms, kernels = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}, 0
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CUDA:  # kernels, not the operators that launch them
             name = e.key.lower()
             kind = next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
             ms[kind] += e.self_device_time_total / 1000 / steps
+            kernels += e.count
     syncs = sum(e.count for e in events if e.key in HOST_SYNCS) - cuda  # less the cuda_sync() ending the profile
     figures = {"host_syncs_per_step": syncs / steps, "profiled_step_ms": wall_ms}
     if cuda:
-        figures.update(gpu_busy=sum(ms.values()) / wall_ms, gpu_ms_per_step=ms)
+        figures.update(gpu_busy=sum(ms.values()) / wall_ms, gpu_ms_per_step=ms, kernels_per_step=kernels / steps)
     return figures
 
 
