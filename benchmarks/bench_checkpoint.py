@@ -7,6 +7,8 @@ Two processes of launch/pretrain.py, as a user runs them, on a synthetic store:
    the trainer logs it (DeepSpeed's files, then every rank hashing its share for COMPLETE).
 2. resumes with --resume auto and stops there: `verify_s` (the manifest's checksums), `load_s`
    (DeepSpeed's load and the trainer's state), both as logged, and the whole process.
+3. hashes the checkpoint's largest file with sha256 (what COMPLETE recorded before 2026-12-07)
+   and with BLAKE3 on every core (now): `sha256_GB_per_s`, `blake3_GB_per_s`.
 The files are read back right after they were written, so from the page cache where they fit.
 The DeepSpeed JSON is the shipped one with one accumulation step (a checkpoint's size does not
 depend on it) and no schedule (benchlib.speed_ds_config).
@@ -102,9 +104,16 @@ def measure(work: Path, timeout: float) -> dict:
     p.wait()
     if p.returncode != 0:
         raise SystemExit(f"bench_checkpoint: the resumed run exited with {p.returncode}")
+    resume_process = time.perf_counter() - t0
+    largest = max((checkpoint / name for name in record["files"]), key=lambda f: f.stat().st_size)
+    rates = {}
+    for algorithm in ("sha256", ckpt.DIGEST):  # what COMPLETE recorded before BLAKE3, and now
+        t0 = time.perf_counter()
+        ckpt.digest(largest, algorithm)
+        rates[f"{algorithm}_GB_per_s"] = largest.stat().st_size / 1e9 / (time.perf_counter() - t0)
     return {"checkpoint_GB": size / 1e9, "sigterm_to_exit_s": sigterm_to_exit,
             "save_s": seconds("saved checkpoint \\S+", rest), "verify_s": seconds("verified \\S+", resumed),
-            "load_s": seconds(r"at step \d+ \(loaded", resumed), "resume_process_s": time.perf_counter() - t0}
+            "load_s": seconds(r"at step \d+ \(loaded", resumed), "resume_process_s": resume_process, **rates}
 
 
 def main(argv=None):

@@ -8,8 +8,10 @@
                                         learning-rate schedule is ds_config.json's "scheduler")
         tokenizer.model                 the token store's tokenizer, when it has one
         COMPLETE                        written last, by rank 0: tag, step, world size, and the
-                                        size and sha256 of every other file (the manifest), each
-                                        rank hashing its share of the files (`_share`)
+                                        size and BLAKE3 digest of every other file (the manifest),
+                                        each rank hashing its share of the files (`_share`) on
+                                        all its cores; checkpoints saved before 2026-12-07
+                                        recorded sha256, which is still checked
     RUN/checkpoints/universal/step00001000/   DeepSpeed's universal form of it, made when a
                                         ZeRO 1-2 run resumes on another number of ranks
 
@@ -34,6 +36,7 @@ import re
 import shutil
 from pathlib import Path
 
+import blake3
 import torch
 import torch.distributed as dist
 
@@ -45,6 +48,7 @@ CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.model"
 UNIVERSAL = "universal"
 STREAMS = "train_micro_batch_size_per_gpu"
+DIGEST = "blake3"  # the key of each file's digest in COMPLETE
 
 
 class CheckpointError(FoldscaleError):
@@ -134,16 +138,16 @@ def save(engine, root, step: int, rank: int, world_size: int, *, trainer_state: 
     try:
         files = _files(path)
         sizes = {name: f.stat().st_size for name, f in files.items()}
-        mine = {name: _sha256(files[name]) for name in _share(sizes, rank, world_size)}
+        mine = {name: digest(files[name]) for name in _share(sizes, rank, world_size)}
     except Exception as e:
         error = e
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if rank == 0 and None not in gathered:
         try:
-            digests = {name: sha for share in gathered for name, sha in share.items()}
+            digests = {name: d for share in gathered for name, d in share.items()}
             record = {"tag": path.name, "step": step, "world_size": world_size,
-                      "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in sizes.items()}}
+                      "files": {name: {"bytes": size, DIGEST: digests[name]} for name, size in sizes.items()}}
             _atomic_write_text(path / "COMPLETE", json.dumps(record, indent=1))
             _prune(root, keep_last, path)
         except Exception as e:
@@ -429,7 +433,7 @@ def _record(path: Path) -> dict | None:
     try:
         record = json.loads((path / "COMPLETE").read_bytes())
         good = (record["tag"] == f"step{record['step']:08d}" and isinstance(record["world_size"], int)
-                and all(isinstance(f["bytes"], int) and isinstance(f["sha256"], str) for f in record["files"].values()))
+                and all(isinstance(f["bytes"], int) and isinstance(f[_algorithm(f)], str) for f in record["files"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         good = False
     return record if good else None
@@ -446,7 +450,7 @@ def _problem(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
     record = _record(path)
     if record is None:
         return (f"{path / 'COMPLETE'}: damaged, or written by a foldscale that did not record checksums "
-                "(it must hold the tag, step, world size and every file's size and sha256)")
+                "(it must hold the tag, step, world size and every file's size and digest)")
     saved, found = record["files"], _files(path)
     for name, f in saved.items():
         if name not in found:
@@ -457,14 +461,18 @@ def _problem(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
         if name not in saved:
             return f"{path / name}: not part of the checkpoint as saved"
     share = _share({name: f["bytes"] for name, f in saved.items()}, rank, world_size)
-    altered = [name for name in share if _sha256(found[name]) != saved[name]["sha256"]]
+    altered = []
+    for name in share:
+        algorithm = _algorithm(saved[name])
+        if digest(found[name], algorithm) != saved[name][algorithm]:
+            altered.append(name)
     if world_size > 1:
         everyone = [None] * world_size
         dist.all_gather_object(everyone, altered)
         altered = [name for names in everyone for name in names]
     for name in saved:
         if name in altered:
-            return f"{path / name}: altered since it was saved (its sha256 differs from the one in COMPLETE)"
+            return f"{path / name}: altered since it was saved (its digest differs from the one in COMPLETE)"
     return None
 
 
@@ -482,9 +490,20 @@ def _share(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
     return mine
 
 
-def _sha256(f: Path) -> str:
-    with open(f, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def _algorithm(entry: dict) -> str:
+    """Which digest a file's ENTRY in COMPLETE holds: DIGEST, or sha256 in a checkpoint saved
+    before it came in."""
+    return DIGEST if DIGEST in entry else "sha256"
+
+
+def digest(f: Path, algorithm: str = DIGEST) -> str:
+    """File F's digest (hex) as COMPLETE records it."""
+    if algorithm == "sha256":
+        with open(f, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    # BLAKE3 hashes one file on every core: a 3b's 45 GB under 24gb.json took 44 s with sha256
+    # (BENCHMARKS.md, session 18)
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(f).hexdigest()
 
 
 def _prune(root: Path, keep_last: int, newest: Path):

@@ -66,7 +66,8 @@ def test_bench_checkpoint(tmp_path):
     rows, _, stdout = run_quick("benchmarks.bench_checkpoint", tmp_path)
     assert [(r["model"], r["ds_config"]) for r in rows] == [("tiny", "cpu.json")]
     row = rows[0]
-    assert positive(row["checkpoint_GB"], row["sigterm_to_exit_s"], row["resume_process_s"])
+    assert positive(row["checkpoint_GB"], row["sigterm_to_exit_s"], row["resume_process_s"], row["sha256_GB_per_s"],
+                    row["blake3_GB_per_s"])
     assert 0 <= row["save_s"] < row["sigterm_to_exit_s"] and 0 <= row["verify_s"] + row["load_s"] < row["resume_process_s"]
     assert "stopped by signal" in stdout and "resumed from" in stdout
 

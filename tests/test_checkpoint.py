@@ -5,11 +5,13 @@ and each case damages a copy of it. The cases are the files of that real checkpo
 trainer starts writing is covered without touching this test.
 """
 import errno
+import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from click.testing import CliRunner
@@ -66,6 +68,8 @@ def test_a_checkpoint_holds_its_manifest_configs_and_rank_state(trained):
     assert {p.name for p in path.iterdir()} == KINDS
     record = ckpt.verify(path)
     assert record["step"] == 4 and record["world_size"] == 1 and set(record["files"]) == KINDS - {"COMPLETE"}
+    for name, entry in record["files"].items():
+        assert entry == {"bytes": (path / name).stat().st_size, "blake3": blake3.blake3((path / name).read_bytes()).hexdigest()}
     assert ckpt.read_config(path, "ds_config.json")["scheduler"]["params"]["total_num_steps"] == 4
     mine = torch.load(path / "foldscale_rank0.pt", weights_only=True)
     assert mine["state"].shape == (STREAMS, TOKENIZED_MODEL["segment_len"], TOKENIZED_MODEL["d_model"])
@@ -183,6 +187,22 @@ def test_resume_refuses_another_schedule(trained, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "scheduler.params.total_num_steps is 6 in this run but 4" in p.stderr
     assert "resume with --steps 4" in p.stderr
+
+
+def test_a_manifest_of_sha256_digests_from_before_blake3_is_still_checked(tmp_path):
+    """Checkpoints saved before COMPLETE recorded BLAKE3 recorded each file's sha256: they still
+    verify, and a byte changed since is still found."""
+    path = tmp_path / "step00000002"
+    path.mkdir()
+    files = {"mp_rank_00_model_states.pt": b"weights" * 1000, "model.json": b"{}", "empty": b""}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    manifest = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    (path / "COMPLETE").write_text(json.dumps({"tag": path.name, "step": 2, "world_size": 1, "files": manifest}))
+    assert ckpt.verify(path)["files"] == manifest
+    damage(path / "mp_rank_00_model_states.pt", "flip")
+    with pytest.raises(ckpt.CheckpointError, match="mp_rank_00_model_states.pt: altered since it was saved"):
+        ckpt.verify(path)
 
 
 def test_the_ranks_share_the_hashing_largest_file_first():

@@ -1,6 +1,6 @@
 """What a checkpoint holds and whether it is intact: its step and world size, the model, schedule
 and batch it was trained with, its files, and the verdict of the check that resume and export
-make (`checkpoint.verify`: every file's size and sha256 against COMPLETE).
+make (`checkpoint.verify`: every file's size and digest against COMPLETE).
 
     python -m tools.inspect_checkpoint runs/default                       # its newest checkpoint
     python -m tools.inspect_checkpoint runs/default/checkpoints/step00000500 --json
