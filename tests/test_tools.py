@@ -1,6 +1,7 @@
 """The tools run as a user runs them, from the repository root (`python -m tools.NAME`)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,29 @@ def test_man_and_pod_pages_render_through_their_own_tools(tmp_path):
     pod = tmp_path / "fold.pod"
     pod.write_text("=head1 NAME\n\nfold - condense\n\n=head1 TEXT\n\nSome B<bold> words.\n\n=cut\n")
     assert "Some bold words." in pc.render("pod", pod) and "B<" not in pc.render("pod", pod)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is Debian's")
+def test_unpack_into_a_fresh_directory(tmp_path, monkeypatch):
+    """A package already downloaded is unpacked into OUT/root/PKG when OUT/root does not exist yet
+    (dpkg-deb makes its target directory but not the parents), and only once."""
+    from tools import prose_corpus as pc
+    monkeypatch.setattr(pc, "PROGRAMS", {})
+    src = tmp_path / "src"
+    (src / "DEBIAN").mkdir(parents=True)
+    (src / "DEBIAN" / "control").write_text("Package: foldscale-doc\nVersion: 1\nArchitecture: all\n"
+                                            "Maintainer: x <x@example.org>\nDescription: test\n")
+    (src / "usr/share/doc/fold").mkdir(parents=True)
+    (src / "usr/share/doc/fold/index.html").write_text("<p>folded</p>")
+    out = tmp_path / "out"
+    (out / "debs").mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(src), str(out / "debs" / "foldscale-doc_1_all.deb")],
+                   check=True, capture_output=True)
+    root = pc.unpack(["foldscale-doc"], out)["foldscale-doc"]
+    assert (root / "usr/share/doc/fold/index.html").read_text() == "<p>folded</p>"
+    (root / "usr/share/doc/fold/index.html").unlink()
+    pc.unpack(["foldscale-doc"], out)  # unpacked before: left as it is
+    assert not (root / "usr/share/doc/fold/index.html").exists()
 
 
 def test_page_kinds():

@@ -246,6 +246,7 @@ def unpack(packages: list[str], out: Path) -> dict[str, Path]:
         if not (root / ".unpacked").exists():
             print(f"  unpacking {pkg} ({i}/{len(packages)})", flush=True)
             shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)  # dpkg-deb makes the directory, not its parents
             _run(["dpkg-deb", "-x", str(next(debs.glob(f"{pkg}_*.deb"))), str(root)])
             (root / ".unpacked").touch()
     return roots
