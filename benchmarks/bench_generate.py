@@ -5,7 +5,9 @@ re-runs the current segment for every new token. Two cached rows: the one-token 
 ("cached") and through torch.compile in the decoder's mode ("compiled", by default on a GPU only;
 --compile-modes sets the modes, a row each), so their ratio is measured in one run; compilation
 happens in a warm-up, outside the timing. --hf adds the row of transformers' `generate()` on the
-same weights exported with `foldscale export --format hf` (issue 24). --profile prints the kernels
+same weights exported with `foldscale export --format hf` (issue 24). --flash-decoding adds the
+compiled row with one new row's attention through flash attention's variable-length kernel
+(`model.FLASH_DECODING`). --profile prints the kernels
 of one new token (the compiled step run without its CUDA graph, so that each kernel shows), with
 their count and time per token. Greedy, random weights: speed and memory do not depend on them.
 
@@ -14,6 +16,7 @@ their count and time per token. Greedy, random weights: speed and memory do not 
     python -m benchmarks.bench_generate --quick
 """
 import argparse
+import contextlib
 import functools
 import queue
 import tempfile
@@ -26,6 +29,7 @@ import torch
 from tools.benchlib import cuda_sync, device_name, print_table, profile_run, write_json
 from foldscale.config import ModelConfig
 from foldscale.generate import DECODE_COMPILE_MODE, StreamDecoder, stream_generate
+from foldscale import model as model_module
 from foldscale.model import FoldedLM
 
 
@@ -91,6 +95,23 @@ def hf_model(model: FoldedLM, directory):
     return hf.load(directory, dtype=param.dtype)[0].to(param.device)
 
 
+@contextlib.contextmanager
+def flash_decoding():
+    """model.FLASH_DECODING on inside."""
+    before, model_module.FLASH_DECODING = model_module.FLASH_DECODING, True
+    try:
+        yield
+    finally:
+        model_module.FLASH_DECODING = before
+
+
+def with_flash_decoding(generate):
+    def run(ids):
+        with flash_decoding():
+            yield from generate(ids)
+    return run
+
+
 def profile_step(model: FoldedLM, device, compile, tokens=10):
     """Print the kernels of one new token: TOKENS one-token feeds through the step (compiled in
     mode COMPILE, or eager), without the CUDA graph, under torch.profiler (profile_run)."""
@@ -100,7 +121,8 @@ def profile_step(model: FoldedLM, device, compile, tokens=10):
         decoder.feed(ids)
     figures = profile_run(lambda: decoder.feed(ids), tokens, top=25)
     if "kernels_per_step" in figures:
-        print(f"one token, compile={compile}: {figures['kernels_per_step']:.0f} kernels, "
+        print(f"one token, compile={compile}, flash decoding {model_module.FLASH_DECODING}: "
+              f"{figures['kernels_per_step']:.0f} kernels, "
               f"{1000 * sum(figures['gpu_ms_per_step'].values()):.0f} us of kernel time, GPU busy {figures['gpu_busy']:.2f}")
 
 
@@ -115,6 +137,8 @@ def main():
                    help=f"torch.compile modes of the compiled rows (default: the decoder's, {DECODE_COMPILE_MODE}), "
                         "e.g. max-autotune-no-cudagraphs,default")
     p.add_argument("--hf", action="store_true", help="add the row of transformers' generate() on an HF export")
+    p.add_argument("--flash-decoding", "--flash_decoding", action="store_true",
+                   help="add the compiled row with flash attention's variable-length kernel for the new row")
     p.add_argument("--profile", action="store_true", help="print the kernels of one new token, their count and time")
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
@@ -130,6 +154,9 @@ def main():
     steps = {"cached": False, **{"compiled" if m == DECODE_COMPILE_MODE else f"compiled {m}": m for m in modes}}
     paths = {path: functools.partial(stream_generate, model, max_new_tokens=args.new_tokens, temperature=0,
                                      compile=on) for path, on in steps.items()}
+    if args.flash_decoding and modes:
+        paths["compiled, flash decoding"] = with_flash_decoding(functools.partial(
+            stream_generate, model, max_new_tokens=args.new_tokens, temperature=0, compile=modes[0]))
     paths["uncached"] = lambda ids: uncached_generate(model, ids, args.new_tokens)
     if args.hf:
         paths["hf generate"] = functools.partial(hf_generate, hf_model(model, Path(tempfile.mkdtemp())),
@@ -160,6 +187,9 @@ def main():
             print(rows[-1], flush=True)
     if args.profile:
         profile_step(model, device, modes[0] if modes else False)
+        if args.flash_decoding and modes:
+            with flash_decoding():
+                profile_step(model, device, modes[0])
     print(f"\n{device_name()}, {args.model} ({cfg.num_params() / 1e6:.0f}M, l={cfg.segment_len}), "
           f"{'bf16' if cuda else 'fp32'}, batch 1, {args.new_tokens} new tokens, greedy")
     print_table(rows, ["prompt_tokens", "path", "prompt_tok_s", "new_tok_s", "peak_gib"])

@@ -18,7 +18,7 @@ from .model import FoldedLM
 
 class KVCache(NamedTuple):
     """What a Block's attention reads and writes while decoding (`Attention.attend_cached`): one
-    attention's keys and values k, v (B, nh, L, hs), buffers of fixed size written in place, and
+    attention's keys and values k, v (B, L, nh, hs), buffers of fixed size written in place, and
     positions (n,), the new rows' places in them."""
     k: torch.Tensor
     v: torch.Tensor
@@ -82,7 +82,7 @@ class StreamDecoder:
         B, l = ids.shape[0], cfg.segment_len
 
         def kv(length):
-            return tuple(torch.zeros(B, cfg.n_head, length, cfg.head_dim, device=ids.device, dtype=dtype)
+            return tuple(torch.zeros(B, length, cfg.n_head, cfg.head_dim, device=ids.device, dtype=dtype)
                          for _ in range(2))
         self.caches = ([kv(l) for _ in m.local_blocks], [kv(2 * l) for _ in m.global_blocks])
         self.outputs = torch.zeros(B, l, cfg.d_model, device=ids.device, dtype=dtype)

@@ -39,18 +39,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # attention: none stopped, BENCHMARKS.md session 7), and they plan anew for each key length when
 # decoding (ms a call).
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# One decoded row's attention through flash's variable-length kernel (`Attention.attend_cached`)
+# instead of two matrix products and a softmax: checked on a GPU by the tests, off until
+# `bench_generate --flash-decoding` shows it faster there
+FLASH_DECODING = False
+
+
+def flash_runs(q) -> bool:
+    """Whether flash attention's kernels take queries like Q: a GPU of compute capability 8 or
+    more, half precision, head size a multiple of 8 up to 256 (constant under torch.compile)."""
+    hs = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
+            and torch.cuda.get_device_properties(q.device).major >= 8
+            and ATTENTION_BACKENDS[0] == SDPBackend.FLASH_ATTENTION)
 
 
 def causal_to_last_key(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of t query rows (B, nh, t, hs) over S >= t keys, row i seeing keys 0..S - t + i:
-    the causal mask aligned to the last key ("lower right"). Where flash attention runs (a GPU of
-    compute capability 8 or more, half precision, head size a multiple of 8 up to 256) this is its
-    own causal mask, called as torch.nn.attention.bias.CausalBias does for its lower-right variant
-    (CausalBias itself breaks the graph under torch.compile); elsewhere the mask is spelled out."""
-    t, S, hs = q.shape[2], k.shape[2], q.shape[3]
-    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
-            and torch.cuda.get_device_properties(q.device).major >= 8  # constant under torch.compile
-            and ATTENTION_BACKENDS[0] == SDPBackend.FLASH_ATTENTION):
+    the causal mask aligned to the last key ("lower right"). Where flash attention runs
+    (`flash_runs`) this is its own causal mask, called as torch.nn.attention.bias.CausalBias does
+    for its lower-right variant (CausalBias itself breaks the graph under torch.compile);
+    elsewhere the mask is spelled out."""
+    t, S = q.shape[2], k.shape[2]
+    if flash_runs(q):
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal=True)[0]
     visible = torch.ones(t, S, dtype=torch.bool, device=q.device).tril(S - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
@@ -80,35 +91,45 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # (B, T, nh, hs)
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # (T, 1, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         with sdpa_kernel(ATTENTION_BACKENDS):
             if cache is not None:
-                y = self.attend_cached(q, k, v, n_mem, cache)
+                return self.proj(self.attend_cached(q, k, v, n_mem, cache).reshape(B, T, d))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+            p = self.dropout if self.training else 0.0
+            if n_mem:
+                y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
+                y = torch.cat([y_mem, causal_to_last_key(q[:, :, n_mem:], k, v, p)], dim=2)
             else:
-                p = self.dropout if self.training else 0.0
-                if n_mem:
-                    y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
-                    y = torch.cat([y_mem, causal_to_last_key(q[:, :, n_mem:], k, v, p)], dim=2)
-                else:
-                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
     @staticmethod
     def attend_cached(q, k, v, n_mem: int, cache):
-        """The new rows' k, v are written into the cache; a row at position i sees the cached keys
-        0..max(i, n_mem - 1). The whole buffer is read and later keys masked, so shapes do not
-        depend on the position (what a CUDA graph needs). One new row attends through two matrix
-        products and a softmax: for a masked single query SDPA picks the memory-efficient kernel,
-        which tiles 64 queries and took 44 us a block of a 2 ms step on the H100 (58% of the step)."""
-        cache.k.index_copy_(2, cache.positions, k)
-        cache.v.index_copy_(2, cache.positions, v)
-        keys = torch.arange(cache.k.shape[2], device=q.device)
-        visible = keys <= cache.positions.clamp(min=n_mem - 1)[:, None]  # (n, L)
-        if q.shape[2] > 1:
-            return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible)
-        scores = torch.matmul(q, cache.k.transpose(-1, -2))  # (B, nh, 1, L), softmax in fp32 at least
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
-        return torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype), cache.v)
+        """q, k, v (B, T, nh, hs): the new rows' k, v are written into the cache (B, L, nh, hs); a row
+        at position i sees the cached keys 0..max(i, n_mem - 1). Shapes do not depend on the
+        position (what a CUDA graph needs): one new row is read by flash attention's
+        variable-length kernel told how many of the L keys are used (`seqused_k`), where flash runs.
+        Elsewhere the whole buffer is read and the later keys masked: one row through two matrix
+        products and a softmax (for a masked single query SDPA picks the memory-efficient kernel,
+        which tiles 64 queries and took 44 us a block of a 2 ms step on the H100: 58% of it)."""
+        cache.k.index_copy_(1, cache.positions, k)
+        cache.v.index_copy_(1, cache.positions, v)
+        (B, T, nh, hs), L = q.shape, cache.k.shape[1]
+        seen = cache.positions.clamp(min=n_mem - 1)  # (T,): the last key each row sees
+        if T == 1 and FLASH_DECODING and flash_runs(q):
+            starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)  # one query and L keys each
+            used = (seen + 1).to(torch.int32).repeat(B)
+            return torch.ops.aten._flash_attention_forward(
+                q.view(B, nh, hs), cache.k.view(B * L, nh, hs), cache.v.view(B * L, nh, hs), starts, starts * L,
+                1, L, 0.0, False, False, seqused_k=used)[0].view(B, 1, nh, hs)
+        visible = torch.arange(L, device=q.device) <= seen[:, None]  # (T, L)
+        q, keys, values = q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2)  # (B, nh, ., hs)
+        if T > 1:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible).transpose(1, 2)
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # (B, nh, 1, L), softmax in fp32 at least
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * hs ** -0.5
+        y = torch.matmul(scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype), values)
+        return y.transpose(1, 2)
 
 
 class MLP(nn.Module):

@@ -358,6 +358,33 @@ def test_compiled_one_token_step_gives_forward_stream_logits(kw, monkeypatch):
     assert len(graphs) == 1 and set(modes) == {decoding.DECODE_COMPILE_MODE}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's kernels need a CUDA GPU")
+@pytest.mark.parametrize("kw", [dict(), dict(n_global=0)])
+def test_flash_decoding_gives_the_masked_matrix_products_logits(kw, monkeypatch):
+    """On a GPU in bf16, with model.FLASH_DECODING a decoded row attends through flash's
+    variable-length kernel (the eager run is seen calling it), and the decoder gives the logits of
+    the two matrix products and softmax, eager and compiled with its CUDA graph, across segments."""
+    import foldscale.model as model_module
+    model = make(**kw).cuda().to(torch.bfloat16)
+    ids = randint(2, 21).cuda()  # 2 whole segments of 8 and 5 tokens
+    calls, flash_forward = [], torch.ops.aten._flash_attention_forward
+    logits = {}
+    for flash in (False, True):
+        monkeypatch.setattr(model_module, "FLASH_DECODING", flash)
+        for compiled in (False, True):
+            if not compiled:
+                monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward",
+                                    lambda *a, **k: calls.append(a[0].shape) or flash_forward(*a, **k))
+            decoder = StreamDecoder(model, compile=compiled, use_graph=compiled)
+            pieces = [decoder.feed(ids[:, :3])] + [decoder.feed(ids[:, i:i + 1]) for i in range(3, 21)]
+            logits[flash, compiled] = torch.cat(pieces, dim=1).float()
+            monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", flash_forward)
+    blocks = model.cfg.n_local + model.cfg.n_global
+    assert calls == [(2, model.cfg.n_head, model.cfg.head_dim)] * (18 * blocks)  # each one-token feed, each block
+    for compiled in (False, True):
+        torch.testing.assert_close(logits[True, compiled], logits[False, compiled], rtol=2e-2, atol=2e-2)
+
+
 def test_a_compile_mode_reaches_torch_compile(monkeypatch):
     import importlib
     decoding = importlib.import_module("foldscale.generate")
