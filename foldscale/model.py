@@ -120,7 +120,7 @@ class Attention(nn.Module):
             starts = torch.arange(B + 1, dtype=torch.int32, device=q.device)  # one query and L keys each
             used = (seen + 1).to(torch.int32).repeat(B)
             return torch.ops.aten._flash_attention_forward(
-                q.view(B, nh, hs), cache.k.view(B * L, nh, hs), cache.v.view(B * L, nh, hs), starts, starts * L,
+                q.reshape(B, nh, hs), cache.k.view(B * L, nh, hs), cache.v.view(B * L, nh, hs), starts, starts * L,
                 1, L, 0.0, False, False, seqused_k=used)[0].view(B, 1, nh, hs)
         visible = torch.arange(L, device=q.device) <= seen[:, None]  # (T, L)
         q, keys, values = q.transpose(1, 2), cache.k.transpose(1, 2), cache.v.transpose(1, 2)  # (B, nh, ., hs)
