@@ -157,9 +157,10 @@ def main():
     p.add_argument("--profile-steps", "--profile_steps", type=int, default=2)
     p.add_argument("--kernels", default="torch",
                    help="torch, liger or both (torch,liger): each model runs with each, side by side")
-    p.add_argument("--attention", default="flash", choices=["flash", "cudnn"],
+    p.add_argument("--attention", default="flash", choices=["flash", "cudnn", "flex"],
                    help="flash: foldscale's attention backends (model.ATTENTION_BACKENDS, no cuDNN); cudnn: cuDNN's "
-                        "kernels allowed too, which PyTorch then picks on an H100: what leaving them costs")
+                        "kernels allowed too, which PyTorch then picks on an H100: what leaving them costs; flex: "
+                        "a global block's attention as one FlexAttention call (model.FLEX_GLOBAL)")
     p.add_argument("--quick", action="store_true", help="toy sizes on the CPU (smoke test)")
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
@@ -174,6 +175,10 @@ def main():
         p.error(str(e))
     if args.attention == "cudnn":  # read by Attention.forward at each call (or when it is compiled)
         foldscale.model.ATTENTION_BACKENDS.insert(0, SDPBackend.CUDNN_ATTENTION)
+    if args.attention == "flex" and not (args.compile and torch.cuda.is_available()):
+        p.error("--attention flex needs --compile and a GPU (FlexAttention is fused by torch.compile, and has "
+                "no backward on a CPU)")
+    foldscale.model.FLEX_GLOBAL = args.attention == "flex"
     rank, world = init_distributed()
     if world > 1 and (args.plain or args.profile):
         p.error("--plain and --profile run on one rank: start with python, not a launcher of several ranks")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .config import ModelConfig
 from .kernels import check as check_kernels, linear_cross_entropy
@@ -43,6 +44,9 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 # instead of two matrix products and a softmax: checked on a GPU by the tests, off until
 # `bench_generate --flash-decoding` shows it faster there
 FLASH_DECODING = False
+# A global block's attention as one FlexAttention call over all its rows (`memory_rows_mask`)
+# instead of two flash calls and a cat; no dropout. `bench_throughput --attention flex` measures it
+FLEX_GLOBAL = False
 
 
 def flash_runs(q) -> bool:
@@ -52,6 +56,14 @@ def flash_runs(q) -> bool:
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hs % 8 == 0 and hs <= 256
             and torch.cuda.get_device_properties(q.device).major >= 8
             and ATTENTION_BACKENDS[0] == SDPBackend.FLASH_ATTENTION)
+
+
+def memory_rows_mask(n_mem: int, n: int, device):
+    """FlexAttention's block mask of a global block's N rows: the first N_MEM (memory) rows see
+    the memory keys, the others those and the current keys causally."""
+    def visible(b, h, q, kv):
+        return torch.where(q < n_mem, kv < n_mem, kv <= q)
+    return create_block_mask(visible, None, None, n, n, device=device)
 
 
 def causal_to_last_key(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
@@ -81,7 +93,8 @@ class Attention(nn.Module):
         The t current rows see every memory key and the current keys causally: row n_mem + i sees
         keys 0..n_mem + i, the causal mask aligned to the last key (`causal_to_last_key`), and
         the memory rows attend to the memory keys unmasked: two fused calls, which compute 2.5 l^2
-        scores where one causal call over all rows and a second for the memory rows computed 3 l^2.
+        scores where one causal call over all rows and a second for the memory rows computed 3 l^2
+        (with FLEX_GLOBAL: one FlexAttention call under `memory_rows_mask`).
         With a cache (decoding, generate.KVCache) x holds only the new rows, at cache.positions,
         and they attend to the cached keys by the same rule.
         """
@@ -96,7 +109,9 @@ class Attention(nn.Module):
                 return self.proj(self.attend_cached(q, k, v, n_mem, cache).reshape(B, T, d))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
             p = self.dropout if self.training else 0.0
-            if n_mem:
+            if n_mem and FLEX_GLOBAL and not p:
+                y = flex_attention(q, k, v, block_mask=memory_rows_mask(n_mem, T, q.device))
+            elif n_mem:
                 y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
                 y = torch.cat([y_mem, causal_to_last_key(q[:, :, n_mem:], k, v, p)], dim=2)
             else:

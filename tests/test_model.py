@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from foldscale.config import ConfigError, ModelConfig
 from foldscale.generate import StreamDecoder, generate
-from foldscale.model import Attention, Block, FoldedLM, causal_to_last_key, rope_tables, segments
+from foldscale.model import Attention, Block, FoldedLM, causal_to_last_key, memory_rows_mask, rope_tables, segments
 from foldscale.weights import ModelFileError
 
 
@@ -249,6 +250,55 @@ def test_attention_never_runs_on_cudnn(monkeypatch):
     assert training == 3 * 3 and len(seen) > training  # per segment: local, global, global's memory rows
     assert set(seen) == {(False, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside attention: the process's setting is left alone
+
+
+def flex_and_sdpa(monkeypatch, device, dtype, backward: bool):
+    """(loss, state, gradients or None) of one forward_stream with model.FLEX_GLOBAL off, then on."""
+    import foldscale.model as model_module
+    ids, targets = randint(2, 24).to(device), randint(2, 24, seed=2).to(device)
+    results = []
+    for flex in (False, True):
+        monkeypatch.setattr(model_module, "FLEX_GLOBAL", flex)
+        model = make(bptt_segments=3).to(device, dtype)
+        with torch.set_grad_enabled(backward):
+            out = model.forward_stream(ids, targets=targets)
+        if backward:
+            out.loss.backward()
+        results.append((out.loss.detach().float(), out.state.detach().float(),
+                        {n: p.grad.float() for n, p in model.named_parameters()} if backward else None))
+    return results
+
+
+def test_flex_global_attention_is_the_two_calls(monkeypatch):
+    """With model.FLEX_GLOBAL a global block's rows attend in one FlexAttention call under the
+    memory-rows mask: the same loss and carried state as the two SDPA calls, across segments.
+    (FlexAttention has no backward on a CPU: the GPU test below checks the gradients.)"""
+    (loss, state, _), (flex_loss, flex_state, _) = flex_and_sdpa(monkeypatch, "cpu", torch.float32, backward=False)
+    torch.testing.assert_close(flex_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flex_state, state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+def test_flex_global_attention_has_the_two_calls_gradients(monkeypatch):
+    """The same on a GPU with BPTT through the carried state (fp32, eager): loss, state and every
+    parameter's gradient. Then the compiled kernel in bf16 at two blocks of 128 rows (memory, then
+    current), forward and backward, against the spelled-out mask."""
+    (loss, state, grads), (flex_loss, flex_state, flex_grads) = flex_and_sdpa(monkeypatch, "cuda", torch.float32,
+                                                                              backward=True)
+    torch.testing.assert_close(flex_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flex_state, state, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(flex_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    rows = torch.arange(256, device="cuda")
+    visible = torch.where(rows[:, None] < 128, rows[None] < 128, rows[None] <= rows[:, None])
+    ref = F.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), attn_mask=visible)
+    expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    out = torch.compile(flex_attention, fullgraph=True)(q, k, v, block_mask=memory_rows_mask(128, 256, "cuda"))
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+    for g, e in zip(torch.autograd.grad(out.float().square().sum(), (q, k, v)), expected):
+        torch.testing.assert_close(g.float(), e, rtol=0, atol=5e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's own causal mask needs a CUDA GPU")
