@@ -433,7 +433,8 @@ def _record(path: Path) -> dict | None:
     try:
         record = json.loads((path / "COMPLETE").read_bytes())
         good = (record["tag"] == f"step{record['step']:08d}" and isinstance(record["world_size"], int)
-                and all(isinstance(f["bytes"], int) and isinstance(f[_algorithm(f)], str) for f in record["files"].values()))
+                and all(isinstance(f["bytes"], int) and isinstance(f[_algorithm(f)], str)
+                        for f in record["files"].values()))
     except (ValueError, KeyError, TypeError, AttributeError):
         good = False
     return record if good else None
