@@ -83,13 +83,6 @@ def chunked_linear_cross_entropy(x, weight, targets, with_grad: bool, chunk_rows
     return token_loss, grad_x, (grad_w.to(weight.dtype) if with_grad else weight.new_empty(0))
 
 
-@torch.library.custom_op("foldscale::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return chunked_linear_cross_entropy(x, weight, targets, with_grad)
-
-
-@_linear_cross_entropy_op.register_kernel("cuda")
 def _liger_linear_cross_entropy(x, weight, targets, with_grad):
     try:  # in a try: transformers skips it when it checks the imports of an exported model's files (export --format hf)
         from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
@@ -108,10 +101,29 @@ def _liger_linear_cross_entropy(x, weight, targets, with_grad):
     return token_loss, grad_x, grad_w
 
 
-@_linear_cross_entropy_op.register_fake
-def _(x, weight, targets, with_grad):
+def _fake_linear_cross_entropy(x, weight, targets, with_grad):
     return (x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape if with_grad else (0,)),
             weight.new_empty(weight.shape if with_grad else (0,)))
+
+
+def _define_operator():
+    """foldscale::linear_cross_entropy: the chunked loop on a CPU, liger's on a GPU."""
+    @torch.library.custom_op("foldscale::linear_cross_entropy", mutates_args=())
+    def op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+           with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return chunked_linear_cross_entropy(x, weight, targets, with_grad)
+    op.register_kernel("cuda")(_liger_linear_cross_entropy)
+    op.register_fake(_fake_linear_cross_entropy)
+
+
+# Defined once per process. An HF export's copy of this file (loaded by transformers beside an
+# installed foldscale) uses the operator already there: defining it again replaces the dispatcher's
+# entry under the first copy's callers, whose next call then read freed memory (a segfault or
+# "ValueError: vector::reserve" in tests/test_kernels.py, after tests/test_hf.py: 2 of 8 clean-clone CI
+# runs, sessions 17-18).
+if not hasattr(torch.ops.foldscale, "linear_cross_entropy"):
+    _define_operator()
+_linear_cross_entropy_op = torch.ops.foldscale.linear_cross_entropy
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -1,3 +1,4 @@
+import importlib
 import importlib.util
 import sys
 
@@ -34,6 +35,25 @@ def test_chunked_loss_and_gradients_equal_cross_entropy(one_thread):
     torch.testing.assert_close(grad_w, w.grad)
     no_grad = chunked_linear_cross_entropy(x.detach(), w.detach(), targets, False, chunk_rows=8)
     assert torch.equal(no_grad[0], token_loss) and no_grad[1].numel() == no_grad[2].numel() == 0
+
+
+def test_a_second_copy_of_the_module_uses_the_operator_already_defined(tmp_path, monkeypatch, one_thread):
+    """An HF export's copy of kernels.py, loaded as another module (as transformers loads it beside
+    an installed foldscale), calls the operator foldscale defined instead of defining it again,
+    which left foldscale's callers on a freed dispatcher entry; both copies still compute the loss."""
+    import shutil
+    package = tmp_path / "exported"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("kernels.py", "config.py"):
+        shutil.copy(kernels.__file__.replace("kernels.py", name), package / name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = importlib.import_module("exported.kernels")
+    assert copy is not kernels and copy._linear_cross_entropy_op is kernels._linear_cross_entropy_op
+    x, w, targets = head_inputs()
+    expected = F.cross_entropy(x @ w.t(), targets, reduction="sum")
+    for module in (copy, kernels):
+        torch.testing.assert_close(module.linear_cross_entropy(x, w, targets)[0], expected.float())
 
 
 def test_only_the_total_is_trained_and_token_loss_is_detached(one_thread):
