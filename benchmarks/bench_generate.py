@@ -7,9 +7,9 @@ re-runs the current segment for every new token. Two cached rows: the one-token 
 happens in a warm-up, outside the timing. --hf adds the row of transformers' `generate()` on the
 same weights exported with `foldscale export --format hf` (issue 24). --flash-decoding adds the
 compiled row with one new row's attention through flash attention's variable-length kernel
-(`model.FLASH_DECODING`). --profile prints the kernels
-of one new token (the compiled step run without its CUDA graph, so that each kernel shows), with
-their count and time per token. Greedy, random weights: speed and memory do not depend on them.
+(`model.FLASH_DECODING`). --profile prints the kernels of one new token (the compiled step run
+without its CUDA graph, so that each kernel shows), with their count and time per token. Greedy,
+random weights: speed and memory do not depend on them.
 
     python -m benchmarks.bench_generate --model 350m --prompts 10000,100000 --json benchmarks/results/generate.json
     python -m benchmarks.bench_generate --model 125m --hf --json benchmarks/results/generate_hf.json
