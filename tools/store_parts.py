@@ -107,8 +107,9 @@ def main(argv=None):
     s = sub.add_parser("split", help="write STORE as parts under OUT")
     s.add_argument("store")
     s.add_argument("out")
-    s.add_argument("--max-mib", type=float, default=56.0,
-                   help="largest part, in MiB (a device call carries 64 in all, the 6 of .whl/ included)")
+    s.add_argument("--max-mib", type=float, default=36.0,
+                   help="largest part, in MiB (a device call carries 64 in all: the repository's 20, "
+                        "a trained model among them, and .whl/'s 6 included)")
     r = sub.add_parser("receive", help="take one part; write and verify the store at DEST once all are in")
     r.add_argument("part")
     r.add_argument("dest")
