@@ -176,6 +176,7 @@ def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.
            "--model", str(d / "model.json"), "--data", args.data, "--out", str(d / "run"),
            "--steps", str(steps), "--save-every", str(steps), "--eval-every", str(steps + 1),
            "--log-every", str(max(1, steps // 20)), "--seed", str(args.seed), "--resume", "auto"]
+    cmd += ["--compile"] if args.compile else []
     return subprocess.Popen(cmd, stdout=open(d / "train.log", "a"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -346,6 +347,7 @@ def main(argv=None):
     p.add_argument("--rate", type=float, help="training positions per second of one run while --jobs run side by side, "
                    "for the time estimate (default 80k on a GPU: the default preset, 8 at once on an H100, BENCHMARKS.md; "
                    "2k on the CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every training run (pretrain.py --compile)")
     p.add_argument("--plan", action="store_true", help="print the runs' steps, tokens, epochs and time estimate, then stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/context_use", help="run directories go here")

@@ -9,10 +9,10 @@
 #
 # ROWS (default "default:10e6 paper:10e6 default:40e6 paper:max") are PRESET:TOKENS, TOKENS the folded
 # model's training tokens or `max` (the most within one epoch; a row past one epoch is refused).
-# STORE (default .gpu_data/prose/store, see tools/store_parts.py), BUDGET_S (default 540): at the
-# deadline the trainings are stopped with SIGTERM and save a checkpoint; the same command again goes on
-# from there (runs/text/ stays on a warm machine) and skips rows already done. text.json is made from
-# every row finished so far.
+# STORE (default .gpu_data/prose/store, see tools/store_parts.py), COMPILE (default 1: every training
+# compiled; 0: eager), BUDGET_S (default 540): at the deadline the trainings are stopped with SIGTERM
+# and save a checkpoint; the same command again goes on from there (runs/text/ stays on a warm
+# machine) and skips rows already done. text.json is made from every row finished so far.
 set -euo pipefail
 shopt -s nullglob
 out=${1:?usage: bash experiments/text_session.sh OUT_DIR [--quick]}
@@ -30,10 +30,12 @@ if [[ ${2:-} == --quick ]]; then
 else
     rows=(${ROWS:-default:10e6 paper:10e6 default:40e6 paper:max})
     common=(--data "${STORE:-.gpu_data/prose/store}" --bptt-segments 4 --windows 4 --reach 1,4,16,64 --jobs 4 --poll 60)
-    # positions/s of one training with 8 at once on an H100: default measured (BENCHMARKS.md, issue 16's
-    # 600-step runs), paper a guess; the progress lines print the real rate
-    declare -A opts=([default]="--streams 32 --rate ${RATE_DEFAULT:-80000}"
-                     [paper]="--streams 128 --rate ${RATE_PAPER:-40000}")
+    if [[ ${COMPILE:-1} == 1 ]]; then common+=(--compile); fi
+    # positions/s of one training with 8 at once on an H100, for the plan's minutes: eager, default
+    # measured 80k (issue 16's 600-step runs), paper a guess; compiled predicted twice that (BENCHMARKS.md,
+    # session 19). The progress lines print the real rate
+    declare -A opts=([default]="--streams 32 --rate ${RATE_DEFAULT:-160000}"
+                     [paper]="--streams 128 --rate ${RATE_PAPER:-80000}")
 fi
 mkdir -p "$work"
 log=$out/session.log

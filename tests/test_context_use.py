@@ -143,6 +143,16 @@ def test_finished_runs_are_not_trained_again(tmp_path, store, monkeypatch):
     assert launched == ["local_only"]
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+def test_every_run_is_compiled_when_asked(tmp_path, monkeypatch, compile_):
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8)
+    commands = []
+    monkeypatch.setattr(context_use.subprocess, "Popen", lambda cmd, **kw: commands.append(cmd))
+    args = type("Args", (), {"data": "STORE", "seed": 0, "compile": compile_})
+    context_use.launch("folded", {"cfg": cfg, "streams": 2, "steps": 10}, {}, args, tmp_path)
+    assert commands[0][1].endswith("pretrain.py") and ("--compile" in commands[0]) == compile_
+
+
 def result(folded, local, full, full_flops=None, l=10):
     labels = ["0", "1", "2-3", "4-7"]
     model = lambda name, losses: {"model": name, "by_position": dict(zip(labels, losses)),  # noqa: E731
