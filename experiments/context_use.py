@@ -41,11 +41,16 @@ eval --context`): the loss on tokens past the largest K shows how far back its c
 
 A run whose directory under --work already holds its finished training is not trained again, and an
 interrupted one (stopped by SIGTERM, which saves a checkpoint) goes on from its checkpoint, so a
-table larger than one device command is made by repeating the command.
+table larger than one device command is made by repeating the command. With --reuse DIR, a run
+that another work directory under DIR finished with the same launch.json (model, DeepSpeed config,
+data, seed, steps) is linked in instead of trained: a recipe option (--set state_gate_hard=true)
+changes the folded model and its local-only ablation but not the full-attention baselines.
 """
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -162,15 +167,44 @@ def budget_steps(configs: dict[str, ModelConfig], store: TokenStore, streams: in
     return steps
 
 
+def spec(run: dict, base_ds: dict, args) -> dict:
+    """What one training run is (its launch.json): model, DeepSpeed config, data, seed and steps."""
+    ds = {**base_ds, "train_micro_batch_size_per_gpu": run["streams"], "gradient_accumulation_steps": 1}
+    ds.pop("train_batch_size", None)
+    return json.loads(json.dumps({"model": run["cfg"].to_dict(), "ds": ds, "data": str(Path(args.data).resolve()),
+                                  "seed": args.seed, "steps": run["steps"]}))
+
+
+def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
+    """Link into WORK every run not there that another work directory beside it (--reuse DIR/*, e.g.
+    another row of a table) finished with the same launch.json, so it is not trained again (a recipe
+    row's full-attention baselines are the plain row's); its export is made anew. Returns the names."""
+    linked = []
+    for name, run in runs.items():
+        if (work / name).exists():
+            continue
+        want = spec(run, base_ds, args)
+        for other in sorted(Path(args.reuse).glob(f"*/{name}")):
+            try:
+                same = json.loads((other / "launch.json").read_text()) == want
+            except (OSError, ValueError):
+                continue
+            if same and (last_logged(other.parent, name) or {}).get("step") == run["steps"]:
+                shutil.copytree(other, work / name, copy_function=os.link, ignore=shutil.ignore_patterns("export"))
+                linked.append(f"{name} (from {other})")
+                break
+    return linked
+
+
 def launch(name: str, run: dict, base_ds: dict, args, work: Path) -> subprocess.Popen:
     """Start one training run in WORK/NAME, or go on with the one there (--resume auto); its console
     goes to train.log, its metrics to run/metrics.jsonl."""
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
+    what = spec(run, base_ds, args)
     run["cfg"].to_json(d / "model.json")
-    ds = {**base_ds, "train_micro_batch_size_per_gpu": run["streams"], "gradient_accumulation_steps": 1}
-    ds.pop("train_batch_size", None)
-    (d / "ds.json").write_text(json.dumps(ds, indent=2))
+    (d / "ds.json").write_text(json.dumps(what["ds"], indent=2))
+    (d / "launch.json").write_text(json.dumps(what, indent=1))
     steps = run["steps"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--ds-config", str(d / "ds.json"),
            "--model", str(d / "model.json"), "--data", args.data, "--out", str(d / "run"),
@@ -194,6 +228,10 @@ def train_all(runs: dict[str, dict], args, work: Path):
     """Train every run, --jobs at a time, with a progress line (rate, ETA) per run every --poll
     seconds. A run that already logged its last step in WORK is not trained again."""
     base = read_json(args.ds_config, "no such DeepSpeed config")
+    if getattr(args, "reuse", None):
+        linked = reuse(runs, base, args, work)
+        if linked:
+            print(f"finished elsewhere with the same plan, linked in: {', '.join(linked)}", flush=True)
     done = [name for name in runs if (last_logged(work, name) or {}).get("step") == runs[name]["steps"]]
     if done:
         print(f"already trained in {work}: {', '.join(done)}", flush=True)
@@ -317,6 +355,26 @@ def print_plan(runs: dict[str, dict], train_tokens: int, rate: float, jobs: int)
     return max(slots)
 
 
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs as model config fields, each VALUE read as JSON (true, 8, 0.1) and of
+    the field's type; an unknown KEY is refused by ModelConfig itself."""
+    defaults, out = {f.name: f.default for f in dataclasses.fields(ModelConfig)}, {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise FoldscaleError(f"--set {pair}: give KEY=VALUE, e.g. --set state_gate_hard=true")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        default = defaults.get(key)
+        if not (default is None or type(value) is type(default) or type(default) is float and type(value) is int):
+            raise FoldscaleError(f"--set {pair}: not a JSON value of {key}'s type ({type(default).__name__}); "
+                                 f"e.g. {key}={json.dumps(default)}")
+        out[key] = value
+    return out
+
+
 QUICK = dict(model="tiny", steps=60, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8,
              poll=2.0, ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
@@ -326,6 +384,9 @@ def main(argv=None):
     p.add_argument("--model", default="default", help="preset or model .json (the folded model)")
     p.add_argument("--bptt-segments", "--bptt_segments", type=int, default=None,
                    help="override the folded model's bptt_segments")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a field of the folded model's config, a JSON value (a recipe option, e.g. "
+                   "state_gate_hard=true); repeatable, after --bptt-segments")
     p.add_argument("--data", help="token store (default: the built-in corpus)")
     p.add_argument("--ds-config", "--ds_config", default=None,
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
@@ -351,6 +412,8 @@ def main(argv=None):
     p.add_argument("--plan", action="store_true", help="print the runs' steps, tokens, epochs and time estimate, then stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/context_use", help="run directories go here")
+    p.add_argument("--reuse", help="a directory of other --work directories: a run finished in one of them "
+                   "with the same model, DeepSpeed config, data, seed and steps is linked in, not trained again")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.add_argument("--quick", action="store_true", help=f"CPU smoke test; sets {QUICK}")
@@ -363,7 +426,8 @@ def main(argv=None):
         from foldscale.data import default_store
         args.data = str(default_store(max_files=40 if args.quick else None, vocab_size=512 if args.quick else 8192))
     store = TokenStore.open(args.data)
-    cfg = ModelConfig.load(args.model, bptt_segments=args.bptt_segments, vocab_size=store.vocab_size)
+    cfg = ModelConfig.load(args.model, **{"bptt_segments": args.bptt_segments, "vocab_size": store.vocab_size,
+                                          **overrides(args.overrides)})
     windows = [int(w) for w in args.windows.split(",")] if args.windows else list(dict.fromkeys([cfg.bptt_segments, 8]))
     configs = variants(cfg, windows)
     if args.steps is None and args.train_tokens is None:

@@ -7,8 +7,11 @@
 #   bash experiments/text_session.sh OUT            # on the GPU; OUT gets session.log, the rows' JSON, text.json, text.png
 #   bash experiments/text_session.sh OUT --quick    # toy sizes on the CPU (tests/test_text_table.py)
 #
-# ROWS (default "default:10e6 paper:10e6 default:40e6 paper:max") are PRESET:TOKENS, TOKENS the folded
-# model's training tokens or `max` (the most within one epoch; a row past one epoch is refused).
+# ROWS (default "default:10e6 paper:10e6 default:40e6 paper:max") are PRESET[+RECIPE]:TOKENS, TOKENS
+# the folded model's training tokens or `max` (the most within one epoch; a row past one epoch is
+# refused), RECIPE one of `recipes` below: the folded model with one recipe option changed (issue 27:
+# "which part of the extra FLOPs buys nothing"). A recipe row takes the full-attention baselines
+# that a finished row trained with the same plan (context_use --reuse) instead of training them.
 # STORE (default .gpu_data/prose/store, see tools/store_parts.py), COMPILE (default 1: every training
 # compiled; 0: eager), BUDGET_S (default 540): at the deadline the trainings are stopped with SIGTERM
 # and save a checkpoint; the same command again goes on from there (runs/text/ stays on a warm
@@ -25,11 +28,12 @@ export PYTHONUNBUFFERED=1
 work=${WORK:-runs/text}
 if [[ ${2:-} == --quick ]]; then
     rows=(${ROWS:-tiny:8000 tiny:16000})
-    common=(--quick --windows 4 --reach 1,4)
+    common=(--quick --windows 4 --reach 1,4 --reuse "$work")
     declare -A opts=([tiny]="--streams 4")
 else
     rows=(${ROWS:-default:10e6 paper:10e6 default:40e6 paper:max})
-    common=(--data "${STORE:-.gpu_data/prose/store}" --bptt-segments 4 --windows 4 --reach 1,4,16,64 --jobs 4 --poll 60)
+    common=(--data "${STORE:-.gpu_data/prose/store}" --bptt-segments 4 --windows 4 --reach 1,4,16,64 --jobs 4 --poll 60
+            --reuse "$work")
     if [[ ${COMPILE:-1} == 1 ]]; then common+=(--compile); fi
     # positions/s of one training with 8 at once on an H100, for the plan's minutes: eager, default
     # measured 80k (issue 16's 600-step runs), paper a guess; compiled predicted twice that (BENCHMARKS.md,
@@ -37,29 +41,39 @@ else
     declare -A opts=([default]="--streams 32 --rate ${RATE_DEFAULT:-160000}"
                      [paper]="--streams 128 --rate ${RATE_PAPER:-80000}")
 fi
+# one recipe option at a time (the flags context_use --set takes)
+declare -A recipes=([gate]="--set state_gate=true --set state_norm=true"
+                    [hard]="--set state_gate=true --set state_gate_hard=true --set state_norm=true"
+                    [bptt1]="--set bptt_segments=1" [bptt8]="--set bptt_segments=8")
 mkdir -p "$work"
 log=$out/session.log
 
-args() {  # args PRESET TOKENS: the row's context_use arguments
-    echo "--model $1 --train-tokens $2 ${opts[$1]} --work $work/$1_$2 --json $work/$1_$2.json"
+args() {  # args ROW: the row's context_use arguments
+    local name=${1%%:*} tokens=${1#*:} preset=${1%%[+:]*} recipe=
+    if [[ $name == *+* ]]; then
+        recipe=${name#*+}
+        [[ -v recipes[$recipe] ]] || { echo "row $1: no recipe '$recipe' (known: ${!recipes[*]})" >&2; return 1; }
+        recipe=${recipes[$recipe]}
+    fi
+    [[ -v opts[$preset] ]] || { echo "row $1: no preset '$preset' here (known: ${!opts[*]})" >&2; return 1; }
+    echo "--model $preset --train-tokens $tokens ${opts[$preset]} $recipe --work $work/${name}_$tokens --json $work/${name}_$tokens.json"
 }
 todo=()
 for row in "${rows[@]}"; do
-    preset=${row%%:*} tokens=${row#*:}
-    if [[ -f $work/${preset}_$tokens.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
+    a=$(args "$row")
+    if [[ -f $work/${row/:/_}.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
     echo "== $row" | tee -a "$log"
-    "$python" -m experiments.context_use "${common[@]}" $(args "$preset" "$tokens") --plan 2>&1 | tee -a "$log"
+    "$python" -m experiments.context_use "${common[@]}" $a --plan 2>&1 | tee -a "$log"
     todo+=("$row")
 done
 
 pids=()
 for row in "${todo[@]}"; do
-    preset=${row%%:*} tokens=${row#*:}
     while (( $(jobs -rp | wc -l) >= ${PAR:-2} )); do sleep 5; done
     left=$((deadline - SECONDS - 30))  # 30 s for the trainings to save their checkpoints
     if ((left <= 60)); then echo "$row: not started, no time left" | tee -a "$log"; continue; fi
-    ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" $(args "$preset" "$tokens") \
-        > "$out/${preset}_$tokens.log" 2>&1 \
+    ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" $(args "$row") \
+        > "$out/${row/:/_}.log" 2>&1 \
         && echo "$row: finished" || echo "$row: stopped (status $?); the same command goes on with it" ) | tee -a "$log" &
     pids+=($!)
     sleep 20  # the row's first trainings pick their ports before the next row starts

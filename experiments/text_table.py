@@ -62,7 +62,8 @@ def summarise(record: dict) -> dict:
     local, full_flops = by_range(rows, l, "local_only"), by_range(rows, l, flops)
     folded_range = by_range(rows, l, "folded")
     return {
-        "preset": record["args"]["model"], "segment_len": l, "full_window": ref,
+        "preset": record["args"]["model"], "recipe": " ".join(record["args"].get("overrides") or []),
+        "segment_len": l, "full_window": ref,
         "train_tokens": next(t["real_tokens"] for t in record["training"] if t["model"] == "folded"),
         "epochs": max(t["epochs"] for t in record["training"]),
         "overall": {"folded": overall["folded"], "local_only": overall["local_only"],
@@ -76,12 +77,17 @@ def summarise(record: dict) -> dict:
     }
 
 
+def name(run: dict) -> str:
+    """The preset and its recipe options (context_use --set), e.g. `default state_gate_hard=true`."""
+    return f"{run['preset']} {run['recipe']}".strip()
+
+
 def crossings(runs: list[dict]) -> list[dict]:
-    """Per preset and range, the training tokens where the gap to full attention at equal FLOPs
-    changes sign between two budgets, interpolated linearly in log tokens."""
+    """Per preset (with its recipe) and range, the training tokens where the gap to full attention
+    at equal FLOPs changes sign between two budgets, interpolated linearly in log tokens."""
     out = []
-    for preset in dict.fromkeys(r["preset"] for r in runs):
-        mine = sorted((r for r in runs if r["preset"] == preset), key=lambda r: r["train_tokens"])
+    for preset in dict.fromkeys(map(name, runs)):
+        mine = sorted((r for r in runs if name(r) == preset), key=lambda r: r["train_tokens"])
         for label in dict.fromkeys(k for r in mine for k in r["gap_to_full_flops_by_range"]):
             points = [(r["train_tokens"], r["gap_to_full_flops_by_range"][label]) for r in mine
                       if label in r["gap_to_full_flops_by_range"]]
@@ -102,7 +108,7 @@ def table(paths: list, corpus: str | None = None) -> dict:
     if len(prints) > 1:
         raise TableError(f"the runs read {len(prints)} different token stores ({', '.join(sorted(prints))}): "
                          "give the records of one corpus")
-    runs = sorted((summarise(r) for r in records), key=lambda r: (r["preset"], r["train_tokens"]))
+    runs = sorted((summarise(r) for r in records), key=lambda r: (name(r), r["train_tokens"]))
     return {"device": " / ".join(dict.fromkeys(r["device"] for r in runs)), "date": max(r["date"] for r in runs),
             "corpus": corpus or records[0]["corpus"]["source"], "corpus_tokens": records[0]["corpus"]["tokens"],
             "corpus_train_tokens": records[0]["corpus"]["train_tokens"], "runs": runs,
@@ -115,10 +121,10 @@ def plot(record: dict, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    presets = list(dict.fromkeys(r["preset"] for r in record["runs"]))
+    presets = list(dict.fromkeys(map(name, record["runs"])))
     fig, axes = plt.subplots(len(presets), 2, figsize=(10, 3.6 * len(presets)), squeeze=False)
     for row, preset in zip(axes, presets):
-        runs = [r for r in record["runs"] if r["preset"] == preset]
+        runs = [r for r in record["runs"] if name(r) == preset]
         for ax, key, what in ((row[0], "gain_vs_local_by_range", "gain vs local-only"),
                               (row[1], "gap_to_full_flops_by_range", "gap to full attention, equal FLOPs")):
             for label in dict.fromkeys(k for r in runs for k in r[key]):
@@ -144,7 +150,7 @@ def main(argv=None):
     p.add_argument("--plot", help="PNG of gain and gap against training tokens")
     args = p.parse_args(argv)
     record = table(args.runs, args.corpus)
-    print_table([{"preset": r["preset"], "train_tokens": r["train_tokens"], "epochs": r["epochs"],
+    print_table([{"preset": name(r), "train_tokens": r["train_tokens"], "epochs": r["epochs"],
                   **r["overall"], **{f"gain {k}": v for k, v in r["gain_vs_local_by_range"].items()},
                   **{f"gap {k}": v for k, v in r["gap_to_full_flops_by_range"].items()}} for r in record["runs"]],
                 ["preset", "train_tokens", "epochs", "folded", "local_only", "full_equal_tokens", "full_equal_flops",

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,15 @@ def test_every_run_is_compiled_when_asked(tmp_path, monkeypatch, compile_):
     args = type("Args", (), {"data": "STORE", "seed": 0, "compile": compile_})
     context_use.launch("folded", {"cfg": cfg, "streams": 2, "steps": 10}, {}, args, tmp_path)
     assert commands[0][1].endswith("pretrain.py") and ("--compile" in commands[0]) == compile_
+
+
+def test_set_takes_json_values_of_the_fields_type():
+    assert context_use.overrides(["state_gate_hard=true", "bptt_segments=8", "rope_theta=5e5", "dropout=0"]) == {
+        "state_gate_hard": True, "bptt_segments": 8, "rope_theta": 5e5, "dropout": 0}
+    for bad, says in [("state_gate_hard=True", "state_gate_hard=false"), ("bptt_segments=true", "type (int)"),
+                      ("bptt_segments=2.5", "type (int)"), ("state_gate_hard", "give KEY=VALUE")]:
+        with pytest.raises(context_use.FoldscaleError, match=re.escape(says)):
+            context_use.overrides([bad])
 
 
 def result(folded, local, full, full_flops=None, l=10):

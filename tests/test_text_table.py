@@ -79,9 +79,9 @@ def test_the_session_script_makes_the_table_and_skips_finished_rows(tmp_path):
     env = {**os.environ, "FOLDSCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "WORK": str(tmp_path / "w"),
            "ROWS": "tiny:8000", "BUDGET_S": "1000"}
 
-    def session(out):
-        proc = subprocess.run(["bash", "experiments/text_session.sh", str(out), "--quick"], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=1100)
+    def session(out, **more):
+        proc = subprocess.run(["bash", "experiments/text_session.sh", str(out), "--quick"], cwd=root,
+                              env={**env, **more}, capture_output=True, text=True, timeout=1100)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
     first = session(tmp_path / "a")
@@ -94,3 +94,14 @@ def test_the_session_script_makes_the_table_and_skips_finished_rows(tmp_path):
     again = session(tmp_path / "b")
     assert "tiny:8000: done earlier" in again and "est_minutes" not in again
     assert json.loads((tmp_path / "b" / "text.json").read_text())["runs"] == record["runs"]
+    # a recipe row: its own folded and local-only models, the plain row's full-attention baselines
+    recipe = session(tmp_path / "c", ROWS="tiny:8000 tiny+hard:8000")
+    assert "tiny+hard:8000: finished" in recipe
+    linked = (tmp_path / "c" / "tiny+hard_8000.log").read_text()
+    assert "linked in: full_4l (from" in linked and "full_4l_flops (from" in linked and "folded (from" not in linked
+    folded = json.loads((tmp_path / "w" / "tiny+hard_8000" / "folded" / "model.json").read_text())
+    assert folded["state_gate_hard"] and folded["state_gate"] and folded["state_norm"]
+    runs = json.loads((tmp_path / "c" / "text.json").read_text())["runs"]
+    assert [text_table.name(r) for r in runs] == ["tiny", "tiny state_gate=true state_gate_hard=true state_norm=true"]
+    plain, hard = (r["overall"] for r in runs)
+    assert hard["full_equal_tokens"] == plain["full_equal_tokens"] and hard["folded"] != plain["folded"]
