@@ -177,7 +177,8 @@ def spec(run: dict, base_ds: dict, args) -> dict:
 
 def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
     """Link into WORK every run not there that another work directory beside it (--reuse DIR/*, e.g.
-    another row of a table) finished with the same launch.json, so it is not trained again (a recipe
+    another row of a table) finished, its last checkpoint complete, with the same launch.json, so it
+    is not trained again (a recipe
     row's full-attention baselines are the plain row's); its export is made anew. Returns the names."""
     linked = []
     for name, run in runs.items():
@@ -189,7 +190,7 @@ def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
                 same = json.loads((other / "launch.json").read_text()) == want
             except (OSError, ValueError):
                 continue
-            if same and (last_logged(other.parent, name) or {}).get("step") == run["steps"]:
+            if same and (other / "run" / "checkpoints" / f"step{run['steps']:08d}" / "COMPLETE").is_file():
                 shutil.copytree(other, work / name, copy_function=os.link, ignore=shutil.ignore_patterns("export"))
                 linked.append(f"{name} (from {other})")
                 break
