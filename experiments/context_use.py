@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from tools.benchlib import device_name, print_table, write_json
+from foldscale import checkpoint as ckpt
 from foldscale.config import FoldscaleError, ModelConfig, read_json
 from foldscale.data import TokenStore
 from foldscale.data.sampler import assign_documents
@@ -175,11 +176,20 @@ def spec(run: dict, base_ds: dict, args) -> dict:
                                   "seed": args.seed, "steps": run["steps"]}))
 
 
+def saved_at(run_dir: Path, steps: int) -> bool:
+    """Whether the training in RUN_DIR saved its newest complete checkpoint at STEPS, and it verifies."""
+    newest = ckpt.newest_complete(ckpt.run_checkpoints(run_dir))
+    try:
+        return newest is not None and ckpt.verify(newest)["step"] == steps
+    except ckpt.CheckpointError:
+        return False
+
+
 def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
     """Link into WORK every run not there that another work directory beside it (--reuse DIR/*, e.g.
-    another row of a table) finished, its last checkpoint complete, with the same launch.json, so it
-    is not trained again (a recipe
-    row's full-attention baselines are the plain row's); its export is made anew. Returns the names."""
+    another row of a table) finished with the same launch.json (`saved_at` its last step), so it is
+    not trained again (a recipe row's full-attention baselines are the plain row's); its export is
+    made anew. Returns the names."""
     linked = []
     for name, run in runs.items():
         if (work / name).exists():
@@ -190,7 +200,7 @@ def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
                 same = json.loads((other / "launch.json").read_text()) == want
             except (OSError, ValueError):
                 continue
-            if same and (other / "run" / "checkpoints" / f"step{run['steps']:08d}" / "COMPLETE").is_file():
+            if same and saved_at(other / "run", run["steps"]):
                 shutil.copytree(other, work / name, copy_function=os.link, ignore=shutil.ignore_patterns("export"))
                 linked.append(f"{name} (from {other})")
                 break
