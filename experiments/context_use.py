@@ -43,7 +43,7 @@ A run whose directory under --work already holds its finished training is not tr
 interrupted one (stopped by SIGTERM, which saves a checkpoint) goes on from its checkpoint, so a
 table larger than one device command is made by repeating the command. With --reuse DIR, a run
 that another work directory under DIR finished with the same launch.json (model, DeepSpeed config,
-data, seed, steps) is linked in instead of trained: a recipe option (--set state_gate_hard=true)
+data, seed, steps) is linked in instead of trained: a recipe option (--state-gate-hard)
 changes the folded model and its local-only ablation but not the full-attention baselines.
 """
 import argparse
@@ -65,11 +65,13 @@ from foldscale.config import FoldscaleError, ModelConfig, read_json
 from foldscale.data import TokenStore
 from foldscale.data.sampler import assign_documents
 from foldscale.evaluate import OFFSET_PARTS, evaluate
+from foldscale.flags import add_fields
 from foldscale.export import export
 from foldscale.metrics import N_BUCKETS, bucket_first, bucket_label, plot_position_loss, read_metrics
 from foldscale.model import FoldedLM
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 class EpochError(FoldscaleError):
@@ -366,38 +368,16 @@ def print_plan(runs: dict[str, dict], train_tokens: int, rate: float, jobs: int)
     return max(slots)
 
 
-def overrides(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs as model config fields, each VALUE read as JSON (true, 8, 0.1) and of
-    the field's type; an unknown KEY is refused by ModelConfig itself."""
-    defaults, out = {f.name: f.default for f in dataclasses.fields(ModelConfig)}, {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise FoldscaleError(f"--set {pair}: give KEY=VALUE, e.g. --set state_gate_hard=true")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        default = defaults.get(key)
-        if not (default is None or type(value) is type(default) or type(default) is float and type(value) is int):
-            raise FoldscaleError(f"--set {pair}: not a JSON value of {key}'s type ({type(default).__name__}); "
-                                 f"e.g. {key}={json.dumps(default)}")
-        out[key] = value
-    return out
-
-
 QUICK = dict(model="tiny", steps=60, streams=8, windows="4,1", reach="1,4", max_tokens=20000, eval_streams=8,
              poll=2.0, ds_config=str(ROOT / "ds_configs" / "cpu.json"))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="preset or model .json (the folded model)")
-    p.add_argument("--bptt-segments", "--bptt_segments", type=int, default=None,
-                   help="override the folded model's bptt_segments")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a field of the folded model's config, a JSON value (a recipe option, e.g. "
-                   "state_gate_hard=true); repeatable, after --bptt-segments")
+    add_fields(p.add_argument_group("the folded model's config, each field the preset's unless given (a recipe "
+                                    "option, e.g. --state-gate-hard)"),
+               ModelConfig, skip=("vocab_size", "use_state"), **dict.fromkeys(MODEL_FIELDS))
     p.add_argument("--data", help="token store (default: the built-in corpus)")
     p.add_argument("--ds-config", "--ds_config", default=None,
                    help="DeepSpeed JSON (default: ds_configs/dp-zero1.json on a GPU, cpu.json otherwise)")
@@ -431,14 +411,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     gpu = torch.cuda.is_available()
     args.ds_config = args.ds_config or str(ROOT / "ds_configs" / ("dp-zero1.json" if gpu else "cpu.json"))
     if args.data is None:
         from foldscale.data import default_store
         args.data = str(default_store(max_files=40 if args.quick else None, vocab_size=512 if args.quick else 8192))
     store = TokenStore.open(args.data)
-    cfg = ModelConfig.load(args.model, **{"bptt_segments": args.bptt_segments, "vocab_size": store.vocab_size,
-                                          **overrides(args.overrides)})
+    cfg = ModelConfig.load(args.model, **{**{k: getattr(args, k, None) for k in MODEL_FIELDS},
+                                          "vocab_size": store.vocab_size})  # an unset flag is None: the preset's
     windows = [int(w) for w in args.windows.split(",")] if args.windows else list(dict.fromkeys([cfg.bptt_segments, 8]))
     configs = variants(cfg, windows)
     if args.steps is None and args.train_tokens is None:

@@ -41,10 +41,9 @@ else
     declare -A opts=([default]="--streams 32 --rate ${RATE_DEFAULT:-160000}"
                      [paper]="--streams 128 --rate ${RATE_PAPER:-80000}")
 fi
-# one recipe option at a time (the flags context_use --set takes)
-declare -A recipes=([gate]="--set state_gate=true --set state_norm=true"
-                    [hard]="--set state_gate=true --set state_gate_hard=true --set state_norm=true"
-                    [bptt1]="--set bptt_segments=1" [bptt8]="--set bptt_segments=8")
+# one recipe option at a time (context_use's model config flags; a later flag wins over `common`'s)
+declare -A recipes=([gate]="--state-gate --state-norm" [hard]="--state-gate --state-gate-hard --state-norm"
+                    [bptt1]="--bptt-segments 1" [bptt8]="--bptt-segments 8")
 mkdir -p "$work"
 log=$out/session.log
 

@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from foldscale.config import FoldscaleError
+from foldscale.config import FoldscaleError, ModelConfig
 from tools.benchlib import print_table
 
 RANGES = [(0, 4), (4, 16), (16, 64), (64, None)]
@@ -62,7 +62,7 @@ def summarise(record: dict) -> dict:
     local, full_flops = by_range(rows, l, "local_only"), by_range(rows, l, flops)
     folded_range = by_range(rows, l, "folded")
     return {
-        "preset": record["args"]["model"], "recipe": " ".join(record["args"].get("overrides") or []),
+        "preset": record["args"]["model"], "recipe": recipe(record["args"]["model"], record["model"]),
         "segment_len": l, "full_window": ref,
         "train_tokens": next(t["real_tokens"] for t in record["training"] if t["model"] == "folded"),
         "epochs": max(t["epochs"] for t in record["training"]),
@@ -77,9 +77,17 @@ def summarise(record: dict) -> dict:
     }
 
 
+def recipe(preset: str, model: dict) -> str:
+    """The folded model's bptt_segments and every other config field that differs from its preset
+    (context_use's model flags), e.g. `bptt_segments=4 state_gate_hard=true`."""
+    base = ModelConfig.load(preset).to_dict()
+    changed = [k for k, v in model.items() if k not in ("vocab_size", "bptt_segments") and v != base[k]]
+    return " ".join(f"{k}={json.dumps(model[k])}" for k in ["bptt_segments", *changed])
+
+
 def name(run: dict) -> str:
-    """The preset and its recipe options (context_use --set), e.g. `default state_gate_hard=true`."""
-    return f"{run['preset']} {run['recipe']}".strip()
+    """The preset and its recipe, e.g. `default bptt_segments=4 state_gate_hard=true`."""
+    return f"{run['preset']} {run['recipe']}"
 
 
 def crossings(runs: list[dict]) -> list[dict]:

@@ -154,13 +154,10 @@ def test_every_run_is_compiled_when_asked(tmp_path, monkeypatch, compile_):
     assert commands[0][1].endswith("pretrain.py") and ("--compile" in commands[0]) == compile_
 
 
-def test_set_takes_json_values_of_the_fields_type():
-    assert context_use.overrides(["state_gate_hard=true", "bptt_segments=8", "rope_theta=5e5", "dropout=0"]) == {
-        "state_gate_hard": True, "bptt_segments": 8, "rope_theta": 5e5, "dropout": 0}
-    for bad, says in [("state_gate_hard=True", "state_gate_hard=false"), ("bptt_segments=true", "type (int)"),
-                      ("bptt_segments=2.5", "type (int)"), ("state_gate_hard", "give KEY=VALUE")]:
-        with pytest.raises(context_use.FoldscaleError, match=re.escape(says)):
-            context_use.overrides([bad])
+def test_a_model_flag_not_given_keeps_the_presets_value():
+    args = context_use.parse_args(["--model", "paper", "--state-gate-hard", "--no-state-norm", "--bptt-segments", "8"])
+    given = {k: v for k in context_use.MODEL_FIELDS if (v := getattr(args, k, None)) is not None}
+    assert given == {"state_gate_hard": True, "state_norm": False, "bptt_segments": 8}
 
 
 def result(folded, local, full, full_flops=None, l=10):

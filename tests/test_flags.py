@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from experiments import passkey, suite
+from experiments import context_use, passkey, suite
 from experiments.longctx.train import TrainArgs
 from foldscale.config import ModelConfig, TrainConfig
 from foldscale.flags import add_fields, field_docs, from_args
@@ -40,7 +40,7 @@ def test_optional_fields_take_their_scalar_type():
     assert q.parse_args(["--steps", "7"]).steps == 7
 
 
-@pytest.mark.parametrize("script", [suite, passkey])
+@pytest.mark.parametrize("script", [suite, passkey, context_use])
 def test_every_model_flag_reaches_every_script(script):
     """The scripts take ModelConfig's fields, so no flag is missing from one of them (passkey.py
     once lacked --state-gate-hard)."""

@@ -7,19 +7,22 @@ from pathlib import Path
 import pytest
 
 from experiments import text_table
+from foldscale.config import ModelConfig
 
 CORPUS = {"path": "/data/prose", "source": "tools.prose_corpus: 970 documents", "fingerprint": "abc",
           "tokens": 54_000_000, "train_tokens": 51_000_000}
 
 
-def run_record(path, preset, train_tokens, folded, local, full_flops, l=10, corpus=CORPUS):
-    """A context_use record with buckets 0, 1, 2-3, 4-7 (tokens 10, 10, 20, 40) and losses per bucket."""
-    labels, tokens = ["0", "1", "2-3", "4-7"], [10, 10, 20, 40]
+def run_record(path, preset, train_tokens, folded, local, full_flops, corpus=CORPUS, **fields):
+    """A context_use record of the preset with bptt_segments 4 and `fields`, with buckets 0, 1, 2-3,
+    4-7 (tokens 10, 10, 20, 40) and losses per bucket."""
+    model = ModelConfig.load(preset, bptt_segments=4, **fields).to_dict()
+    labels, tokens, l = ["0", "1", "2-3", "4-7"], [10, 10, 20, 40], model["segment_len"]
     rows = [{"bucket": b, "from_token": first * l, "tokens": n, "folded": f, "local_only": lo, "full_4l": 9.0,
              "full_4l_flops": ff, "gain_vs_local": (lo - f) / lo, "gap_to_full_flops": (f - ff) / ff}
             for b, first, n, f, lo, ff in zip(labels, [0, 1, 2, 4], tokens, folded, local, full_flops)]
     record = {"task": "context_use", "date": "2026-12-07", "device": "NVIDIA H100 80GB HBM3", "command": "python -m ...",
-              "corpus": corpus, "model": {"segment_len": l}, "args": {"model": preset},
+              "corpus": corpus, "model": model, "args": {"model": preset},
               "training": [{"model": "folded", "real_tokens": train_tokens, "epochs": 0.2},
                            {"model": "full_4l_flops", "real_tokens": 1.25 * train_tokens, "epochs": 0.25}],
               "overall": {"folded": 3.0, "local_only": 3.1, "full_4l": 3.2, "full_4l_flops": 2.9},
@@ -54,9 +57,19 @@ def test_the_record_has_issue_27s_keys_and_the_crossing(tmp_path):
     # the crossing, at 10M x 4 ** (0.0476 / (0.0476 + 0.111))
     (cross,) = [c for c in record["crossings"] if c["range"] == "4-16l"]
     g0, g1 = -0.1 / 2.1, 0.2 / 1.8
-    assert cross["preset"] == "default" and cross["folded"] == "behind"
+    assert cross["preset"] == "default bptt_segments=4" and cross["folded"] == "behind"
     assert cross["train_tokens"] == pytest.approx(10e6 * math.exp(math.log(4) * g0 / (g0 - g1)), rel=1e-6)
-    assert not [c for c in record["crossings"] if c["preset"] == "paper"]  # one budget: no crossing
+    assert not [c for c in record["crossings"] if c["preset"].startswith("paper")]  # one budget: no crossing
+
+
+def test_a_recipe_is_a_line_of_its_own(tmp_path):
+    plain = run_record(tmp_path / "a.json", "default", 10_000_000, [3.0] * 4, [3.1] * 4, [3.0] * 4)
+    hard = run_record(tmp_path / "b.json", "default", 10_000_000, [3.0] * 4, [3.1] * 4, [2.9] * 4,
+                      state_gate=True, state_gate_hard=True)
+    record = text_table.table([plain, hard])
+    assert [text_table.name(r) for r in record["runs"]] == [
+        "default bptt_segments=4", "default bptt_segments=4 state_gate=true state_gate_hard=true"]
+    assert not record["crossings"]  # two recipes at one budget each, not one recipe at two
 
 
 def test_runs_of_two_corpora_or_old_records_are_refused(tmp_path):
@@ -102,6 +115,7 @@ def test_the_session_script_makes_the_table_and_skips_finished_rows(tmp_path):
     folded = json.loads((tmp_path / "w" / "tiny+hard_8000" / "folded" / "model.json").read_text())
     assert folded["state_gate_hard"] and folded["state_gate"] and folded["state_norm"]
     runs = json.loads((tmp_path / "c" / "text.json").read_text())["runs"]
-    assert [text_table.name(r) for r in runs] == ["tiny", "tiny state_gate=true state_gate_hard=true state_norm=true"]
+    assert [text_table.name(r) for r in runs] == ["tiny bptt_segments=1",
+                                                  "tiny bptt_segments=1 state_norm=true state_gate=true state_gate_hard=true"]
     plain, hard = (r["overall"] for r in runs)
     assert hard["full_equal_tokens"] == plain["full_equal_tokens"] and hard["folded"] != plain["folded"]
