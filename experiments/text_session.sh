@@ -12,10 +12,12 @@
 # refused), RECIPE one of `recipes` below: the folded model with one recipe option changed (issue 27:
 # "which part of the extra FLOPs buys nothing"). A recipe row takes the full-attention baselines
 # that a finished row trained with the same plan (context_use --reuse) instead of training them.
-# STORE (default .gpu_data/prose/store, see tools/store_parts.py), COMPILE (default 1: every training
-# compiled; 0: eager), BUDGET_S (default 540): at the deadline the trainings are stopped with SIGTERM
-# and save a checkpoint; the same command again goes on from there (runs/text/ stays on a warm
-# machine) and skips rows already done. text.json is made from every row finished so far.
+# SEED (default 0) is the training seed; a row of another seed has its own run directories and files
+# (`default_40e6_seed1.json`). STORE (default .gpu_data/prose/store, see tools/store_parts.py),
+# COMPILE (default 1: every training compiled; 0: eager), BUDGET_S (default 540): at the deadline
+# the trainings are stopped with SIGTERM and save a checkpoint; the same command again goes on from
+# there (runs/text/ stays on a warm machine) and skips rows already done. text.json is made from
+# every row finished so far.
 set -euo pipefail
 shopt -s nullglob
 out=${1:?usage: bash experiments/text_session.sh OUT_DIR [--quick]}
@@ -26,14 +28,16 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 work=${WORK:-runs/text}
+seed=${SEED:-0}
+suffix=$( ((seed)) && echo "_seed$seed" || true)
 if [[ ${2:-} == --quick ]]; then
     rows=(${ROWS:-tiny:8000 tiny:16000})
-    common=(--quick --windows 4 --reach 1,4 --reuse "$work")
+    common=(--quick --windows 4 --reach 1,4 --reuse "$work" --seed "$seed")
     declare -A opts=([tiny]="--streams 4")
 else
     rows=(${ROWS:-default:10e6 paper:10e6 default:40e6 paper:max})
     common=(--data "${STORE:-.gpu_data/prose/store}" --bptt-segments 4 --windows 4 --reach 1,4,16,64 --jobs 4 --poll 60
-            --reuse "$work")
+            --reuse "$work" --seed "$seed")
     if [[ ${COMPILE:-1} == 1 ]]; then common+=(--compile); fi
     # positions/s of one training with 8 at once on an H100, for the plan's minutes: eager, default
     # measured 80k (issue 16's 600-step runs), paper a guess; compiled predicted twice that (BENCHMARKS.md,
@@ -55,12 +59,12 @@ args() {  # args ROW: the row's context_use arguments
         recipe=${recipes[$recipe]}
     fi
     [[ -v opts[$preset] ]] || { echo "row $1: no preset '$preset' here (known: ${!opts[*]})" >&2; return 1; }
-    echo "--model $preset --train-tokens $tokens ${opts[$preset]} $recipe --work $work/${name}_$tokens --json $work/${name}_$tokens.json"
+    echo "--model $preset --train-tokens $tokens ${opts[$preset]} $recipe --work $work/${name}_$tokens$suffix --json $work/${name}_$tokens$suffix.json"
 }
 todo=()
 for row in "${rows[@]}"; do
     a=$(args "$row")
-    if [[ -f $work/${row/:/_}.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
+    if [[ -f $work/${row/:/_}$suffix.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
     echo "== $row" | tee -a "$log"
     "$python" -m experiments.context_use "${common[@]}" $a --plan 2>&1 | tee -a "$log"
     todo+=("$row")
@@ -72,7 +76,7 @@ for row in "${todo[@]}"; do
     left=$((deadline - SECONDS - 30))  # 30 s for the trainings to save their checkpoints
     if ((left <= 60)); then echo "$row: not started, no time left" | tee -a "$log"; continue; fi
     ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" $(args "$row") \
-        > "$out/${row/:/_}.log" 2>&1 \
+        > "$out/${row/:/_}$suffix.log" 2>&1 \
         && echo "$row: finished" || echo "$row: stopped (status $?); the same command goes on with it" ) | tee -a "$log" &
     pids+=($!)
     sleep 20  # the row's first trainings pick their ports before the next row starts
