@@ -241,7 +241,7 @@ def train_all(runs: dict[str, dict], args, work: Path):
     """Train every run, --jobs at a time, with a progress line (rate, ETA) per run every --poll
     seconds. A run that already logged its last step in WORK is not trained again."""
     base = read_json(args.ds_config, "no such DeepSpeed config")
-    if getattr(args, "reuse", None):
+    if args.reuse:
         linked = reuse(runs, base, args, work)
         if linked:
             print(f"finished elsewhere with the same plan, linked in: {', '.join(linked)}", flush=True)

@@ -62,8 +62,10 @@ args() {  # args ROW: the row's context_use arguments
     echo "--model $preset --train-tokens $tokens ${opts[$preset]} $recipe --work $work/${name}_$tokens$suffix --json $work/${name}_$tokens$suffix.json"
 }
 todo=()
+declare -A row_args
 for row in "${rows[@]}"; do
     a=$(args "$row")
+    row_args[$row]=$a
     if [[ -f $work/${row/:/_}$suffix.json ]]; then echo "$row: done earlier" | tee -a "$log"; continue; fi
     echo "== $row" | tee -a "$log"
     "$python" -m experiments.context_use "${common[@]}" $a --plan 2>&1 | tee -a "$log"
@@ -75,7 +77,7 @@ for row in "${todo[@]}"; do
     while (( $(jobs -rp | wc -l) >= ${PAR:-2} )); do sleep 5; done
     left=$((deadline - SECONDS - 30))  # 30 s for the trainings to save their checkpoints
     if ((left <= 60)); then echo "$row: not started, no time left" | tee -a "$log"; continue; fi
-    ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" $(args "$row") \
+    ( timeout -k 25 "$left" "$python" -m experiments.context_use "${common[@]}" ${row_args[$row]} \
         > "$out/${row/:/_}$suffix.log" 2>&1 \
         && echo "$row: finished" || echo "$row: stopped (status $?); the same command goes on with it" ) | tee -a "$log" &
     pids+=($!)

@@ -139,7 +139,7 @@ def test_finished_runs_are_not_trained_again(tmp_path, store, monkeypatch):
             return 0
 
     monkeypatch.setattr(context_use, "launch", lambda name, *a: launched.append(name) or Done())
-    args = type("Args", (), {"ds_config": str(ROOT / "ds_configs" / "cpu.json"), "jobs": 2, "poll": 0.0})
+    args = type("Args", (), {"ds_config": str(ROOT / "ds_configs" / "cpu.json"), "jobs": 2, "poll": 0.0, "reuse": None})
     context_use.train_all(runs, args, tmp_path)
     assert launched == ["local_only"]
 
