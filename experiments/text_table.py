@@ -4,7 +4,8 @@ Each input is the --json of one `experiments.context_use` run (one preset at one
 folded, local-only, full attention 4l at equal tokens and at equal FLOPs, all on one token store).
 The record (`experiments/results/targets/text.json`) holds per run the overall losses, the gain
 over local-only and the gap to full attention at equal FLOPs in every position bucket and in four
-bucket ranges, whether it meets the issue's target (`target`: TARGET_GAIN below), and, per preset
+bucket ranges, the gain of full attention at equal tokens over local-only by range (what context
+within its window buys at all, at this model size and budget), whether it meets the issue's target (`target`: TARGET_GAIN below), and, per preset
 and range, the training tokens where the gap to full attention (the mean over a budget's training
 seeds) changes sign, interpolated in log tokens. The plot shows, per preset, the gain and the gap
 of each range against training tokens. A preset's run with a recipe option changed (context_use's
@@ -65,7 +66,7 @@ def summarise(record: dict) -> dict:
     overall, rows, l = record["overall"], record["rows"], record["model"]["segment_len"]
     ref = next(name for name in overall if name.startswith("full_"))
     flops = f"{ref}_flops"
-    local, full_flops = by_range(rows, l, "local_only"), by_range(rows, l, flops)
+    local, full, full_flops = (by_range(rows, l, m) for m in ("local_only", ref, flops))
     folded_range = by_range(rows, l, "folded")
     gain = {k: (local[k] - v) / local[k] for k, v in folded_range.items()}
     window = int(ref.removeprefix("full_").removesuffix("l"))
@@ -82,6 +83,7 @@ def summarise(record: dict) -> dict:
         "gap_to_full_flops_by_bucket": {r["bucket"]: r["gap_to_full_flops"] for r in rows},
         "gain_vs_local_by_range": gain,
         "gap_to_full_flops_by_range": {k: (v - full_flops[k]) / full_flops[k] for k, v in folded_range.items()},
+        "full_gain_vs_local_by_range": {k: (v - full[k]) / v for k, v in local.items()},
         "target": {"gain_vs_local": range_label(*RANGES[-1]) in gain and min(far, default=0) >= TARGET_GAIN,
                    "gap_to_full_flops": all(r["gap_to_full_flops"] <= 0 for r in rows if r["from_token"] >= window * l)},
         "reach_tokens": record["reach_tokens"], "context_cuts": record.get("context_cuts"),
@@ -188,6 +190,10 @@ def main(argv=None):
                 ["preset", "train_tokens", "seed", "epochs", "folded", "local_only", "full_equal_tokens",
                  "full_equal_flops", *[f"{w} {range_label(*r)}" for w in ("gain", "gap") for r in RANGES],
                  "met: gain_vs_local", "met: gap_to_full_flops"])
+    print("\nwhat context buys at all: full attention (equal tokens) against local-only")
+    print_table([{"preset": name(r), "train_tokens": r["train_tokens"], "seed": r["seed"], "full": r["full_window"],
+                  **{f"gain {k}": v for k, v in r["full_gain_vs_local_by_range"].items()}} for r in record["runs"]],
+                ["preset", "train_tokens", "seed", "full", *[f"gain {range_label(*r)}" for r in RANGES]])
     for c in record["crossings"]:
         print(f"{c['preset']}, {c['range']}: the gap to full attention at equal FLOPs changes sign near "
               f"{c['train_tokens']:,} training tokens (folded {c['folded']} after it)")
