@@ -43,7 +43,7 @@ class ModelConfig:
     n_global: int = 2
     """Global blocks over [carried state ; segment] (window 2l). 0 gives a plain causal GPT."""
     segment_len: int = 128
-    """Tokens per segment (l), also the number of carried state vectors."""
+    """Tokens per segment (l), also the number of carried state vectors unless `state_rows`."""
     ffn_mult: float = 8 / 3
     """SwiGLU hidden width as a multiple of d_model (8/3 keeps a block at 12 d^2 parameters)."""
     dropout: float = 0.0
@@ -73,6 +73,10 @@ class ModelConfig:
     bounded rows stays bounded). A channel whose gate is at 1 is then carried bit for bit, for
     any number of segments; with a sigmoid gate and the norm after the mix every carried channel
     leaks a little each segment (g < 1, and the row's norm rescales it)."""
+    state_rows: int | None = None
+    """Rows of the carried state (m, 1..l); None carries l, the paper's. With m < l the state is
+    the global stack's output on the segment's last m rows and the global stack runs m + l rows
+    instead of 2l: fewer FLOPs, less to carry."""
     init_std: float = 0.02
     """Standard deviation of the initial weights (residual outputs scaled down by depth)."""
 
@@ -93,6 +97,8 @@ class ModelConfig:
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.bptt_segments >= 1, "bptt_segments must be >= 1 (1 detaches the state)"),
             (not self.state_gate_hard or self.state_gate, "state_gate_hard needs state_gate = true"),
+            (self.state_rows is None or 1 <= self.state_rows <= self.segment_len,
+             f"state_rows={self.state_rows} must be in 1..segment_len={self.segment_len} (or null: l)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,7 +113,8 @@ class ModelConfig:
         """The baseline: the same blocks, all local (a plain causal GPT), attending over `window`
         tokens with no carried state. Its parameters are the folded model's minus S0 and the carry."""
         return dataclasses.replace(self, n_local=self.n_local + self.n_global, n_global=0, segment_len=window,
-                                   bptt_segments=1, state_gate=False, state_gate_hard=False, state_norm=False)
+                                   bptt_segments=1, state_gate=False, state_gate_hard=False, state_norm=False,
+                                   state_rows=None)
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +127,17 @@ class ModelConfig:
     @property
     def recurrent(self) -> bool:
         return self.n_global > 0
+
+    @property
+    def memory_rows(self) -> int:
+        """Rows of the carried state (m): `state_rows`, or l."""
+        return self.state_rows or self.segment_len
+
+    @property
+    def global_rows(self) -> int:
+        """Rows of the global stack on a whole segment, [memory ; segment]: m + l, the positions
+        the rotary tables cover."""
+        return self.memory_rows + self.segment_len
 
     def block_params(self) -> int:
         """Parameters of one transformer block (attention, MLP, two RMSNorms)."""
@@ -135,7 +153,7 @@ class ModelConfig:
             "embedding": embed,
             "local": self.n_local * self.block_params(),
             "global": self.n_global * self.block_params()
-            + (self.segment_len * d + (2 * d * d + d) * self.state_gate if self.recurrent else 0),
+            + (self.memory_rows * d + (2 * d * d + d) * self.state_gate if self.recurrent else 0),
             "head": head + d,  # LM head (if untied) + final norm
         }
 
@@ -145,14 +163,16 @@ class ModelConfig:
     def flops_per_token(self) -> float:
         """Model FLOPs per trained token, forward + backward (DESIGN.md §1).
 
-        Matrix products: 6 * (P_loc + 2 * P_glob + P_head), the global stack running 2l rows per
-        l trained tokens, P_head being the V x d LM head whether tied or not. Attention:
-        12 * d * (N_loc * l/2 + N_glob * 5l/2), causal halves counted as halves.
+        Matrix products: 6 * (P_loc + (m + l)/l * P_glob + P_head), the global stack running m + l
+        rows per l trained tokens (m = memory_rows, l by default: 2 P_glob), P_head being the V x d
+        LM head whether tied or not. Attention: 12 * d * (N_loc * l/2 + N_glob * (m^2/l + m + l/2))
+        (m memory rows over m keys, l current rows over m keys and causally over l), causal halves
+        counted as halves: N_glob * 5l/2 for m = l.
         """
-        d, l = self.d_model, self.segment_len
-        matmul = 6 * (self.n_local * self.block_params() + 2 * self.n_global * self.block_params()
+        d, l, m = self.d_model, self.segment_len, self.memory_rows
+        matmul = 6 * (self.n_local * self.block_params() + (m + l) / l * self.n_global * self.block_params()
                       + self.vocab_size * d)
-        attention = 12 * d * (self.n_local * l / 2 + self.n_global * 5 * l / 2)
+        attention = 12 * d * (self.n_local * l / 2 + self.n_global * (m * m / l + m + l / 2))
         return matmul + attention
 
     def to_dict(self) -> dict:

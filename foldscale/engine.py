@@ -272,7 +272,7 @@ def build_model(cfg: ModelConfig, ds_config: dict) -> FoldedLM:
     # (bf16 holds integers exactly only up to 256), and leaves buffers where they were made, since
     # the engine does not move a model built this way: rebuild the tables in fp32 on the device.
     device = deepspeed.get_accelerator().current_device_name()
-    model.rope_cos, model.rope_sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, device)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, device)
     return model
 
 

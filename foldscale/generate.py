@@ -35,11 +35,11 @@ def step(model: FoldedLM, caches, outputs, ids, positions):
     for block, (k, v) in zip(model.local_blocks, caches[0]):
         x = block(x, cos, sin, 0, KVCache(k, v, positions))
     if model.cfg.recurrent:
-        l = model.cfg.segment_len
-        global_positions = positions + l  # after the l memory rows
+        m = model.cfg.memory_rows
+        global_positions = positions + m  # after the m memory rows
         cos, sin = model.rotary(global_positions)
         for block, (k, v) in zip(model.global_blocks, caches[1]):
-            x = block(x, cos, sin, l, KVCache(k, v, global_positions))
+            x = block(x, cos, sin, m, KVCache(k, v, global_positions))
         outputs.index_copy_(1, positions, x)
     return model.head(x)
 
@@ -84,7 +84,7 @@ class StreamDecoder:
         def kv(length):
             return tuple(torch.zeros(B, length, cfg.n_head, cfg.head_dim, device=ids.device, dtype=dtype)
                          for _ in range(2))
-        self.caches = ([kv(l) for _ in m.local_blocks], [kv(2 * l) for _ in m.global_blocks])
+        self.caches = ([kv(l) for _ in m.local_blocks], [kv(cfg.global_rows) for _ in m.global_blocks])
         self.outputs = torch.zeros(B, l, cfg.d_model, device=ids.device, dtype=dtype)
         self.position = torch.zeros(1, dtype=torch.long, device=ids.device)  # the graph's input
         if self.use_graph is None:
@@ -124,10 +124,10 @@ class StreamDecoder:
         m = self.model
         if m.cfg.recurrent:
             self.memory_rows = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
-            positions = torch.arange(m.cfg.segment_len, device=z.device)
+            positions = torch.arange(m.cfg.memory_rows, device=z.device)
             cos, sin = m.rotary(positions)
             for block, (k, v) in zip(m.global_blocks, self.caches[1]):
-                z = block(z, cos, sin, m.cfg.segment_len, KVCache(k, v, positions))
+                z = block(z, cos, sin, m.cfg.memory_rows, KVCache(k, v, positions))
 
     def _replay(self, ids):
         """One token through the captured graph (captured on first use). Its inputs are copied

@@ -2,9 +2,9 @@
 
 A document is read segment by segment. Each segment of l tokens goes through a local stack
 (causal attention inside the segment) and a global stack over [carried state ; segment]
-(2l rows), and the global stack's output on the segment becomes the state carried to the next
-segment. `segments` is the one loop that walks a document; decoding lives in generate.py and
-saving and loading in weights.py. No DeepSpeed import here: parallelism is applied from outside.
+(2l rows, or m + l with `state_rows` m), and the global stack's output on the segment (its last
+m rows) becomes the state carried to the next segment. `segments` is the one loop that walks a
+document; decoding lives in generate.py and saving and loading in weights.py. No DeepSpeed import here: parallelism is applied from outside.
 """
 import math
 from typing import Iterator, NamedTuple
@@ -176,7 +176,7 @@ class Block(nn.Module):
 
 class StateCarry(nn.Module):
     """The state carried to the next segment, from the memory rows S the segment read and the
-    global stack's output C on the segment's rows (B, l, d).
+    global stack's output C on the segment's last m rows (B, m, d), m = memory_rows.
 
     The paper carries C. With `state_gate` it carries g * S + (1 - g) * C, g = sigmoid(W [S ; C] + b)
     per row and channel, so a row whose gate saturates at 1 is carried nearly unchanged. With
@@ -212,7 +212,7 @@ class StateCarry(nn.Module):
 class LMOutput(NamedTuple):  # a NamedTuple, so that ZeRO-3's hooks find the tensors inside
     logits: torch.Tensor | None  # (B, T, V)
     loss: torch.Tensor | None  # mean cross-entropy over counted targets
-    state: torch.Tensor | None  # (B, l, d), the state to carry into the next segment
+    state: torch.Tensor | None  # (B, m, d), the state to carry into the next segment (m = memory_rows)
     n_tokens: torch.Tensor | None = None  # counted targets, a 0-d tensor
     token_loss: torch.Tensor | None = None  # (B, T) per-token cross-entropy, 0 where ignored
 
@@ -231,17 +231,17 @@ class FoldedLM(Pretrained, nn.Module):
         self.local_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_local))
         self.global_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_global))
         # S0: the state every document starts from, learned.
-        self.s0 = nn.Parameter(torch.zeros(cfg.segment_len, cfg.d_model)) if cfg.recurrent else None
+        self.s0 = nn.Parameter(torch.zeros(cfg.memory_rows, cfg.d_model)) if cfg.recurrent else None
         self.carry = StateCarry(cfg) if cfg.recurrent else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.drop = nn.Dropout(cfg.dropout)
-        # Rotary tables for positions 0..2l-1, every length used is a prefix or a slice. Buffers, not
+        # Rotary tables for positions 0..m+l-1, every length used is a prefix or a slice. Buffers, not
         # computed in forward: torch.compile would fuse the cos/pow into every block's kernels and
         # recompute them for every element (about 13 ms of a 152 ms micro-step in the 350m's H100 profile).
-        cos, sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, "cpu")
+        cos, sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_fn = None
@@ -278,11 +278,11 @@ class FoldedLM(Pretrained, nn.Module):
         return self.drop(self.tok_emb(ids))  # (B, t, d)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (n, hs) of positions (n,) in [0, 2l): 0..l-1 are the memory rows' in the global stack."""
+        """cos, sin (n, hs) of positions (n,) in [0, m + l): 0..m-1 are the memory rows' in the global stack."""
         return self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
 
     def memory(self, state, reset, batch_size: int, dtype) -> torch.Tensor:
-        """The memory rows a segment reads (B, l, d): the carried state, or S0 where a document
+        """The memory rows a segment reads (B, m, d): the carried state, or S0 where a document
         starts (reset, (B,) bool), and always S0 in the local-only ablation."""
         s0 = self.s0.unsqueeze(0).expand(batch_size, -1, -1).to(dtype)
         if state is None or not self.cfg.use_state:
@@ -292,9 +292,9 @@ class FoldedLM(Pretrained, nn.Module):
         return state.to(dtype)
 
     def next_state(self, memory, x) -> torch.Tensor:
-        """The state to carry, from the memory rows the segment read and the global stack's output
-        x (B, t, d) on the segment's rows."""
-        return self.carry(memory, x)
+        """The state to carry, from the memory rows (B, m, d) the segment read and the global stack's
+        output x (B, l, d) on the segment's rows: its last m rows."""
+        return self.carry(memory, x[:, x.shape[1] - memory.shape[1]:])
 
     def head(self, x) -> torch.Tensor:
         return self.lm_head(self.norm(x))  # (B, t, V)
@@ -324,11 +324,11 @@ class FoldedLM(Pretrained, nn.Module):
         return self
 
     def forward(self, ids, state=None, reset=None, targets=None) -> LMOutput:
-        """One segment. ids (B, t) with t <= l; state (B, l, d) or None (all streams start a
+        """One segment. ids (B, t) with t <= l; state (B, m, d) or None (all streams start a
         document); reset (B,) bool swaps S0 in for those streams; targets (B, t), -100 ignored.
         """
         B, t = ids.shape
-        l = self.cfg.segment_len
+        l, m = self.cfg.segment_len, self.cfg.memory_rows
         if t > l:
             raise ValueError(f"segment of {t} tokens is longer than segment_len={l}; use forward_stream")
         x = self.embed(ids)
@@ -338,11 +338,11 @@ class FoldedLM(Pretrained, nn.Module):
         new_state = None
         if self.cfg.recurrent:
             memory = self.memory(state, reset, B, x.dtype)
-            z = torch.cat([memory, x], dim=1)  # (B, l + t, d): [memory ; current]
-            cos, sin = self.rope_cos[:l + t], self.rope_sin[:l + t]
+            z = torch.cat([memory, x], dim=1)  # (B, m + t, d): [memory ; current]
+            cos, sin = self.rope_cos[:m + t], self.rope_sin[:m + t]
             for block in self.global_blocks:
-                z = self._run(block, z, cos, sin, l)
-            x = z[:, l:]  # (B, t, d)
+                z = self._run(block, z, cos, sin, m)
+            x = z[:, m:]  # (B, t, d)
             new_state = self.next_state(memory, x) if t == l else None  # carried from whole segments only
         if targets is not None and self.kernels == "liger":  # the (B, t, V) logits never exist
             n = (targets != -100).sum()
@@ -374,7 +374,7 @@ class FoldedLM(Pretrained, nn.Module):
             if targets is not None:
                 token_losses.append(out.token_loss)
                 total, count = total + out.loss * out.n_tokens, count + out.n_tokens
-            if out.state is not None and out.state.shape[1] == self.cfg.segment_len:
+            if out.state is not None:  # carried from whole segments only
                 state = out.state
         state = None if state is None else state.detach()
         logits = torch.cat(logits, dim=1) if keep_logits else None
@@ -410,5 +410,5 @@ def segments(step, ids, segment_len: int, targets=None, state=None, reset=None, 
                    reset=None if reset is None else reset[:, i].contiguous(),
                    targets=None if targets is None else targets[:, start:end].contiguous())
         yield out
-        if out.state is not None and out.state.shape[1] == segment_len:
+        if out.state is not None:  # a short last segment carries none
             state = out.state

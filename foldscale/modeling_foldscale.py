@@ -64,7 +64,7 @@ class FoldscaleForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if isinstance(module, FoldedLM):  # the rotary tables are not saved (non-persistent buffers)
             cfg = module.cfg
-            cos, sin = rope_tables(2 * cfg.segment_len, cfg.head_dim, cfg.rope_theta, module.rope_cos.device)
+            cos, sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, module.rope_cos.device)
             module.rope_cos.copy_(cos)
             module.rope_sin.copy_(sin)
         else:

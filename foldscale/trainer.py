@@ -108,7 +108,7 @@ class Trainer:
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.sampler = SegmentStreamSampler(store, "train", rank, world_size, self.streams,
                                             model_cfg.segment_len, train_cfg.seed)
-        self.state = None  # (B, l, d) carried state of this rank's streams, on the device
+        self.state = None  # (B, m, d) carried state of this rank's streams, on the device
         self.step, self.tokens_seen = 0, 0
         self.guard = NonFiniteGuard(train_cfg.max_bad_steps, f"the last good checkpoint is in {self.ckpt_root}. Lower "
                                     "the learning rate or check the data, then resume with --resume auto", self.log)

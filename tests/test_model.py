@@ -66,6 +66,43 @@ def test_state_is_a_recurrence_not_a_cache():
         assert (a[:, seg * 8:(seg + 1) * 8] - b[:, seg * 8:(seg + 1) * 8]).abs().max() > 1e-12, seg
 
 
+def test_fewer_state_rows_carry_the_segments_last_rows_and_still_recur():
+    """With state_rows m < l the state is the global stack's output on the segment's last m rows,
+    read by the next segment as its m memory rows, and it still reaches segments far ahead."""
+    model = make(state_rows=3).double()
+    outputs = []
+    model.global_blocks[-1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    ids = randint(1, 8 * 10)
+    out = model(ids[:, :8])
+    assert out.state.shape == (1, 3, 32) and model.s0.shape == (3, 32)
+    torch.testing.assert_close(out.state, outputs[-1][:, -3:], rtol=0, atol=0)  # rows 8..10 of 3 + 8
+    changed = ids.clone()
+    changed[0, 7] = (changed[0, 7] + 5) % 97  # a token of segment 0 that the state carries
+    a, b = model.forward_stream(ids).logits, model.forward_stream(changed).logits
+    assert (a[:, 72:] - b[:, 72:]).abs().max() > 1e-12  # segment 9
+
+
+def test_state_rows_outside_one_to_l_are_refused():
+    for rows in (0, 9):
+        with pytest.raises(ConfigError, match=f"state_rows={rows} must be in 1..segment_len=8"):
+            make(state_rows=rows)
+
+
+def test_fewer_state_rows_cost_fewer_flops():
+    """The global stack runs m + l rows per l trained tokens: m = l is the paper's 2l."""
+    cfg = ModelConfig()
+    d, l, P = cfg.d_model, cfg.segment_len, cfg.block_params()
+    paper = 6 * (cfg.n_local * P + 2 * cfg.n_global * P + cfg.vocab_size * d) \
+        + 12 * d * (cfg.n_local * l / 2 + cfg.n_global * 5 * l / 2)
+    assert cfg.flops_per_token() == pytest.approx(paper, rel=1e-12)
+    assert dataclasses.replace(cfg, state_rows=l).flops_per_token() == pytest.approx(paper, rel=1e-12)
+    quarter = dataclasses.replace(cfg, state_rows=l // 4)
+    matmul = 6 * (cfg.n_local * P + 1.25 * cfg.n_global * P + cfg.vocab_size * d)
+    assert quarter.flops_per_token() == pytest.approx(
+        matmul + 12 * d * (cfg.n_local * l / 2 + cfg.n_global * (l / 16 + l / 4 + l / 2)), rel=1e-12)
+    assert quarter.full_attention(4 * l).state_rows is None
+
+
 def test_local_only_ablation_forgets_previous_segments():
     folded = make()
     model = FoldedLM(folded.cfg.local_only()).eval()
@@ -341,7 +378,8 @@ def test_activation_checkpointing_gives_same_gradients():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_global=0), dict(state_gate=True, state_norm=True),
-                                dict(state_gate=True, state_norm=True, state_gate_hard=True)])
+                                dict(state_gate=True, state_norm=True, state_gate_hard=True),
+                                dict(state_rows=3), dict(state_rows=3, state_gate=True, state_norm=True)])
 def test_stream_decoder_gives_forward_stream_logits(kw):
     """Fed in uneven chunks across segment boundaries, the cached decoder gives every logit that
     forward_stream gives for the whole sequence, and carries the same state."""
@@ -508,7 +546,7 @@ def test_tampered_files_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False), dict(n_global=0), dict(n_local=0),
                                 dict(state_norm=True), dict(state_gate=True, state_norm=True),
-                                dict(state_gate=True, state_gate_hard=True)])
+                                dict(state_gate=True, state_gate_hard=True), dict(state_rows=3, state_gate=True)])
 def test_parameter_count_matches_formula(kw):
     model = make(**kw)
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
