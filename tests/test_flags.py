@@ -11,7 +11,7 @@ from foldscale.flags import add_fields, field_docs, from_args
 
 def test_field_docs_are_the_strings_under_the_fields():
     docs = field_docs(ModelConfig)
-    assert docs["segment_len"] == "Tokens per segment (l), also the number of carried state vectors."
+    assert docs["segment_len"] == "Tokens per segment (l), also the number of carried state vectors unless `state_rows`."
     assert docs["state_gate_hard"].startswith("With `state_gate`: g = clamp(1.2 sigmoid(z) - 0.1, 0, 1)")
     assert "\n" not in docs["state_norm"] and "  " not in docs["state_norm"]
     assert set(docs) <= {f.name for f in dataclasses.fields(ModelConfig)}

@@ -335,7 +335,7 @@ def test_flex_global_attention_has_the_two_calls_gradients(monkeypatch):
     out = torch.compile(flex_attention, fullgraph=True)(q, k, v, block_mask=memory_rows_mask(128, 256, "cuda"))
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
     for g, e in zip(torch.autograd.grad(out.float().square().sum(), (q, k, v)), expected):
-        torch.testing.assert_close(g.float(), e, rtol=0, atol=5e-2)
+        torch.testing.assert_close(g.float(), e.float(), rtol=0, atol=5e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's own causal mask needs a CUDA GPU")
