@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 BASE = ModelConfig(vocab_size=512, d_model=32, n_head=4, n_local=1, n_global=1, segment_len=8)
 VARIANTS = {"default": BASE,
             "state_gate_hard": dataclasses.replace(BASE, state_gate=True, state_gate_hard=True, state_norm=True),
+            "state_rows": dataclasses.replace(BASE, state_rows=3),
             "local_only": BASE.local_only()}
 T = 3 * BASE.segment_len + 5  # 3 segments and a partial one
 PROMPT, NEW = 2 * BASE.segment_len + 3, 2 * BASE.segment_len
