@@ -109,27 +109,56 @@ def test_man_and_pod_pages_render_through_their_own_tools(tmp_path):
     assert "Some bold words." in pc.render("pod", pod) and "B<" not in pc.render("pod", pod)
 
 
+def make_deb(debs: Path, version: str) -> Path:
+    """A package `foldscale-doc` of VERSION in DEBS, holding one HTML page."""
+    src = debs.parent / f"src-{version}"
+    (src / "DEBIAN").mkdir(parents=True)
+    (src / "DEBIAN" / "control").write_text(f"Package: foldscale-doc\nVersion: {version}\nArchitecture: all\n"
+                                            "Maintainer: x <x@example.org>\nDescription: test\n")
+    (src / "usr/share/doc/fold").mkdir(parents=True)
+    (src / "usr/share/doc/fold/index.html").write_text(f"<p>folded {version}</p>")
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = debs / f"foldscale-doc_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(src), str(deb)], check=True, capture_output=True)
+    return deb
+
+
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is Debian's")
 def test_unpack_into_a_fresh_directory(tmp_path, monkeypatch):
     """A package already downloaded is unpacked into OUT/root/PKG when OUT/root does not exist yet
     (dpkg-deb makes its target directory but not the parents), and only once."""
     from tools import prose_corpus as pc
     monkeypatch.setattr(pc, "PROGRAMS", {})
-    src = tmp_path / "src"
-    (src / "DEBIAN").mkdir(parents=True)
-    (src / "DEBIAN" / "control").write_text("Package: foldscale-doc\nVersion: 1\nArchitecture: all\n"
-                                            "Maintainer: x <x@example.org>\nDescription: test\n")
-    (src / "usr/share/doc/fold").mkdir(parents=True)
-    (src / "usr/share/doc/fold/index.html").write_text("<p>folded</p>")
     out = tmp_path / "out"
-    (out / "debs").mkdir(parents=True)
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(src), str(out / "debs" / "foldscale-doc_1_all.deb")],
-                   check=True, capture_output=True)
-    root = pc.unpack(["foldscale-doc"], out)["foldscale-doc"]
-    assert (root / "usr/share/doc/fold/index.html").read_text() == "<p>folded</p>"
+    make_deb(out / "debs", "1")
+    root = pc.unpack(["foldscale-doc"], out, {})["foldscale-doc"]
+    assert (root / "usr/share/doc/fold/index.html").read_text() == "<p>folded 1</p>"
     (root / "usr/share/doc/fold/index.html").unlink()
-    pc.unpack(["foldscale-doc"], out)  # unpacked before: left as it is
+    pc.unpack(["foldscale-doc"], out, {})  # unpacked before: left as it is
     assert not (root / "usr/share/doc/fold/index.html").exists()
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is Debian's")
+def test_packages_come_at_their_pinned_version_and_another_is_refused(tmp_path, monkeypatch):
+    """A pinned package is asked of apt as PKG=VERSION; a build folder holding it at another version
+    (its text would be of that version) is refused before anything is unpacked."""
+    from tools import prose_corpus as pc
+    monkeypatch.setattr(pc, "PROGRAMS", {})
+    run, asked = pc._run, []
+
+    def apt(args, cwd=None, what=""):  # apt-get download, offline: builds the version asked for
+        if args[:2] != ["apt-get", "download"]:
+            return run(args, cwd, what)
+        asked.append(args[2:])
+        make_deb(Path(cwd), args[2].split("=")[1])
+    monkeypatch.setattr(pc, "_run", apt)
+    out = tmp_path / "out"
+    root = pc.unpack(["foldscale-doc"], out, {"foldscale-doc": "2"})["foldscale-doc"]
+    assert asked == [["foldscale-doc=2"]]
+    assert (root / "usr/share/doc/fold/index.html").read_text() == "<p>folded 2</p>"
+    with pytest.raises(pc.CorpusError, match="foldscale-doc_2_all.deb is version 2, not 3: build into an empty folder"):
+        pc.unpack(["foldscale-doc"], out, {"foldscale-doc": "3"})
+    assert pc.deb_version(make_deb(tmp_path / "other", "1:4.5-6+deb12u1")) == "1:4.5-6+deb12u1"  # epoch kept
 
 
 def test_page_kinds():
@@ -175,8 +204,9 @@ def test_gutenberg_and_bible_books():
     assert bible_books(imp) == {"Genesis": "In the beginning\nAnd the earth", "Exodus": "Now these"}
 
 
-def test_store_and_stats_count_every_source(tmp_path):
-    """The store holds each text file as one document, and stats give each source its tokens."""
+def test_store_and_stats_count_every_source(tmp_path, monkeypatch):
+    """The store holds each text file as one document, and stats give each source its tokens. Built
+    again with the tokenizer kept (what the reference build does with TOKENIZER), it is the same store."""
     from tools import prose_corpus as pc
     for source, n in (("manpages", 3), ("manpages-dev", 2)):  # "manpages-dev/" sorts before "manpages/"
         (tmp_path / "text" / source).mkdir(parents=True)
@@ -194,3 +224,15 @@ def test_store_and_stats_count_every_source(tmp_path):
         files = (tmp_path / "text" / source).glob("*.txt")
         assert rows[source]["tokens"] == sum(len(tok.encode(f.read_text())) + 1 for f in files)
     assert result["doc_tokens"]["max"] == int(store.doc_lengths.max())
+    again = tmp_path / "again"  # the same text again, with the tokenizer kept: the same store
+    shutil.copytree(tmp_path / "text", again / "text")
+    monkeypatch.setattr(pc, "TOKENIZER", tmp_path / "tokenizer.model")
+    assert pc.build_store(again).fingerprint == store.fingerprint
+
+
+def test_the_reference_builds_tokenizer_is_kept_in_the_repository():
+    from foldscale.data.tokenizer import Tokenizer
+    from tools import prose_corpus as pc
+    tok = Tokenizer(pc.TOKENIZER)
+    assert tok.vocab_size == pc.VOCAB_SIZE
+    assert tok.decode(tok.encode("The carried state crosses segments.\n")) == "The carried state crosses segments.\n"

