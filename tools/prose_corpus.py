@@ -11,9 +11,11 @@ the documents, OUT/store the foldscale token store (with its tokenizer) and OUT/
 tokens per source, the document lengths and the packages' versions. Every step is skipped when
 its output is there.
 
-Debian updates some of these packages now and then, and each update makes another corpus, so the
-packages are downloaded at the versions of the reference build (PINNED): its store's fingerprint
-is REFERENCE, which the build checks at the end. `--latest` takes today's versions instead.
+Every build is the same store, the reference build (fingerprint REFERENCE, checked at the end):
+the packages come at its versions (PINNED: Debian updates some of them now and then), and its
+tokenizer is kept in the repository (TOKENIZER: sentencepiece trains another one on this text in
+every process). `--latest` (today's versions) and `--vocab-size` (a tokenizer trained anew) each
+make another corpus.
 
 A document is a manual's directory of pages (HTML pages, man pages of one section, POD files),
 whole pages in file order, split at page boundaries into parts of about MAX_CHARS; a book of the
