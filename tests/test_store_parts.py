@@ -21,7 +21,7 @@ def store(tmp_path):
 def test_a_store_in_parts_arrives_whole_in_any_order(tmp_path, store):
     parts = store_parts.split(store.path, tmp_path / "parts", max_bytes=3000)
     sizes = [sum(f.stat().st_size for f in p.iterdir() if f.name != store_parts.MANIFEST) for p in parts]
-    assert len(parts) >= 3 and max(sizes) <= 3000  # tokens.bin alone is 9,600 bytes
+    assert len(parts) >= 3 and max(sizes) <= 3000  # tokens.bin alone is 9,600 bytes, about 6,500 compressed
     dest = tmp_path / "there" / "store"
     for part in reversed(parts[1:]):
         assert store_parts.receive(part, dest) is None and not dest.exists()
@@ -52,7 +52,7 @@ def test_the_cli_splits_and_says_what_is_still_to_send(tmp_path, store):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "tools.store_parts", *map(str, args)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
-    split = cli("split", store.path, tmp_path / "parts", "--max-mib", 0.005)
+    split = cli("split", store.path, tmp_path / "parts", "--max-mib", 0.002)
     assert split.returncode == 0 and "part-00: " in split.stdout and "part-02: " in split.stdout
     first = cli("receive", tmp_path / "parts" / "part-00", tmp_path / "dest")
     assert first.returncode == 0 and "still to send: part-01" in first.stdout

@@ -1,18 +1,21 @@
 """A token store in parts small enough to travel one at a time, and joined again where it lands.
 
 The GPU machines have no network and take at most 64 MiB of files per call, so a larger store
-(the prose corpus's is 108 MB) goes in parts: `split` writes OUT/part-00, OUT/part-01, ..., each a
-directory of at most --max-mib of chunks and a copy of the manifest (every chunk's file, offset,
-size and sha256). `receive` checks one part's chunks against the manifest and keeps them beside
-DEST; once every part has arrived it writes the store at DEST and verifies it whole
-(`TokenStore.verify`: every file's sha256 against the store's own meta.json).
+goes compressed and, where that is still too large, in parts: `split` compresses each file of the
+store (xz: the prose corpus's 108 MB of tokens become 35 MB, one part) and writes OUT/part-00,
+OUT/part-01, ..., each a directory of at most --max-mib of chunks of the compressed files and a
+copy of the manifest (every chunk's file, offset, size and sha256). `receive` checks one part's
+chunks against the manifest and keeps them beside DEST; once every part has arrived it writes the
+store at DEST and verifies it whole (`TokenStore.verify`: every file's sha256 against the store's
+own meta.json).
 
     python -m tools.store_parts split /work/corpus-build/store .gpu_data/parts     # here
-    python -m tools.store_parts receive .gpu_data/parts/part-00 .gpu_data/prose/store   # there, one call per part
+    python -m tools.store_parts receive .gpu_data/parts/part-00 .gpu_data/prose/store   # there, a call per part
 """
 import argparse
 import hashlib
 import json
+import lzma
 import shutil
 import sys
 from pathlib import Path
@@ -32,23 +35,20 @@ def split(store, out, max_bytes: int) -> list[Path]:
     store, out = TokenStore.open(store).path, Path(out)
     if out.exists():
         raise PartsError(f"{out} already exists: remove it or give another directory")
-    chunks = []  # {"file", "offset", "bytes", "sha256", "part"}, largest first, each in the first part with room
-    used = []
-    for file in sorted((p for p in store.iterdir() if p.is_file()), key=lambda p: -p.stat().st_size):
-        size = file.stat().st_size
-        for offset in range(0, max(size, 1), max_bytes):
-            n = min(max_bytes, size - offset)
-            index = next((i for i, u in enumerate(used) if u + n <= max_bytes), len(used))
+    chunks = []  # {"file", "offset", "bytes", "sha256", "part"} of the compressed files, largest first,
+    used = []    # each in the first part with room
+    files = {p.name: lzma.compress(p.read_bytes()) for p in store.iterdir() if p.is_file()}
+    for name, packed in sorted(files.items(), key=lambda kv: -len(kv[1])):
+        for offset in range(0, len(packed), max_bytes):
+            data = packed[offset:offset + max_bytes]
+            index = next((i for i, u in enumerate(used) if u + len(data) <= max_bytes), len(used))
             used += [0] * (index == len(used))
-            with open(file, "rb") as f:
-                f.seek(offset)
-                data = f.read(n)
-            chunks.append({"file": file.name, "offset": offset, "bytes": n, "part": index,
+            chunks.append({"file": name, "offset": offset, "bytes": len(data), "part": index,
                            "sha256": hashlib.sha256(data).hexdigest()})
-            used[index] += n
-            part = out / f"part-{chunks[-1]['part']:02d}"
+            used[index] += len(data)
+            part = out / f"part-{index:02d}"
             part.mkdir(parents=True, exist_ok=True)
-            (part / f"{file.name}.{offset}").write_bytes(data)
+            (part / f"{name}.{offset}").write_bytes(data)
     manifest = {"store": store.name, "fingerprint": TokenStore.open(store).fingerprint, "parts": len(used),
                 "chunks": chunks}
     parts = [out / f"part-{i:02d}" for i in range(len(used))]
@@ -87,9 +87,10 @@ def receive(part, dest) -> TokenStore | None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for c in sorted(manifest["chunks"], key=lambda c: (c["file"], c["offset"])):
-        with open(tmp / c["file"], "ab") as f:
-            f.write((staging / f"{c['file']}.{c['offset']}").read_bytes())
+    for name in {c["file"] for c in manifest["chunks"]}:
+        packed = b"".join((staging / f"{name}.{c['offset']}").read_bytes()
+                          for c in sorted(manifest["chunks"], key=lambda c: c["offset"]) if c["file"] == name)
+        (tmp / name).write_bytes(lzma.decompress(packed))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     store = TokenStore.open(dest).verify()
