@@ -1,5 +1,8 @@
 import hashlib
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -9,7 +12,9 @@ from hypothesis import strategies as st
 from data_helpers import CODE_SAMPLE, train_small_tokenizer
 from foldscale.cli import main
 from foldscale.data.corpus import stdlib_files
-from foldscale.data.tokenizer import Tokenizer, TokenizerError, _training_failure, train_tokenizer
+from foldscale.data.tokenizer import Tokenizer, TokenizerError, _sample, _training_failure, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,35 @@ def test_train_from_iterator_of_texts(tmp_path):
     tok = train_tokenizer(texts, 300, tmp_path / "it.model")
     assert tok.vocab_size == 300
     assert tok.decode(tok.encode("def func_7(a, b):\n")) == "def func_7(a, b):\n"
+
+
+SAMPLED_TRAINING = """
+import hashlib, random, sys
+from foldscale.data.tokenizer import train_tokenizer
+rng = random.Random(0)
+words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+lines = [" ".join(rng.choice(words) for _ in range(12)) + "\\n" for _ in range(20000)]
+tok = train_tokenizer(iter(lines), 1000, sys.argv[1], input_sentence_size=2000)
+print(hashlib.sha256(tok.path.read_bytes()).hexdigest())
+"""
+
+
+@pytest.mark.e2e
+def test_a_sampled_training_gives_the_same_tokenizer_in_every_process(tmp_path):
+    """More lines than input_sentence_size: foldscale samples them itself, the same way every time
+    (sentencepiece's own sample differs from process to process, and so did the tokenizer)."""
+    runs = [subprocess.run([sys.executable, "-c", SAMPLED_TRAINING, str(tmp_path / f"{i}.model")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120) for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_the_sample_is_the_same_for_the_same_lines():
+    lines = [f"line {i}" for i in range(1000)]
+    sample = _sample(iter(lines), 100)
+    assert len(sample) == 100 and len(set(sample)) == 100 and set(sample) <= set(lines)
+    assert sample == _sample(iter(lines), 100) != lines[:100]
+    assert _sample(iter(lines), 0) == lines and _sample(iter(lines[:50]), 100) == lines[:50]
 
 
 def test_refusals(tmp_path):

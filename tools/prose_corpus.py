@@ -13,9 +13,10 @@ its output is there.
 
 Every build is the same store, the reference build (fingerprint REFERENCE, checked at the end):
 the packages come at its versions (PINNED: Debian updates some of them now and then), and its
-tokenizer is kept in the repository (TOKENIZER: sentencepiece trains another one on this text in
-every process). `--latest` (today's versions) and `--vocab-size` (a tokenizer trained anew) each
-make another corpus.
+tokenizer is kept in the repository (TOKENIZER: it was trained when foldscale's tokenizer training
+still drew another sample of this text in every process; a sentencepiece release may change it
+again). `--latest` (today's versions) and `--vocab-size` (a tokenizer trained anew) each make
+another corpus.
 
 A document is a manual's directory of pages (HTML pages, man pages of one section, POD files),
 whole pages in file order, split at page boundaries into parts of about MAX_CHARS; a book of the
@@ -340,8 +341,7 @@ def build_text(out: Path, pins: dict[str, str], sources=SOURCES, bibles=BIBLES):
 
 def build_store(out: Path, vocab_size: int | None = None):
     """The token store of OUT/text through foldscale's prepare, with the reference build's tokenizer
-    (TOKENIZER), or with a tokenizer of VOCAB_SIZE tokens trained on the text (another corpus: sentencepiece
-    does not train the same tokenizer twice on this much text)."""
+    (TOKENIZER), or with a tokenizer of VOCAB_SIZE tokens trained on the text (another corpus)."""
     from foldscale.data.store import prepare
     from foldscale.data.tokenizer import train_tokenizer
 

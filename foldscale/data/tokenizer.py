@@ -9,8 +9,8 @@ as " ".
 """
 import hashlib
 import io
-import itertools
 import os
+import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +38,20 @@ def _training_lines(texts: Iterable[str], max_len: int):
                 yield line
 
 
+def _sample(lines: Iterable[str], k: int, seed: int = 0) -> list[str]:
+    """At most K of LINES (all for K <= 0), each kept with the same chance (reservoir sampling), the
+    same K for the same lines: sentencepiece's own sampling (`input_sentence_size`) draws another
+    sample in every process, and with it another tokenizer. Given no more than its
+    `input_sentence_size`, sentencepiece samples nothing."""
+    rng, kept = random.Random(seed), []
+    for i, line in enumerate(lines):
+        if i < k or k <= 0:
+            kept.append(line)
+        elif (j := rng.randrange(i + 1)) < k:
+            kept[j] = line
+    return kept
+
+
 def _read_files(paths):
     for p in paths:
         yield Path(p).read_text(encoding="utf-8", errors="replace")
@@ -46,8 +60,9 @@ def _read_files(paths):
 def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_000_000) -> "Tokenizer":
     """Train a BPE tokenizer on INPUTS, a list of text file paths or an iterator of documents.
 
-    At most `input_sentence_size` lines (sampled at random) are used, which keeps training on
-    large corpora to seconds. The model file is written atomically (temp file + rename).
+    At most `input_sentence_size` lines are used, which keeps training on large corpora to seconds:
+    a sample, the same for the same text, so the same text gives the same tokenizer. The model file
+    is written atomically (temp file + rename).
     A vocab size the text cannot fill, too small or too large, is refused with the bound that
     holds for this text.
     """
@@ -61,14 +76,13 @@ def train_tokenizer(inputs, vocab_size: int, out, input_sentence_size: int = 1_0
     else:
         texts = inputs
     max_sentence_length = 16384
-    lines = _training_lines(texts, max_sentence_length)
-    first = next(lines, None)
-    if first is None:
+    lines = _sample(_training_lines(texts, max_sentence_length), input_sentence_size)
+    if not lines:
         raise TokenizerError("no text to train the tokenizer on (all inputs are empty)")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first], lines), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
             eos_id=EOS_ID, num_threads=available_cores(), input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True, max_sentence_length=max_sentence_length,
