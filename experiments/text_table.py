@@ -71,11 +71,13 @@ def summarise(record: dict) -> dict:
     gain = {k: (local[k] - v) / local[k] for k, v in folded_range.items()}
     window = int(ref.removeprefix("full_").removesuffix("l"))
     far = [gain[k] for lo, hi in RANGES if lo >= window and (k := range_label(lo, hi)) in gain]
+    tokens = {t["model"]: t["real_tokens"] for t in record["training"]}
     return {
         "preset": record["args"]["model"], "recipe": recipe(record["args"]["model"], record["model"]),
         "seed": record["args"]["seed"], "budget": record["args"]["train_tokens"] or f"{record['args']['steps']} steps",
         "segment_len": l, "full_window": ref,
-        "train_tokens": next(t["real_tokens"] for t in record["training"] if t["model"] == "folded"),
+        "train_tokens": tokens["folded"],
+        "full_flops_reads": tokens[flops] / tokens["folded"],  # the folded model's extra FLOPs, as tokens
         "epochs": max(t["epochs"] for t in record["training"]),
         "overall": {"folded": overall["folded"], "local_only": overall["local_only"],
                     "full_equal_tokens": overall[ref], "full_equal_flops": overall[flops]},
@@ -192,8 +194,10 @@ def main(argv=None):
                  "met: gain_vs_local", "met: gap_to_full_flops"])
     print("\nwhat context buys at all: full attention (equal tokens) against local-only")
     print_table([{"preset": name(r), "train_tokens": r["train_tokens"], "seed": r["seed"], "full": r["full_window"],
+                  "reads at equal FLOPs": f"{r['full_flops_reads']:.2f}x",
                   **{f"gain {k}": v for k, v in r["full_gain_vs_local_by_range"].items()}} for r in record["runs"]],
-                ["preset", "train_tokens", "seed", "full", *[f"gain {range_label(*r)}" for r in RANGES]])
+                ["preset", "train_tokens", "seed", "full", "reads at equal FLOPs",
+                 *[f"gain {range_label(*r)}" for r in RANGES]])
     for c in record["crossings"]:
         print(f"{c['preset']}, {c['range']}: the gap to full attention at equal FLOPs changes sign near "
               f"{c['train_tokens']:,} training tokens (folded {c['folded']} after it)")

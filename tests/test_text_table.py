@@ -53,6 +53,7 @@ def test_the_record_has_issue_27s_keys_and_the_crossing(tmp_path):
     local = (3.0 * 10 + 2.1 * 10 + 2.2 * 20) / 40
     assert run["gain_vs_local_by_range"]["0-4l"] == pytest.approx((local - 2.25) / local)
     assert run["full_gain_vs_local_by_range"]["0-4l"] == pytest.approx((local - 9.0) / local)  # full_4l: 9.0
+    assert run["full_flops_reads"] == pytest.approx(1.25)
     assert list(run["gap_to_full_flops_by_range"]) == ["0-4l", "4-16l"]
     # 4-16l: folded 2.0 against full 2.1 at 10M (-4.8%), against 1.8 at 40M (+11.1%): behind after
     # the crossing, at 10M x 4 ** (0.0476 / (0.0476 + 0.111))
