@@ -77,7 +77,7 @@ def summarise(record: dict) -> dict:
         "seed": record["args"]["seed"], "budget": record["args"]["train_tokens"] or f"{record['args']['steps']} steps",
         "segment_len": l, "full_window": ref,
         "train_tokens": tokens["folded"],
-        "full_flops_reads": tokens[flops] / tokens["folded"],  # the folded model's extra FLOPs, as tokens
+        "full_flops_reads": tokens[flops] / tokens["folded"],  # real tokens for the folded model's FLOPs
         "epochs": max(t["epochs"] for t in record["training"]),
         "overall": {"folded": overall["folded"], "local_only": overall["local_only"],
                     "full_equal_tokens": overall[ref], "full_equal_flops": overall[flops]},
