@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,11 @@ def test_a_damaged_or_foreign_part_is_refused(tmp_path, store):
     foreign = store_parts.split(other.path, tmp_path / "other_parts", max_bytes=3000)
     with pytest.raises(store_parts.PartsError, match="belongs to another split"):
         store_parts.receive(foreign[0], dest)
+    manifest = json.loads((foreign[0] / store_parts.MANIFEST).read_text())
+    del manifest["compression"]  # as split wrote it before the parts were compressed
+    (foreign[0] / store_parts.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(store_parts.PartsError, match="split by an older store_parts.*split the store again"):
+        store_parts.receive(foreign[0], tmp_path / "elsewhere")
 
 
 @pytest.mark.e2e

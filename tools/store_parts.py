@@ -2,7 +2,7 @@
 
 The GPU machines have no network and take at most 64 MiB of files per call, so a larger store
 goes compressed and, where that is still too large, in parts: `split` compresses each file of the
-store (xz: the prose corpus's 108 MB of tokens become 35 MB, one part) and writes OUT/part-00,
+store (xz: the prose corpus's 108 MB of tokens become 30 MB, one part) and writes OUT/part-00,
 OUT/part-01, ..., each a directory of at most --max-mib of chunks of the compressed files and a
 copy of the manifest (every chunk's file, offset, size and sha256). `receive` checks one part's
 chunks against the manifest and keeps them beside DEST; once every part has arrived it writes the
@@ -50,7 +50,7 @@ def split(store, out, max_bytes: int) -> list[Path]:
             part.mkdir(parents=True, exist_ok=True)
             (part / f"{name}.{offset}").write_bytes(data)
     manifest = {"store": store.name, "fingerprint": TokenStore.open(store).fingerprint, "parts": len(used),
-                "chunks": chunks}
+                "compression": "xz", "chunks": chunks}
     parts = [out / f"part-{i:02d}" for i in range(len(used))]
     for part in parts:
         (part / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -65,6 +65,8 @@ def receive(part, dest) -> TokenStore | None:
         manifest = json.loads((part / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise PartsError(f"{part}: no readable {MANIFEST} ({e}); give a part written by `store_parts split`") from None
+    if manifest.get("compression") != "xz":
+        raise PartsError(f"{part} was split by an older store_parts (uncompressed): split the store again")
     staging = dest.with_name(dest.name + ".parts")
     staging.mkdir(parents=True, exist_ok=True)
     if (staging / MANIFEST).is_file() and json.loads((staging / MANIFEST).read_text()) != manifest:
