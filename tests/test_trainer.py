@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from foldscale.checkpoint import run_checkpoints
 from foldscale.config import DataConfig, ModelConfig, TrainConfig
 from foldscale.data import SegmentStreamSampler, TokenStore
 from foldscale.engine import load_ds_config
@@ -149,6 +150,21 @@ def test_resume_continues_bit_for_bit(setup, tmp_path):
     run(setup, split, "--steps", 20, "--resume", "auto", "--save_every", 100, "--eval_every", 100, ds="fixed20.json")
     assert losses(split) == losses(straight)
     assert len(losses(straight)) == 20
+
+
+@pytest.mark.e2e
+def test_a_state_of_fewer_rows_resumes_bit_for_bit(setup, tmp_path):
+    """state_rows < l: the carried (B, m, d) states go into the checkpoint and come back."""
+    rows = tmp_path / "setup"
+    shutil.copytree(setup, rows)
+    (rows / "model.json").write_text(json.dumps({**MODEL, "state_rows": 4}))
+    args = ("--save_every", 100, "--eval_every", 100)
+    run(rows, tmp_path / "straight", "--steps", 12, *args, ds="fixed20.json")
+    run(rows, tmp_path / "split", "--steps", 6, *args, ds="fixed20.json")
+    run(rows, tmp_path / "split", "--steps", 12, "--resume", "auto", *args, ds="fixed20.json")
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    (saved,) = run_checkpoints(tmp_path / "straight").glob("step*")
+    assert torch.load(saved / "foldscale_rank0.pt", weights_only=False)["state"].shape == (4, 4, MODEL["d_model"])
 
 
 @pytest.mark.e2e
