@@ -46,7 +46,8 @@ else
                      [paper]="--streams 128 --rate ${RATE_PAPER:-80000}")
 fi
 # one recipe option at a time (context_use's model config flags; a later flag wins over `common`'s)
-# (rowsM: M carried rows, fewer than l: also fewer FLOPs, so full attention at equal FLOPs is trained anew)
+# (rowsM: M carried rows, fewer than l: also fewer FLOPs, so full attention at equal FLOPs is trained anew;
+#  give such a row the plain row's budget in tokens, not `max`, which would train the cheaper model longer)
 declare -A recipes=([gate]="--state-gate --state-norm" [hard]="--state-gate --state-gate-hard --state-norm"
                     [bptt1]="--bptt-segments 1" [bptt8]="--bptt-segments 8"
                     [rows32]="--state-rows 32" [rows3]="--state-rows 3")
