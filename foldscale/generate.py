@@ -112,7 +112,7 @@ class StreamDecoder:
         if self.t == self.model.cfg.segment_len:
             if self.model.cfg.recurrent:
                 # a copy: the outputs buffer is overwritten by the next segment
-                self.state = self.model.next_state(self.memory_rows, self.outputs.clone())
+                self.state = self.model.next_state(self.memory, self.outputs.clone())
             self.t = 0
         return logits
 
@@ -123,7 +123,7 @@ class StreamDecoder:
         """A new segment: the memory rows' keys and values (they see only memory keys)."""
         m = self.model
         if m.cfg.recurrent:
-            self.memory_rows = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
+            self.memory = z = m.memory(self.state, None, batch_size, self.outputs.dtype)
             positions = torch.arange(m.cfg.memory_rows, device=z.device)
             cos, sin = m.rotary(positions)
             for block, (k, v) in zip(m.global_blocks, self.caches[1]):
