@@ -144,7 +144,8 @@ def table(paths: list, corpus: str | None = None) -> dict:
                          "give the records of one corpus")
     runs = sorted((summarise(r) for r in records), key=lambda r: (name(r), r["train_tokens"], r["seed"]))
     return {"device": " / ".join(dict.fromkeys(r["device"] for r in runs)), "date": max(r["date"] for r in runs),
-            "corpus": corpus or records[0]["corpus"]["source"], "corpus_tokens": records[0]["corpus"]["tokens"],
+            "corpus": corpus or records[0]["corpus"]["source"], "corpus_fingerprint": prints.pop(),
+            "corpus_tokens": records[0]["corpus"]["tokens"],
             "corpus_train_tokens": records[0]["corpus"]["train_tokens"], "runs": runs,
             "crossings": crossings(runs)}
 

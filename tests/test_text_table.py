@@ -42,6 +42,7 @@ def test_the_record_has_issue_27s_keys_and_the_crossing(tmp_path):
     record = text_table.main([*map(str, paths), "--corpus", "prose", "--json", str(out), "--plot", str(png)])
     assert json.loads(out.read_text()) == record and png.read_bytes()[:4] == b"\x89PNG"
     assert (record["corpus"], record["corpus_tokens"], record["device"]) == ("prose", 54_000_000, "NVIDIA H100 80GB HBM3")
+    assert record["corpus_fingerprint"] == CORPUS["fingerprint"]
     assert [(r["preset"], r["train_tokens"]) for r in record["runs"]] == [
         ("default", 10_000_000), ("default", 40_000_000), ("paper", 10_000_000)]
     run = record["runs"][1]
