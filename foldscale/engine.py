@@ -22,7 +22,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 from foldscale.config import ConfigError, ModelConfig, read_json  # noqa: E402
-from foldscale.model import FoldedLM, rope_tables  # noqa: E402
+from foldscale.model import FoldedLM  # noqa: E402
 
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 _SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
@@ -272,7 +272,7 @@ def build_model(cfg: ModelConfig, ds_config: dict) -> FoldedLM:
     # (bf16 holds integers exactly only up to 256), and leaves buffers where they were made, since
     # the engine does not move a model built this way: rebuild the tables in fp32 on the device.
     device = deepspeed.get_accelerator().current_device_name()
-    model.rope_cos, model.rope_sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, device)
+    model.rope_cos, model.rope_sin = model.rotary_tables(device)
     return model
 
 

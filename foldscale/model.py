@@ -241,7 +241,7 @@ class FoldedLM(Pretrained, nn.Module):
         # Rotary tables for positions 0..m+l-1, every length used is a prefix or a slice. Buffers, not
         # computed in forward: torch.compile would fuse the cos/pow into every block's kernels and
         # recompute them for every element (about 13 ms of a 152 ms micro-step in the 350m's H100 profile).
-        cos, sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, "cpu")
+        cos, sin = self.rotary_tables("cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_fn = None
@@ -276,6 +276,10 @@ class FoldedLM(Pretrained, nn.Module):
 
     def embed(self, ids) -> torch.Tensor:
         return self.drop(self.tok_emb(ids))  # (B, t, d)
+
+    def rotary_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (fp32) of every position the model uses, 0..m+l-1 (`cfg.global_rows`)."""
+        return rope_tables(self.cfg.global_rows, self.cfg.head_dim, self.cfg.rope_theta, device)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (n, hs) of positions (n,) in [0, m + l): 0..m-1 are the memory rows' in the global stack."""

@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_foldscale import FoldscaleConfig
 from .generate import StreamDecoder
-from .model import FoldedLM, rope_tables
+from .model import FoldedLM
 
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """generate()'s name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
@@ -63,8 +63,7 @@ class FoldscaleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         if isinstance(module, FoldedLM):  # the rotary tables are not saved (non-persistent buffers)
-            cfg = module.cfg
-            cos, sin = rope_tables(cfg.global_rows, cfg.head_dim, cfg.rope_theta, module.rope_cos.device)
+            cos, sin = module.rotary_tables(module.rope_cos.device)
             module.rope_cos.copy_(cos)
             module.rope_sin.copy_(sin)
         else:
