@@ -5,9 +5,9 @@ folded, local-only, full attention 4l at equal tokens and at equal FLOPs, all on
 The record (`experiments/results/targets/text.json`) holds per run the overall losses, the gain
 over local-only and the gap to full attention at equal FLOPs in every position bucket and in four
 bucket ranges, the gain of full attention at equal tokens over local-only by range (what context
-within its window buys at all, at this model size and budget), whether it meets the issue's target (`target`: TARGET_GAIN below), and, per preset
-and range, the training tokens where the gap to full attention (the mean over a budget's training
-seeds) changes sign, interpolated in log tokens. The plot shows, per preset, the gain and the gap
+within its window buys at all, at this model size and budget), whether it meets the issue's target
+(`target`: TARGET_GAIN below), and, per preset and range, the training tokens where the gap to
+full attention (the mean over a budget's training seeds) changes sign, interpolated in log tokens. The plot shows, per preset, the gain and the gap
 of each range against training tokens. A preset's run with a recipe option changed (context_use's
 model config flags) is a preset of its own, named by the fields that differ.
 

@@ -269,8 +269,8 @@ def unpack(packages: list[str], out: Path, pins: dict[str, str]) -> dict[str, Pa
     debs.mkdir(parents=True, exist_ok=True)
     for deb in debs.glob("*.deb"):
         pkg = deb.name.split("_")[0]
-        if pkg in pins and deb_version(deb) != pins[pkg]:
-            raise CorpusError(f"{deb} is version {deb_version(deb)}, not {pins[pkg]}: build into an empty folder")
+        if pkg in pins and (version := deb_version(deb)) != pins[pkg]:
+            raise CorpusError(f"{deb} is version {version}, not {pins[pkg]}: build into an empty folder")
     absent = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if absent:
         print(f"downloading {len(absent)} packages: {' '.join(absent)}", flush=True)
