@@ -49,11 +49,13 @@ changes the folded model and its local-only ablation but not the full-attention 
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -336,16 +338,47 @@ def far_loss(entry: dict, l: int, start: int) -> float:
     return sum(x * n for x, n in pairs) / sum(n for _, n in pairs)
 
 
-def reach(model: FoldedLM, unlimited: dict, store, args, device) -> list[dict]:
-    """The folded model's loss on tokens past the largest cut, with its context cut to K segments."""
-    l, ks = model.cfg.segment_len, sorted(int(k) for k in args.reach.split(","))
-    start = max(ks) * l
+def evaluate_one(export_dir: str, data: str, max_tokens: int, streams: int, device: str, context: int | None,
+                 l_ref: int, threads: int):
+    """One exported model's held-out evaluation (evaluate's entry for it), in a process of its own."""
+    torch.set_num_threads(threads)
+    model = FoldedLM.from_pretrained(export_dir)
+    result = evaluate({"model": model}, TokenStore.open(data), "val", max_tokens, streams, device, context, l_ref,
+                      progress=False)
+    return {k: v for k, v in result.items() if k != "models"}, result["models"][0]
+
+
+def evaluate_all(names: list[str], l: int, work: Path, args, device: str, cuts: list[int]) -> tuple[dict, dict[int, dict]]:
+    """Every run's held-out evaluation, as `evaluate` gives it for them all (buckets in segments of
+    L, the folded model's), and the folded model's with its context cut to each of CUTS segments.
+    They run --jobs at a time, each in a process of its own: a model reads its documents one
+    segment of every stream at a time, and the folded model of l = 12 reads a long document in
+    thousands of small steps that leave a GPU mostly idle (74 of the `paper` row's ~220 s of
+    evaluations, H100, BENCHMARKS.md session 19)."""
+    jobs = [(name, name, None) for name in names] + [(k, "folded", k * l) for k in cuts]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    entries, t0 = {}, time.perf_counter()
+    with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(evaluate_one, str(work / name / "export"), args.data, args.max_tokens,
+                               args.eval_streams, device, context, l, threads): (key, name) for key, name, context in jobs}
+        for future in as_completed(futures):
+            key, name = futures[future]
+            common, entry = future.result()
+            entries[key] = {**entry, "model": name}
+            what = key if isinstance(key, str) else f"folded, context cut to {key} segments"
+            print(f"[evaluation {len(entries)}/{len(jobs)} {(time.perf_counter() - t0) / 60:.1f} min] {what}: "
+                  f"loss {entries[key]['loss']:.4f}", flush=True)
+    return {**common, "context": None, "models": [entries[name] for name in names]}, {k: entries[k] for k in cuts}
+
+
+def reach(cut: dict[int, dict], unlimited: dict, l: int) -> list[dict]:
+    """The folded model's loss on tokens past the largest cut, with its context cut to K segments
+    (CUT: K -> its evaluation) and uncut."""
+    start = max(cut) * l
     base = far_loss(unlimited, l, start)
     rows = []
-    for k in ks + [None]:
-        entry = unlimited if k is None else evaluate({"folded": model}, store, "val", args.max_tokens,
-                                                     args.eval_streams, device, k * l)["models"][0]
-        loss = far_loss(entry, l, start)
+    for k in sorted(cut) + [None]:
+        loss = far_loss(unlimited if k is None else cut[k], l, start)
         rows.append({"context_segments": k or "all", "context_tokens": k * l if k else "all",
                      "loss_past": loss, "worse_than_all": (loss - base) / base})
     return rows
@@ -394,7 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="context cuts K (segments) for the folded model; '' skips this part")
     p.add_argument("--max-tokens", "--max_tokens", type=int, default=500_000, help="held-out tokens evaluated")
     p.add_argument("--eval-streams", "--eval_streams", type=int, default=16)
-    p.add_argument("--jobs", type=int, default=3, help="training runs at once (they share the GPU)")
+    p.add_argument("--jobs", type=int, default=3, help="training runs, then evaluations, at once (they share the GPU)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--rate", type=float, help="training positions per second of one run while --jobs run side by side, "
                    "for the time estimate (default 80k on a GPU: the default preset, 8 at once on an H100, BENCHMARKS.md; "
@@ -442,15 +475,13 @@ def main(argv=None):
     train_all(runs, args, work)
     train_minutes = (time.perf_counter() - t0) / 60
     training = training_rows(runs, work, train_tokens)
-    models = {}
     for name in runs:
         export(work / name / "run", work / name / "export")
-        models[name] = FoldedLM.from_pretrained(work / name / "export")
-    device = "cuda" if gpu else "cpu"
-    result = evaluate(models, store, "val", args.max_tokens, args.eval_streams, device)
+    cuts = sorted(int(k) for k in args.reach.split(",")) if args.reach else []
+    result, cut = evaluate_all(list(runs), cfg.segment_len, work, args, "cuda" if gpu else "cpu", cuts)
     report = analyse(result, args.margin)
-    if args.reach:
-        report["reach"] = reach(models["folded"], result["models"][0], store, args, device)
+    if cuts:
+        report["reach"] = reach(cut, result["models"][0], cfg.segment_len)
     print("\ntraining (streams = documents per step; positions include padding; FLOPs = flops_per_token x positions):")
     print_table(training, ["model", "window", "streams", "row_tokens", "steps", "positions", "padding",
                            "real_tokens", "pflops", "train_loss"])

@@ -73,23 +73,26 @@ def position_losses(model: FoldedLM, docs: list[np.ndarray], l_ref: int, streams
             position[b, at * l:at * l + n] = start + torch.arange(n)
             reset[b, at] = True
             at += int(n_segments[i])
-    acc, state = PositionLoss("cpu"), None
-    by_offset = torch.zeros(2, l, dtype=torch.float64)
+    acc, state = PositionLoss(device), None
+    by_offset = torch.zeros(2, l, dtype=torch.float64, device=device)
     for first in range(0, lengths[0], block):
         rows = sum(n > first for n in lengths)
         cols = slice(first * l, (first + block) * l)
         state = None if state is None else state[:rows]
-        for i, out in enumerate(segments(model, ids[:rows, cols].to(device), l, targets[:rows, cols].to(device),
-                                         state, reset[:rows, first:first + block].to(device))):
-            seg = slice(first * l + i * l, first * l + (i + 1) * l)
-            counted = targets[:rows, seg]
-            token_loss = out.token_loss.cpu()
-            acc.add(token_loss.reshape(-1, 1), counted.reshape(-1, 1), position[:rows, seg].reshape(-1) // l_ref)
-            by_offset += torch.stack([token_loss.double().sum(0), (counted != -100).double().sum(0)])
+        counted = targets[:rows, cols].to(device)
+        losses = []
+        for out in segments(model, ids[:rows, cols].to(device), l, counted, state,
+                            reset[:rows, first:first + block].to(device)):
+            losses.append(out.token_loss)
             state = out.state
-            if progress is not None:
-                progress.update(int((counted != -100).sum()))
-    return acc, by_offset
+        # the block's losses are summed where they are: no wait for the device within a block
+        token_loss = torch.cat(losses, 1)  # (rows, k * l)
+        acc.add(token_loss.reshape(-1, 1), counted.reshape(-1, 1), position[:rows, cols].to(device).reshape(-1) // l_ref)
+        by_offset += torch.stack([token_loss.double().view(rows, -1, l).sum((0, 1)),
+                                  (counted != -100).double().view(rows, -1, l).sum((0, 1))])
+        if progress is not None:
+            progress.update(int((targets[:rows, cols] != -100).sum()))
+    return acc, by_offset.cpu()
 
 
 def offset_table(by_offset: torch.Tensor, parts: int = OFFSET_PARTS) -> list[float | None]:
@@ -101,16 +104,18 @@ def offset_table(by_offset: torch.Tensor, parts: int = OFFSET_PARTS) -> list[flo
 
 
 def evaluate(models: dict[str, FoldedLM], store: TokenStore, split: str = "val",
-             max_tokens: int | None = None, streams: int = 16, device="cpu", context: int | None = None) -> dict:
-    """Every model on exactly the same documents; by-position tables in units of the first
-    model's segment length. `context` limits how far back any token sees (position_losses)."""
+             max_tokens: int | None = None, streams: int = 16, device="cpu", context: int | None = None,
+             l_ref: int | None = None, progress: bool = True) -> dict:
+    """Every model on exactly the same documents; by-position tables in units of l_ref tokens
+    (default: the first model's segment length). `context` limits how far back any token sees
+    (position_losses); `progress` shows a bar per model."""
     from tqdm import tqdm
     docs = select_documents(store, split, max_tokens)
     n_tokens = sum(len(d) - 1 for d in docs)
-    l_ref = next(iter(models.values())).cfg.segment_len
+    l_ref = l_ref or next(iter(models.values())).cfg.segment_len
     results = []
     for name, model in models.items():
-        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, smoothing=0.05) as bar:
+        with tqdm(total=n_tokens, desc=name, unit="tok", unit_scale=True, smoothing=0.05, disable=not progress) as bar:
             acc, by_offset = position_losses(model, docs, l_ref, streams, device, bar, context)
         loss, table = acc.summary()
         counts = {bucket_label(b): int(c) for b, c in enumerate(acc.counts.tolist()) if c > 0}

@@ -153,6 +153,32 @@ def test_every_run_is_compiled_when_asked(tmp_path, monkeypatch, compile_):
     assert commands[0][1].endswith("pretrain.py") and ("--compile" in commands[0]) == compile_
 
 
+def test_evaluations_in_processes_of_their_own_are_evaluates_numbers(tmp_path):
+    """Each model and each context cut evaluated in its own process gives what `evaluate` gives
+    for them together, buckets in the folded model's l also for the model of a longer window."""
+    import torch
+    from foldscale.evaluate import evaluate
+    from foldscale.model import FoldedLM
+    rng = np.random.default_rng(0)
+    store = write_store([rng.integers(0, 128, n) for n in (300, 90, 200, 40, 260, 120)], tmp_path / "store",
+                        vocab_size=128, val_fraction=0.5)
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8)
+    models = {}
+    for i, (name, c) in enumerate(context_use.variants(cfg, [4]).items()):
+        torch.manual_seed(i)
+        models[name] = FoldedLM(c).eval()
+        models[name].save_pretrained(tmp_path / name / "export")
+    args = type("Args", (), {"data": str(store.path), "jobs": 2, "max_tokens": 500, "eval_streams": 3})
+    result, cut = context_use.evaluate_all(list(models), 8, tmp_path, args, "cpu", [1, 4])
+    together = evaluate(models, store, "val", 500, 3, progress=False)
+    assert result == together
+    assert [m["model"] for m in result["models"]] == ["folded", "local_only", "full_4l"]
+    assert "4-7" in result["models"][2]["by_position"]  # in units of 8 tokens, not full_4l's 32
+    for k in (1, 4):
+        alone = evaluate({"folded": models["folded"]}, store, "val", 500, 3, context=8 * k, progress=False)
+        assert cut[k] == alone["models"][0] and cut[k]["loss"] != result["models"][0]["loss"]
+
+
 def test_a_model_flag_not_given_keeps_the_presets_value():
     args = context_use.parse_args(["--model", "paper", "--state-gate-hard", "--no-state-norm", "--bptt-segments", "8"])
     given = {k: v for k in context_use.MODEL_FIELDS if (v := getattr(args, k, None)) is not None}
