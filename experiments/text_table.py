@@ -7,9 +7,12 @@ over local-only and the gap to full attention at equal FLOPs in every position b
 bucket ranges, the gain of full attention at equal tokens over local-only by range (what context
 within its window buys at all, at this model size and budget), whether it meets the issue's target
 (`target`: TARGET_GAIN below), and, per preset and range, the training tokens where the gap to
-full attention (the mean over a budget's training seeds) changes sign, interpolated in log tokens. The plot shows, per preset, the gain and the gap
-of each range against training tokens. A preset's run with a recipe option changed (context_use's
-model config flags) is a preset of its own, named by the fields that differ.
+full attention (the mean over a budget's training seeds) changes sign, interpolated in log tokens
+(or extrapolated from the two largest budgets, and marked so, where it has not changed sign yet),
+and the gap taken apart into what full attention's extra tokens buy it and what the state buys
+(`gap_parts_by_range`). The plot shows, per preset, the gain and the gap of each range against
+training tokens. A preset's run with a recipe option changed (context_use's model config flags) is
+a preset of its own, named by the fields that differ.
 
     python -m experiments.text_table RUN.json ... --json experiments/results/targets/text.json --plot text.png
 """
@@ -86,6 +89,11 @@ def summarise(record: dict) -> dict:
         "gain_vs_local_by_range": gain,
         "gap_to_full_flops_by_range": {k: (v - full_flops[k]) / full_flops[k] for k, v in folded_range.items()},
         "full_gain_vs_local_by_range": {k: (v - full[k]) / v for k, v in local.items()},
+        # the gap taken apart, both parts in units of full attention's loss at equal FLOPs (gap =
+        # tokens - state): what full attention's extra tokens buy it, what the state buys the folded
+        # model over full attention at equal tokens
+        "gap_parts_by_range": {k: {"tokens": (full[k] - full_flops[k]) / full_flops[k],
+                                   "state": (full[k] - v) / full_flops[k]} for k, v in folded_range.items()},
         "target": {"gain_vs_local": range_label(*RANGES[-1]) in gain and min(far, default=0) >= TARGET_GAIN,
                    "gap_to_full_flops": all(r["gap_to_full_flops"] <= 0 for r in rows if r["from_token"] >= window * l)},
         "reach_tokens": record["reach_tokens"], "context_cuts": record.get("context_cuts"),
@@ -119,17 +127,25 @@ def curve(runs: list[dict], key: str, label: str) -> list[tuple[float, float]]:
 def crossings(runs: list[dict]) -> list[dict]:
     """Per preset (with its recipe) and range, the training tokens where the gap to full attention
     at equal FLOPs (the mean over seeds) changes sign between two budgets, interpolated linearly in
-    log tokens."""
+    log tokens; where it has not changed sign but the two largest budgets bring it closer to zero,
+    the tokens where the line through them crosses zero (`extrapolated`: a line through two points
+    says what the trend would give, not where the crossing is)."""
     out = []
     for preset in dict.fromkeys(map(name, runs)):
         mine = [r for r in runs if name(r) == preset]
         for label in dict.fromkeys(k for r in mine for k in r["gap_to_full_flops_by_range"]):
             points = curve(mine, "gap_to_full_flops_by_range", label)
+            found = False
             for (t0, g0), (t1, g1) in zip(points, points[1:]):
                 if g0 * g1 < 0:
+                    found = True
                     x = math.log(t0) + (math.log(t1) - math.log(t0)) * g0 / (g0 - g1)
                     out.append({"preset": preset, "range": label, "train_tokens": round(math.exp(x)),
-                                "folded": "ahead" if g1 < 0 else "behind"})
+                                "folded": "ahead" if g1 < 0 else "behind", "extrapolated": False})
+            if not found and len(points) > 1 and 0 < abs(g1) < abs(g0):
+                x = math.log(t1) + (math.log(t1) - math.log(t0)) * g1 / (g0 - g1)
+                out.append({"preset": preset, "range": label, "train_tokens": round(math.exp(x)),
+                            "folded": "ahead" if g1 > 0 else "behind", "extrapolated": True})
     return out
 
 
@@ -199,8 +215,17 @@ def main(argv=None):
                   **{f"gain {k}": v for k, v in r["full_gain_vs_local_by_range"].items()}} for r in record["runs"]],
                 ["preset", "train_tokens", "seed", "full", "reads at equal FLOPs",
                  *[f"gain {range_label(*r)}" for r in RANGES]])
+    print("\nwhy the gap to full attention at equal FLOPs (gap = tokens - state, in units of its loss): what "
+          "its extra tokens buy full attention, and what the state buys over full attention at equal tokens")
+    print_table([{"preset": name(r), "train_tokens": r["train_tokens"], "seed": r["seed"],
+                  **{f"{part} {k}": v[part] for k, v in r["gap_parts_by_range"].items() for part in ("tokens", "state")}}
+                 for r in record["runs"]],
+                ["preset", "train_tokens", "seed", *[f"{part} {range_label(*r)}" for r in RANGES
+                                                     for part in ("tokens", "state")]])
     for c in record["crossings"]:
-        print(f"{c['preset']}, {c['range']}: the gap to full attention at equal FLOPs changes sign near "
+        how = ("would change sign, were the line through the two largest budgets to go on, near" if c["extrapolated"]
+               else "changes sign near")
+        print(f"{c['preset']}, {c['range']}: the gap to full attention at equal FLOPs {how} "
               f"{c['train_tokens']:,} training tokens (folded {c['folded']} after it)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

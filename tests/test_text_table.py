@@ -96,6 +96,27 @@ def test_the_target_and_the_crossing_of_two_seeds(tmp_path):
     assert cross["train_tokens"] == pytest.approx(10e6 * math.exp(math.log(4) * g0 / (g0 - g1)), rel=1e-6)
 
 
+def test_a_gap_closing_without_a_crossing_is_extrapolated_and_taken_apart(tmp_path):
+    """Folded behind full attention at equal FLOPs by 10% at 10M and 5% at 40M in 4-16l: the line
+    through them reaches zero at 160M, marked extrapolated; a gap that grows or one budget gives
+    none. The gap is what full attention's extra tokens buy it less what the state buys."""
+    folded = [3.0, 2.0, 2.0, 2.0]
+    paths = [run_record(tmp_path / "a.json", "default", 10_000_000, folded, folded, [3.0, 2.0, 2.0, 2.0 / 1.10]),
+             run_record(tmp_path / "b.json", "default", 40_000_000, folded, folded, [3.0, 2.0, 2.0, 2.0 / 1.05])]
+    record = text_table.table(paths)
+    (cross,) = record["crossings"]
+    assert (cross["range"], cross["folded"], cross["extrapolated"]) == ("4-16l", "ahead", True)
+    assert cross["train_tokens"] == pytest.approx(160e6, rel=1e-6)
+    for run in record["runs"]:
+        for k, gap in run["gap_to_full_flops_by_range"].items():
+            parts = run["gap_parts_by_range"][k]
+            assert parts["tokens"] - parts["state"] == pytest.approx(gap)
+    assert record["runs"][0]["gap_parts_by_range"]["4-16l"]["state"] == pytest.approx((9.0 - 2.0) / (2.0 / 1.10))
+    grows = [run_record(tmp_path / "c.json", "default", 10_000_000, folded, folded, [3.0, 2.0, 2.0, 2.0 / 1.05]),
+             run_record(tmp_path / "d.json", "default", 40_000_000, folded, folded, [3.0, 2.0, 2.0, 2.0 / 1.10])]
+    assert text_table.table(grows)["crossings"] == []
+
+
 def test_a_recipe_is_a_line_of_its_own(tmp_path):
     plain = run_record(tmp_path / "a.json", "default", 10_000_000, [3.0] * 4, [3.1] * 4, [3.0] * 4)
     hard = run_record(tmp_path / "b.json", "default", 10_000_000, [3.0] * 4, [3.1] * 4, [2.9] * 4,
