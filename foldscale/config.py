@@ -163,16 +163,20 @@ class ModelConfig:
     def flops_per_token(self) -> float:
         """Model FLOPs per trained token, forward + backward (DESIGN.md §1).
 
-        Matrix products: 6 * (P_loc + (m + l)/l * P_glob + P_head), the global stack running m + l
-        rows per l trained tokens (m = memory_rows, l by default: 2 P_glob), P_head being the V x d
-        LM head whether tied or not. Attention: 12 * d * (N_loc * l/2 + N_glob * (m^2/l + m + l/2))
-        (m memory rows over m keys, l current rows over m keys and causally over l), causal halves
-        counted as halves: N_glob * 5l/2 for m = l.
+        Matrix products: 6 * (P_loc + P_glob + m/l * ((N_glob - 1) * P_block + 3d^2 + d + 2d^2 [gate])
+        + P_head): the global stack runs its l current rows and m memory rows (m = memory_rows, l by
+        default) per l trained tokens, but the last global block runs only its first norm and qkv
+        on the memory rows (their keys and values; their outputs would be read by nothing); the
+        `state_gate` reads 2d per carried row. P_head is the V x d LM head whether tied or not.
+        Attention: 12 * d * (N_loc * l/2 + N_glob * (m + l/2) + (N_glob - 1) * m^2/l): current
+        rows over m keys and causally over l, memory rows over m keys in every global block but
+        the last; causal halves counted as halves.
         """
-        d, l, m = self.d_model, self.segment_len, self.memory_rows
-        matmul = 6 * (self.n_local * self.block_params() + (m + l) / l * self.n_global * self.block_params()
-                      + self.vocab_size * d)
-        attention = 12 * d * (self.n_local * l / 2 + self.n_global * (m * m / l + m + l / 2))
+        d, l, m, n = self.d_model, self.segment_len, self.memory_rows, self.n_global
+        P = self.block_params()
+        memory = m / l * ((n - 1) * P + 3 * d * d + d + 2 * d * d * self.state_gate) if n else 0.0
+        matmul = 6 * (self.n_local * P + n * P + memory + self.vocab_size * d)
+        attention = 12 * d * (self.n_local * l / 2 + n * (m + l / 2) + max(n - 1, 0) * m * m / l)
         return matmul + attention
 
     def to_dict(self) -> dict:

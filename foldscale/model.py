@@ -2,8 +2,9 @@
 
 A document is read segment by segment. Each segment of l tokens goes through a local stack
 (causal attention inside the segment) and a global stack over [carried state ; segment]
-(2l rows, or m + l with `state_rows` m), and the global stack's output on the segment (its last
-m rows) becomes the state carried to the next segment. `segments` is the one loop that walks a
+(2l rows, or m + l with `state_rows` m; the last global block computes only the memory rows'
+keys and values, their outputs being read by nothing), and the global stack's output on the
+segment (its last m rows) becomes the state carried to the next segment. `segments` is the one loop that walks a
 document; decoding lives in generate.py and saving and loading in weights.py. No DeepSpeed import here: parallelism is applied from outside.
 """
 import math
@@ -45,7 +46,8 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 # `bench_generate --flash-decoding` shows it faster there
 FLASH_DECODING = False
 # A global block's attention as one FlexAttention call over all its rows (`memory_rows_mask`)
-# instead of two flash calls and a cat; no dropout. `bench_throughput --attention flex` measures it
+# instead of two flash calls and a cat (every global block but the last, which computes its current
+# rows only); no dropout. `bench_throughput --attention flex` measures it
 FLEX_GLOBAL = False
 
 
@@ -87,8 +89,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, n_mem: int, cache=None):
+    def forward(self, x, cos, sin, n_mem: int, cache=None, memory_out: bool = True):
         """x: (B, n_mem + t, d). Rows before n_mem are memory rows: they see only memory keys.
+        Without memory_out only the current rows' outputs are computed (B, t, d): the memory rows
+        give their keys and values and nothing else.
 
         The t current rows see every memory key and the current keys causally: row n_mem + i sees
         keys 0..n_mem + i, the causal mask aligned to the last key (`causal_to_last_key`), and
@@ -109,14 +113,16 @@ class Attention(nn.Module):
                 return self.proj(self.attend_cached(q, k, v, n_mem, cache).reshape(B, T, d))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
             p = self.dropout if self.training else 0.0
-            if n_mem and FLEX_GLOBAL and not p:
+            if n_mem and not memory_out:
+                y = causal_to_last_key(q[:, :, n_mem:], k, v, p)
+            elif n_mem and FLEX_GLOBAL and not p:
                 y = flex_attention(q, k, v, block_mask=memory_rows_mask(n_mem, T, q.device))
             elif n_mem:
                 y_mem = F.scaled_dot_product_attention(q[:, :, :n_mem], k[:, :, :n_mem], v[:, :, :n_mem], dropout_p=p)
                 y = torch.cat([y_mem, causal_to_last_key(q[:, :, n_mem:], k, v, p)], dim=2)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return self.proj(y.transpose(1, 2).reshape(B, y.shape[2], d))
 
     @staticmethod
     def attend_cached(q, k, v, n_mem: int, cache):
@@ -169,8 +175,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, n_mem: int = 0, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, n_mem, cache))
+    def forward(self, x, cos, sin, n_mem: int = 0, cache=None, memory_out: bool = True):
+        """x (B, n_mem + t, d) -> the same rows, or without memory_out the t current rows only."""
+        y = self.attn(self.norm1(x), cos, sin, n_mem, cache, memory_out)
+        x = (x if memory_out else x[:, n_mem:]) + self.drop(y)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -269,10 +277,10 @@ class FoldedLM(Pretrained, nn.Module):
         """
         self.checkpoint_fn = checkpoint_fn
 
-    def _run(self, block, x, cos, sin, n_mem):
+    def _run(self, block, x, cos, sin, n_mem, memory_out=True):
         if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
-            return self.checkpoint_fn(block, x, cos, sin, n_mem)
-        return block(x, cos, sin, n_mem)
+            return self.checkpoint_fn(block, x, cos, sin, n_mem, None, memory_out)
+        return block(x, cos, sin, n_mem, None, memory_out)
 
     def embed(self, ids) -> torch.Tensor:
         return self.drop(self.tok_emb(ids))  # (B, t, d)
@@ -344,9 +352,12 @@ class FoldedLM(Pretrained, nn.Module):
             memory = self.memory(state, reset, B, x.dtype)
             z = torch.cat([memory, x], dim=1)  # (B, m + t, d): [memory ; current]
             cos, sin = self.rope_cos[:m + t], self.rope_sin[:m + t]
-            for block in self.global_blocks:
-                z = self._run(block, z, cos, sin, m)
-            x = z[:, m:]  # (B, t, d)
+            # the memory rows' outputs of the last block are read by nothing: it gives their keys and
+            # values, and computes the current rows only
+            last = len(self.global_blocks) - 1
+            for i, block in enumerate(self.global_blocks):
+                z = self._run(block, z, cos, sin, m, i < last)
+            x = z  # (B, t, d)
             new_state = self.next_state(memory, x) if t == l else None  # carried from whole segments only
         if targets is not None and self.kernels == "liger":  # the (B, t, V) logits never exist
             n = (targets != -100).sum()

@@ -62,7 +62,9 @@ def test_plan_gives_every_model_the_real_tokens_of_the_folded_model(store):
     assert flops["cfg"] == full["cfg"] and flops["streams"] == full["streams"]
     folded_flops = cfg.flops_per_token() * 8 * 8 * 2 * 100
     full_flops = full["cfg"].flops_per_token() * full["streams"] * 32 * flops["steps"]
-    assert flops["steps"] > full["steps"] and full_flops == pytest.approx(folded_flops, rel=0.01)
+    # the folded model costs 1.08x full attention a position here (one global block, which runs only qkv
+    # on the memory rows), less than the window of 32 loses to padding: fewer steps than at equal tokens
+    assert flops["steps"] < full["steps"] and full_flops == pytest.approx(folded_flops, rel=0.01)
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def test_epoch_steps_is_the_last_step_before_a_segment_is_read_twice(marked_stor
 
 
 def test_a_token_budget_past_one_epoch_is_refused_with_the_budget_that_fits(marked_store):
-    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=1, segment_len=8, bptt_segments=2)
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_head=2, n_local=1, n_global=2, segment_len=8, bptt_segments=2)
     configs = context_use.variants(cfg, [4])
     most = context_use.max_steps(configs, marked_store, 3, seed=0)
     assert context_use.within_one_epoch(context_use.plan(configs, marked_store, 3, most))
