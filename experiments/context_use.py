@@ -44,7 +44,8 @@ interrupted one (stopped by SIGTERM, which saves a checkpoint) goes on from its 
 table larger than one device command is made by repeating the command. With --reuse DIR, a run
 that another work directory under DIR finished with the same launch.json (model, DeepSpeed config,
 data, seed, steps) is linked in instead of trained: a recipe option (--state-gate-hard)
-changes the folded model and its local-only ablation but not the full-attention baselines.
+changes the folded model and its local-only ablation but not full attention at equal tokens, nor
+at equal FLOPs unless it changes the folded model's FLOPs (the state gate, the state's rows).
 """
 import argparse
 import dataclasses
@@ -192,7 +193,7 @@ def saved_at(run_dir: Path, steps: int) -> bool:
 def reuse(runs: dict[str, dict], base_ds: dict, args, work: Path) -> list[str]:
     """Link into WORK every run not there that another work directory beside it (--reuse DIR/*, e.g.
     another row of a table) finished with the same launch.json (`saved_at` its last step), so it is
-    not trained again (a recipe row's full-attention baselines are the plain row's); its export is
+    not trained again (a recipe row's full attention at equal tokens is the plain row's); its export is
     made anew. Returns the names."""
     linked = []
     for name, run in runs.items():
