@@ -4,8 +4,9 @@ A document is read segment by segment. Each segment of l tokens goes through a l
 (causal attention inside the segment) and a global stack over [carried state ; segment]
 (2l rows, or m + l with `state_rows` m; the last global block computes only the memory rows'
 keys and values, their outputs being read by nothing), and the global stack's output on the
-segment (its last m rows) becomes the state carried to the next segment. `segments` is the one loop that walks a
-document; decoding lives in generate.py and saving and loading in weights.py. No DeepSpeed import here: parallelism is applied from outside.
+segment (its last m rows) becomes the state carried to the next segment. `segments` is the one
+loop that walks a document; decoding lives in generate.py and saving and loading in weights.py.
+No DeepSpeed import here: parallelism is applied from outside.
 """
 import math
 from typing import Iterator, NamedTuple
