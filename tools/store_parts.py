@@ -32,7 +32,8 @@ class PartsError(FoldscaleError):
 
 def split(store, out, max_bytes: int) -> list[Path]:
     """Write the files of the token store at STORE as parts of at most MAX_BYTES under OUT."""
-    store, out = TokenStore.open(store).path, Path(out)
+    opened, out = TokenStore.open(store), Path(out)
+    store = opened.path
     if out.exists():
         raise PartsError(f"{out} already exists: remove it or give another directory")
     chunks = []  # {"file", "offset", "bytes", "sha256", "part"} of the compressed files, largest first,
@@ -49,7 +50,7 @@ def split(store, out, max_bytes: int) -> list[Path]:
             part = out / f"part-{index:02d}"
             part.mkdir(parents=True, exist_ok=True)
             (part / f"{name}.{offset}").write_bytes(data)
-    manifest = {"store": store.name, "fingerprint": TokenStore.open(store).fingerprint, "parts": len(used),
+    manifest = {"store": store.name, "fingerprint": opened.fingerprint, "parts": len(used),
                 "compression": "xz", "chunks": chunks}
     parts = [out / f"part-{i:02d}" for i in range(len(used))]
     for part in parts:
